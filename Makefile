@@ -1,0 +1,31 @@
+# One set-up command, one test command. PYTHON may point at a venv's interpreter.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# torchvision pins its torch; this pair is the regular PyPI build and runs on the CPU.
+TORCH_PAIR := torch==2.15.0 torchvision==0.29.2
+
+.PHONY: setup setup-system test test-fast integration bench demo clean
+
+setup: setup-system
+	$(PIP) install $(TORCH_PAIR)
+	$(PIP) install -e ".[train,serve,dev]"
+
+# Debian packages the tests drive for real: Redis and headless Chromium.
+setup-system:
+	@if command -v apt-get >/dev/null 2>&1 && { ! command -v redis-server >/dev/null || ! command -v chromium >/dev/null; }; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server chromium >/dev/null; \
+	fi
+
+# Everything, real-data integration tests included (they need ../shared/data/fashion-products or $$VITRINE_DATA).
+test:
+	$(PYTHON) -m pytest -q
+
+# Unit tests only: tiny configs, no shared data.
+test-fast:
+	$(PYTHON) -m pytest -q -m "not integration"
+
+bench:
+	$(PYTHON) bench/encode_speed.py --out bench/out
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache

@@ -1,0 +1,9 @@
+"""Errors that reach the user as one clear message rather than a traceback."""
+
+
+class UserError(Exception):
+    """A problem with the user's input (a path, a file, an option)."""
+
+
+class CatalogFormatError(UserError):
+    """The input is not a catalog Vitrine can read."""
