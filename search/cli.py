@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from search.errors import UserError
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:  # expected failures: one clear line, no traceback
         print(f"vitrine: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `vitrine ... | head` closed our stdout: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

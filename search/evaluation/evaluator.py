@@ -1,0 +1,262 @@
+"""Evaluators: each turns one encoded split into a metrics dict; `run_evaluation` runs them all.
+
+The split's texts and images are encoded once; the retrieval protocols then work on those
+embeddings alone. Product search encodes its own queries (shopper queries, shopper photos).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from search.catalog.product import Product
+from search.errors import UserError
+from search.evaluation import product_search
+from search.evaluation.encoder import Encoder, describe_encoder, encode_images, encode_texts
+from search.evaluation.protocols import RetrievalSet, full_protocol, index_distinct, sample_protocol
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("sample", "full", "t2p", "i2p")
+TEXT_FIELDS = ("title", "description")
+DEFAULT_ALPHA = 0.5
+REPORT_FORMAT = "vitrine-eval/1"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    protocols: tuple[str, ...] = PROTOCOLS
+    queries: int = 1000  # sample protocol queries per direction
+    candidates: int = 100  # sample protocol negatives per query
+    t2p_queries: int = 500
+    i2p_queries: int = 1000
+    alpha: float | None = None  # None: the encoder's own `alpha`, else DEFAULT_ALPHA
+    seed: int = 0
+    batch_size: int = 64
+    text_field: str = "title"
+    progress: bool | None = field(default=None, compare=False)  # None: bars only on a terminal
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.protocols if p not in PROTOCOLS]
+        if unknown or not self.protocols:
+            raise UserError(
+                f"unknown protocol(s) {', '.join(unknown) or '(none given)'}; "
+                f"choose from {', '.join(PROTOCOLS)}"
+            )
+        if self.text_field not in TEXT_FIELDS:
+            raise UserError(f"text field must be one of {', '.join(TEXT_FIELDS)}, got {self.text_field!r}")
+        for name in ("queries", "candidates", "t2p_queries", "i2p_queries", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise UserError(f"alpha must be within [0, 1], got {self.alpha}")
+
+
+def resolve_alpha(encoder: object, alpha: float | None) -> float:
+    """The explicit α, else the encoder's tuned `alpha` attribute, else 0.5."""
+    if alpha is None:
+        alpha = getattr(encoder, "alpha", None)
+        if alpha is None:
+            return DEFAULT_ALPHA
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise UserError(f"alpha must be within [0, 1], got {alpha}")
+    return alpha
+
+
+def product_texts(products: Sequence[Product], text_field: str) -> list[str]:
+    """Each product's query text; an empty one is an error, not a silently dropped product."""
+    texts = [getattr(p, text_field).strip() for p in products]
+    missing = [p.id for p, t in zip(products, texts) if not t]
+    if missing:
+        raise UserError(
+            f"{len(missing)} of {len(products)} products have no {text_field} (first: {missing[0]}); "
+            f"use --text-field title"
+        )
+    return texts
+
+
+def embed_split(
+    products: Sequence[Product],
+    encoder: Encoder,
+    *,
+    text_field: str = "title",
+    batch_size: int = 64,
+    progress: bool | None = None,
+) -> RetrievalSet:
+    """Encode each distinct text and each product's first image once."""
+    if len(products) < 2:
+        raise UserError(f"evaluation needs at least 2 products, got {len(products)}")
+    texts, text_of_product = index_distinct(product_texts(products, text_field))
+    text_embs = encode_texts(encoder, texts, batch_size=batch_size, progress=progress)
+    image_embs = encode_images(encoder, [p.image for p in products], batch_size=batch_size, progress=progress)
+    if text_embs.shape[1] != image_embs.shape[1]:
+        raise UserError(
+            f"text embeddings have {text_embs.shape[1]} dimensions but image embeddings {image_embs.shape[1]}"
+        )
+    return RetrievalSet(
+        texts=texts,
+        text_of_product=text_of_product,
+        groups=[p.subcategory for p in products],
+        text_embs=text_embs,
+        image_embs=image_embs,
+    )
+
+
+class SampleRetrievalEvaluator:
+    """T2I and I2T: each query's ground truth among 1 + K candidates from its subcategory."""
+
+    name = "sample"
+
+    def __init__(self, num_queries: int = 1000, num_negatives: int = 100, seed: int = 0):
+        self.num_queries, self.num_negatives, self.seed = num_queries, num_negatives, seed
+
+    def __call__(self, encoder: Encoder, products: Sequence[Product], data: RetrievalSet) -> dict:
+        return sample_protocol(
+            data, num_queries=self.num_queries, num_negatives=self.num_negatives, seed=self.seed
+        )
+
+
+class FullRetrievalEvaluator:
+    """T2I and I2T: every query against the whole split, relevance by text."""
+
+    name = "full"
+
+    def __call__(self, encoder: Encoder, products: Sequence[Product], data: RetrievalSet) -> dict:
+        return full_protocol(data)
+
+
+class TextToProductEvaluator:
+    """Shopper queries ("women red handbags") ranking products by the weighted T2P score."""
+
+    name = "t2p"
+
+    def __init__(
+        self,
+        num_queries: int = 500,
+        alpha: float = DEFAULT_ALPHA,
+        seed: int = 0,
+        batch_size: int = 64,
+        progress: bool | None = None,
+    ):
+        self.num_queries, self.alpha, self.seed = num_queries, alpha, seed
+        self.batch_size, self.progress = batch_size, progress
+
+    def __call__(self, encoder: Encoder, products: Sequence[Product], data: RetrievalSet) -> dict:
+        queries = product_search.compose_shopper_queries(products, self.num_queries, self.seed)
+        if not queries:
+            reason = "no shopper queries: the products lack gender/baseColour/articleType/usage attributes"
+            log.warning("t2p skipped: %s", reason)
+            return {"skipped": reason, "alpha": self.alpha}
+        query_embs = encode_texts(
+            encoder, [q.text for q in queries], batch_size=self.batch_size, progress=self.progress
+        )
+        relevant = product_search.relevance_matrix(queries, products)
+        metrics = product_search.t2p_metrics(
+            query_embs, relevant, data.title_embs, data.image_embs, self.alpha
+        )
+        metrics["alpha"] = self.alpha
+        metrics["candidates_per_query"] = data.num_products
+        metrics["example_queries"] = [q.text for q in queries[:: max(1, len(queries) // 5)][:5]]
+        return metrics
+
+
+class ImageToProductEvaluator:
+    """Seeded shopper photos of products ranking products by the weighted I2P score."""
+
+    name = "i2p"
+
+    def __init__(
+        self,
+        num_queries: int = 1000,
+        alpha: float = DEFAULT_ALPHA,
+        seed: int = 0,
+        batch_size: int = 64,
+        progress: bool | None = None,
+    ):
+        self.num_queries, self.alpha, self.seed = num_queries, alpha, seed
+        self.batch_size, self.progress = batch_size, progress
+
+    def __call__(self, encoder: Encoder, products: Sequence[Product], data: RetrievalSet) -> dict:
+        targets = product_search.i2p_query_products(len(products), self.num_queries, self.seed)
+
+        def photograph(i: int, image):
+            return product_search.shopper_photo(
+                image, product_search.shopper_photo_rng(self.seed, int(targets[i]))
+            )
+
+        query_embs = encode_images(
+            encoder,
+            [products[t].image for t in targets],
+            batch_size=self.batch_size,
+            progress=self.progress,
+            transform=photograph,
+        )
+        metrics = product_search.i2p_metrics(
+            query_embs, targets, data.title_embs, data.image_embs, self.alpha
+        )
+        metrics["alpha"] = self.alpha
+        return metrics
+
+
+def build_evaluators(config: EvalConfig, alpha: float) -> list:
+    """The evaluators `config.protocols` asks for, in canonical order."""
+    common = dict(alpha=alpha, seed=config.seed, batch_size=config.batch_size, progress=config.progress)
+    make = {
+        "sample": lambda: SampleRetrievalEvaluator(config.queries, config.candidates, config.seed),
+        "full": FullRetrievalEvaluator,
+        "t2p": lambda: TextToProductEvaluator(config.t2p_queries, **common),
+        "i2p": lambda: ImageToProductEvaluator(config.i2p_queries, **common),
+    }
+    return [make[name]() for name in PROTOCOLS if name in config.protocols]
+
+
+def run_evaluation(
+    encoder: Encoder, products: Sequence[Product], config: EvalConfig, *, context: dict | None = None
+) -> dict:
+    """Encode the split once, run the configured protocols, return the whole report as a dict.
+
+    `context` (catalog path, split, ...) is recorded in the report's config. Everything except
+    "timings_s" depends only on the inputs and the seed.
+    """
+    alpha = resolve_alpha(encoder, config.alpha)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    data = embed_split(
+        products,
+        encoder,
+        text_field=config.text_field,
+        batch_size=config.batch_size,
+        progress=config.progress,
+    )
+    timings["encode_split"] = time.perf_counter() - started
+
+    retrieval: dict[str, dict] = {}
+    search: dict[str, dict] = {}
+    for evaluator in build_evaluators(config, alpha):
+        log.info("running %s", evaluator.name)
+        t0 = time.perf_counter()
+        result = evaluator(encoder, products, data)
+        timings[evaluator.name] = time.perf_counter() - t0
+        (retrieval if evaluator.name in ("sample", "full") else search)[evaluator.name] = result
+    timings["total"] = time.perf_counter() - started
+
+    settings = asdict(config)
+    settings.pop("progress")
+    settings["protocols"] = list(config.protocols)
+    settings["alpha"] = alpha
+    return {
+        "format": REPORT_FORMAT,
+        "encoder": {"description": describe_encoder(encoder), "dim": int(data.text_embs.shape[1])},
+        "config": {**(context or {}), **settings},
+        "counts": {
+            "products": data.num_products,
+            "distinct_texts": len(data.texts),
+            "subcategories": len(set(data.groups)),
+        },
+        "retrieval": retrieval,
+        "product_search": search,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
