@@ -1,0 +1,113 @@
+"""Training objectives: image-text contrast (ITC), concept-visual alignment (CVA), token-pruning sparsity.
+
+The trainer combines them as  L = ½(L_ITC + L_CVA) + λ·L_prune  (λ = 0.1).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+from torch import Tensor, nn
+
+__all__ = ["ClipLoss", "ConceptVisualAlignmentLoss", "concept_image_embeddings", "pruning_loss"]
+
+
+def concept_image_embeddings(
+    prototypes: Tensor, image_features: Tensor, prototype_mask: Tensor | None = None
+) -> Tensor:
+    """FashionKLIP Eq. 3: fuse each pair's concept prototypes into one concept image u_i.
+
+    w_ip = max(cos(p, v_i), 0), renormalised to sum 1 over the pair's prototypes, so prototypes
+    that look like the input image count most and unrelated (orthogonal or opposite) ones not at
+    all. Clamping at zero keeps u_i a convex combination (a point "between" real concept images)
+    rather than letting dissimilar prototypes push it away. If every weight is zero the pair falls
+    back to the plain mean of its prototypes. The weights are differentiable (not detached).
+
+    prototypes [B, q, D], image_features [B, D], prototype_mask [B, q] (True = real prototype,
+    for concepts with fewer than q) -> u [B, D], L2-normalised.
+    """
+    if prototypes.dim() != 3 or image_features.dim() != 2:
+        raise ValueError(
+            f"expected prototypes [B, q, D] and image features [B, D], got "
+            f"{tuple(prototypes.shape)} and {tuple(image_features.shape)}"
+        )
+    batch, q, dim = prototypes.shape
+    if image_features.shape != (batch, dim):
+        raise ValueError(f"image features {tuple(image_features.shape)} do not match prototypes {tuple(prototypes.shape)}")
+    if prototype_mask is None:
+        prototype_mask = torch.ones(batch, q, dtype=torch.bool, device=prototypes.device)
+    elif prototype_mask.shape != (batch, q):
+        raise ValueError(f"prototype_mask must be [{batch}, {q}], got {tuple(prototype_mask.shape)}")
+    if not bool(prototype_mask.any(dim=1).all()):
+        raise ValueError("every pair needs at least one prototype")
+
+    protos = F.normalize(prototypes, dim=-1)
+    image = F.normalize(image_features, dim=-1)
+    weights = torch.einsum("bqd,bd->bq", protos, image).clamp(min=0) * prototype_mask
+    totals = weights.sum(dim=1, keepdim=True)
+    uniform = prototype_mask.to(weights.dtype) / prototype_mask.sum(dim=1, keepdim=True)
+    weights = torch.where(totals > 0, weights / totals.clamp(min=torch.finfo(weights.dtype).tiny), uniform)
+    fused = torch.einsum("bq,bqd->bd", weights, protos)
+    return F.normalize(fused, dim=-1)
+
+
+class ConceptVisualAlignmentLoss(nn.Module):
+    """FashionKLIP Eq. 4: symmetric in-batch InfoNCE between concept phrases and concept images.
+
+    Pair i contributes its sampled concept's text embedding t_i^c and its concept image u_i
+    (`concept_image_embeddings`). The other pairs' concept images (texts) are the negatives,
+    except pairs whose concept is the same one: those would be false negatives and are masked out.
+    """
+
+    def forward(
+        self,
+        concept_text_features: Tensor,
+        prototypes: Tensor,
+        image_features: Tensor,
+        concept_ids: Tensor,
+        logit_scale: Tensor,
+        prototype_mask: Tensor | None = None,
+    ) -> Tensor:
+        """concept_text_features [B, D], prototypes [B, q, D], image_features [B, D],
+        concept_ids [B] (int), logit_scale: the exp'd scale as VitrineModel.forward returns it."""
+        batch = concept_text_features.shape[0]
+        if concept_text_features.dim() != 2 or concept_ids.shape != (batch,):
+            raise ValueError(
+                f"expected concept_text_features [B, D] and concept_ids [B], got "
+                f"{tuple(concept_text_features.shape)} and {tuple(concept_ids.shape)}"
+            )
+        concept_images = concept_image_embeddings(prototypes, image_features, prototype_mask)
+        if concept_images.shape != concept_text_features.shape:
+            raise ValueError(
+                f"concept text {tuple(concept_text_features.shape)} and concept image "
+                f"{tuple(concept_images.shape)} embeddings differ in shape"
+            )
+        text = F.normalize(concept_text_features, dim=-1)
+        logits = logit_scale * text @ concept_images.T
+        same_concept = concept_ids.unsqueeze(0) == concept_ids.unsqueeze(1)
+        duplicates = same_concept & ~torch.eye(batch, dtype=torch.bool, device=logits.device)
+        logits = logits.masked_fill(duplicates, float("-inf"))
+        labels = torch.arange(batch, device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def pruning_loss(masks: Sequence[Tensor], attention_mask: Tensor) -> Tensor:
+    """MML-TP sparsity: L_prune = Σ_l ‖M_l‖₁ / d_l, averaged over the batch.
+
+    masks: one [B, L] soft mask per layer (`VitrineModel.pruning_masks()`); attention_mask [B, L]
+    (1 = real token); d_l = number of real tokens of the text. Padding is ignored.
+    """
+    if len(masks) == 0:
+        raise ValueError("no pruning masks (is pruning enabled and has a text forward run?)")
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be [B, L], got {tuple(attention_mask.shape)}")
+    real = attention_mask.to(masks[0].dtype)
+    lengths = real.sum(dim=1).clamp(min=1)
+    total = masks[0].new_zeros(())
+    for layer, mask in enumerate(masks):
+        if mask.shape != attention_mask.shape:
+            raise ValueError(f"mask of layer {layer} is {tuple(mask.shape)}, attention mask {tuple(attention_mask.shape)}")
+        total = total + ((mask * real).sum(dim=1) / lengths).mean()
+    return total
