@@ -1,0 +1,88 @@
+"""`vitrine train` and `vitrine export`. Torch is imported only when a command runs."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from search.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a dual encoder on a catalog (ITC, FashionKLIP CVA, MML-TP pruning)",
+        description=(
+            "Fine-tune text and image encoders into one space on the catalog's train split, "
+            "validating on val every epoch and keeping the best epoch. The image tower is locked "
+            "and its features cached unless --image-unlocked-groups > 0."
+        ),
+    )
+    p.add_argument("--catalog", required=True, help="catalog path (JSONL, Kaggle styles.csv folder, Fashion-Gen .h5)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, summary.json); resumes if present")
+    p.add_argument("--model", default="fashion-lite", help="registry config (fashion-lite, tiny) or an open_clip model name")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag, or 'none' for random init")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3, help="lr of projection heads and logit scale")
+    p.add_argument("--text-lr", type=float, default=3e-5, help="lr of unlocked text-tower layers")
+    p.add_argument("--text-unlocked-layers", type=int, default=0, help="0 freezes the text tower, -1 trains all layers")
+    p.add_argument("--image-unlocked-groups", type=int, default=0, help="train the image tower's last N groups (disables the feature cache)")
+    p.add_argument("--cva", action="store_true", help="add FashionKLIP's concept-visual alignment loss")
+    p.add_argument("--cva-topk", type=int, default=32)
+    p.add_argument("--cva-prototypes", type=int, default=4, help="visual prototypes kept per concept by MMR")
+    p.add_argument("--concept-min-count", type=int, default=5)
+    p.add_argument("--prune", action="store_true", help="MML-TP token pruning in the text tower")
+    p.add_argument("--prune-weight", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N products of each split")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None)
+    p.add_argument("--cache-dir", default="runs/cache")
+    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_train)
+
+    e = sub.add_parser(
+        "export",
+        help="export a trained checkpoint to a model bundle (ONNX encoders + tokenizer + manifest)",
+        description="Write a model bundle the torch-free side loads with onnxruntime; parity with torch is checked.",
+    )
+    e.add_argument("--checkpoint", required=True, help="a run's best.pt (or a run directory)")
+    e.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
+    e.add_argument("--catalog", default=None, help="catalog whose val titles/photos are used for the parity check")
+    e.add_argument("--prune-at-inference", choices=("auto", "on", "off"), default="auto",
+                   help="keep MML-TP gates at inference (auto: what validation decided)")
+    e.set_defaults(func=run_export)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from trainer.train import TrainConfig, train
+
+    config = TrainConfig(
+        catalog=args.catalog, out=args.out, model=args.model, pretrained=args.pretrained, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, text_lr=args.text_lr, text_unlocked_layers=args.text_unlocked_layers,
+        image_unlocked_groups=args.image_unlocked_groups, cva=args.cva, cva_topk=args.cva_topk,
+        cva_prototypes=args.cva_prototypes, concept_min_count=args.concept_min_count, prune=args.prune,
+        prune_weight=args.prune_weight, seed=args.seed, device=args.device, limit=args.limit,
+        max_steps_per_epoch=args.max_steps_per_epoch, cache_dir=args.cache_dir, resume=not args.no_resume,
+        progress=not args.no_progress,
+    )
+    summary = train(config)
+    print(json.dumps({"out": args.out, "val": summary["val"], "alpha": summary["alpha"]["alpha"],
+                      "train_seconds": round(summary["train_seconds"], 1)}, indent=2))
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from trainer.bundle import export_checkpoint
+
+    ckpt = Path(args.checkpoint)
+    if ckpt.is_dir():
+        ckpt = ckpt / "best.pt"
+    if not ckpt.is_file():
+        raise UserError(f"checkpoint not found: {ckpt}")
+    prune = {"auto": None, "on": True, "off": False}[args.prune_at_inference]
+    bundle = export_checkpoint(ckpt, Path(args.out), catalog=args.catalog, prune_at_inference=prune)
+    print(f"bundle written to {bundle}")
+    return 0
