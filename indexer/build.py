@@ -1,0 +1,423 @@
+"""Writing index versions: a full build, an upsert (add new, replace changed) and a delete.
+
+Each operation writes a complete new version folder beside the live one and switches
+CURRENT to it atomically (`indexer.layout`), so readers never see a half-written index
+and a failed operation leaves the previous version live. Upserts and deletes reuse the
+stored vectors and the previous Faiss indexes: only new or changed products are
+embedded, and only index types that cannot remove ids are rebuilt (from stored vectors).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from indexer import faiss_index
+from indexer.embed import DEFAULT_BATCH_SIZE, EmbeddingResult, ProductEmbedder
+from indexer.layout import DEFAULT_KEEP_VERSIONS, IndexLayout, IndexNotFoundError
+from indexer.manifest import (
+    MAX_HISTORY,
+    MAX_LISTED_ERRORS,
+    BundleInfo,
+    Counts,
+    IndexManifest,
+    Operation,
+    ProductError,
+    read_manifest,
+    write_manifest,
+)
+from indexer.store import STORE_FILE, ProductRecord, SqliteProductStore, StoredProduct
+from search.catalog.product import Product
+from search.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FILES = {
+    "store": STORE_FILE,
+    "labels": "labels.npy",  # int64 (n,), ascending: row i of the vector files has label labels[i]
+    "text_vectors": "text_vectors.npy",  # float32 (n, D) title embeddings
+    "image_vectors": "image_vectors.npy",  # float32 (n, D) image embeddings
+    "text_index": "text.faiss",
+    "image_index": "image.faiss",
+}
+DEFAULT_ALPHA = 0.5
+
+
+@dataclass
+class IndexBuildResult:
+    """What an operation did; `version_dir` is the live version afterwards."""
+
+    version_dir: Path
+    manifest: IndexManifest
+    operation: Operation
+    errors: list[ProductError] = field(default_factory=list)
+    not_found: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        op = self.operation
+        parts = {
+            "build": f"indexed {op.added:,} products",
+            "upsert": f"added {op.added:,}, replaced {op.replaced:,}, unchanged {op.unchanged:,}",
+            "delete": f"deleted {op.deleted:,} products",
+        }
+        rate = f" ({op.products_per_s:,.1f} products/s embedding)" if op.products_per_s else ""
+        lines = [
+            f"{op.operation}: {parts[op.operation]}; {op.errors:,} failed; {self.manifest.counts.products:,} products "
+            f"in {self.manifest.index['type']} index {self.version_dir} in {op.seconds:.1f} s{rate}"
+        ]
+        for error in self.errors[:10]:
+            lines.append(f"  {error.id}: {error.stage}: {error.message}")
+        if len(self.errors) > 10:
+            lines.append(f"  ... and {len(self.errors) - 10:,} more (listed in manifest.json)")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def bundle_info(encoder: Any, bundle_path: str | Path | None = None) -> BundleInfo:
+    path = bundle_path if bundle_path is not None else getattr(encoder, "path", None)
+    describe = getattr(encoder, "describe", None)
+    return BundleInfo(
+        path=str(Path(path).expanduser().absolute()) if path is not None else None,
+        fingerprint=getattr(encoder, "fingerprint", None),
+        model=getattr(encoder, "model_name", None),
+        encoder=describe() if callable(describe) else type(encoder).__name__,
+    )
+
+
+def catalog_info(catalog: Any) -> dict[str, Any] | None:
+    """Source, format and read report of a `search.catalog.Catalog` (None for a bare product list)."""
+    report = getattr(catalog, "report", None)
+    if report is None:
+        return None
+    return {"source": str(getattr(catalog, "source", report.source)), "format": report.format, "report": report.to_dict()}
+
+
+def _products_of(catalog_or_products: Any) -> list[Product]:
+    products = getattr(catalog_or_products, "products", catalog_or_products)
+    return list(products)
+
+
+def _dedupe(products: list[Product]) -> tuple[list[Product], list[ProductError]]:
+    seen: set[str] = set()
+    kept, errors = [], []
+    for product in products:
+        if product.id in seen:
+            errors.append(ProductError(id=product.id, stage="record", message="duplicate id (the first occurrence is kept)"))
+        else:
+            seen.add(product.id)
+            kept.append(product)
+    return kept, errors
+
+
+def _stored(result: EmbeddingResult) -> list[StoredProduct]:
+    return [
+        StoredProduct(
+            ProductRecord(p.id, p.title, p.category, p.subcategory, p.description, dict(p.attributes), p.image.describe()),
+            image_ref=ref,
+            content_hash=digest,
+        )
+        for p, ref, digest in zip(result.products, result.image_refs, result.content_hashes)
+    ]
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+@dataclass
+class _Vectors:
+    """A version's vectors, rows in ascending label order."""
+
+    labels: np.ndarray
+    text: np.ndarray
+    image: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = self.labels.shape[0]
+        assert self.labels.dtype == np.int64 and self.labels.ndim == 1, (self.labels.dtype, self.labels.shape)
+        assert self.text.shape == self.image.shape and self.text.shape[0] == n, (self.text.shape, self.image.shape, n)
+        assert self.text.dtype == np.float32 and self.image.dtype == np.float32
+        assert n < 2 or bool((np.diff(self.labels) > 0).all()), "labels must be strictly ascending"
+
+    @classmethod
+    def load(cls, folder: Path) -> _Vectors:
+        return cls(*(np.load(folder / FILES[name]) for name in ("labels", "text_vectors", "image_vectors")))
+
+    def save(self, folder: Path) -> None:
+        for name, array in (("labels", self.labels), ("text_vectors", self.text), ("image_vectors", self.image)):
+            np.save(folder / FILES[name], np.ascontiguousarray(array))
+
+
+def _write_indexes(folder: Path, indexes: dict[str, Any]) -> None:
+    for name, index in indexes.items():
+        faiss_index.write(index, folder / FILES[f"{name}_index"])
+
+
+def _manifest(
+    *,
+    previous: IndexManifest | None,
+    operation: Operation,
+    errors: list[ProductError],
+    bundle: BundleInfo,
+    alpha: float,
+    embed_dim: int,
+    spec: faiss_index.IndexSpec,
+    vectors: _Vectors,
+    next_label: int,
+    catalog: dict[str, Any] | None,
+) -> IndexManifest:
+    history = [] if previous is None else [*previous.history, previous.build][-MAX_HISTORY:]
+    return IndexManifest(
+        created_at=_now(),
+        bundle=bundle,
+        alpha=alpha,
+        embed_dim=embed_dim,
+        counts=Counts(
+            products=int(vectors.labels.shape[0]),
+            text_vectors=int(vectors.text.shape[0]),
+            image_vectors=int(vectors.image.shape[0]),
+            errors=len(errors),
+            next_label=next_label,
+        ),
+        index=spec.to_dict(),
+        files=dict(FILES),
+        build=operation,
+        errors=errors[:MAX_LISTED_ERRORS],
+        catalog=catalog if catalog is not None else (previous.catalog if previous is not None else None),
+        history=history,
+    )
+
+
+def _publish(layout: IndexLayout, staging: Path, keep_versions: int) -> Path:
+    final = layout.commit(staging)
+    removed = layout.prune(keep_versions)
+    if removed:
+        log.debug("pruned %d old index versions", len(removed))
+    return final
+
+
+# ---------------------------------------------------------------- operations
+
+
+def build_index(
+    catalog: Any,
+    encoder: Any,
+    out: str | Path,
+    *,
+    index_type: str = "flat",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    threads: int | None = None,
+    bundle_path: str | Path | None = None,
+    progress: bool = False,
+    keep_versions: int = DEFAULT_KEEP_VERSIONS,
+) -> IndexBuildResult:
+    """Embed every product of `catalog` (a Catalog or a list of Products) into a new version of `out`.
+
+    Products with bad data are skipped and listed in the manifest; an encoder failure raises
+    and leaves the previous version live.
+    """
+    start = time.perf_counter()
+    layout = IndexLayout(out)
+    layout.check_writable_target()
+    offered = _products_of(catalog)
+    products, errors = _dedupe(offered)
+    if not products:
+        raise UserError("the catalog has no products to index")
+    embedder = ProductEmbedder(encoder, batch_size=batch_size, threads=threads, progress=progress)
+    if embedder.dim:  # a bad index type fails now, not after embedding the whole catalog
+        faiss_index.resolve_spec(index_type, len(products), embedder.dim)
+    with layout.lock(), layout.staging() as staging:
+        result = embedder.embed(products)
+        errors += result.errors
+        if not result.products:
+            raise UserError(f"none of the {len(products):,} products could be indexed; first problem: "
+                            f"{errors[0].id}: {errors[0].message}")  # fmt: skip
+        dim = int(result.text.shape[1])
+        spec = faiss_index.resolve_spec(index_type, len(result.products), dim)
+        with SqliteProductStore.create(staging / FILES["store"]) as store:
+            labels = store.put_many(_stored(result))
+            next_label = store.next_label
+        vectors = _Vectors(labels, result.text, result.image)
+        vectors.save(staging)
+        _write_indexes(staging, {
+            "text": faiss_index.build(spec, vectors.text, vectors.labels),
+            "image": faiss_index.build(spec, vectors.image, vectors.labels),
+        })  # fmt: skip
+        operation = Operation(
+            operation="build", finished_at=_now(), seconds=round(time.perf_counter() - start, 3),
+            products_in=len(offered),
+            embedded=len(result.products), added=len(result.products), errors=len(errors),
+            embed_seconds=round(result.seconds, 3), products_per_s=_rate(result),
+            batch_size=batch_size, threads=embedder.threads, catalog=_source(catalog),
+        )  # fmt: skip
+        manifest = _manifest(
+            previous=None, operation=operation, errors=errors, bundle=bundle_info(encoder, bundle_path),
+            alpha=float(getattr(encoder, "alpha", DEFAULT_ALPHA)), embed_dim=dim, spec=spec,
+            vectors=vectors, next_label=next_label, catalog=catalog_info(catalog),
+        )  # fmt: skip
+        write_manifest(staging, manifest)
+        final = _publish(layout, staging, keep_versions)
+    return IndexBuildResult(final, manifest, operation, errors)
+
+
+def _rate(result: EmbeddingResult) -> float | None:
+    rate = result.products_per_s
+    return None if rate is None else round(rate, 2)
+
+
+def _source(catalog: Any) -> str | None:
+    source = getattr(catalog, "source", None)
+    return None if source is None else str(source)
+
+
+def _live(layout: IndexLayout) -> Path:
+    current = layout.current()
+    if current is None:
+        raise IndexNotFoundError(f"no index at {layout.root} to update; build one first with `vitrine index --bundle B --catalog C --out I`")
+    return current
+
+
+def check_same_encoder(manifest: IndexManifest, encoder: Any) -> None:
+    """Vectors from different models are not comparable: refuse to mix them in one index."""
+    ours = bundle_info(encoder)
+    theirs = manifest.bundle
+    same = ours.fingerprint == theirs.fingerprint if theirs.fingerprint or ours.fingerprint else ours.encoder == theirs.encoder
+    if not same:
+        raise UserError(
+            f"the index was built with bundle {theirs.fingerprint or theirs.encoder} ({theirs.path}), not "
+            f"{ours.fingerprint or ours.encoder}: upsert with the same bundle, or rebuild the index"
+        )
+
+
+def upsert_index(
+    out: str | Path,
+    catalog: Any,
+    encoder: Any,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    threads: int | None = None,
+    progress: bool = False,
+    keep_versions: int = DEFAULT_KEEP_VERSIONS,
+) -> IndexBuildResult:
+    """Add new products and replace changed ones (by content hash); unchanged ones are not re-embedded.
+
+    A changed product whose new data is bad keeps its indexed version (the error says so).
+    """
+    start = time.perf_counter()
+    layout = IndexLayout(out)
+    offered = _products_of(catalog)
+    products, errors = _dedupe(offered)
+    embedder = ProductEmbedder(encoder, batch_size=batch_size, threads=threads, progress=progress, desc="upserting")
+    _live(layout)  # fail before creating anything when there is no index
+    with layout.lock():
+        live = _live(layout)
+        previous = read_manifest(live)
+        check_same_encoder(previous, encoder)
+        spec = faiss_index.IndexSpec.from_dict(previous.index)
+        with SqliteProductStore(live / FILES["store"]) as old_store:
+            known = old_store.content_hashes()
+            result = embedder.embed(products, known_hashes=known)
+            errors += [
+                e.model_copy(update={"message": f"{e.message} (the indexed version is kept)"}) if e.id in known else e
+                for e in result.errors
+            ]
+            if result.products and result.text.shape[1] != previous.embed_dim:
+                raise UserError(f"the encoder gives {result.text.shape[1]}-d vectors, the index holds {previous.embed_dim}-d")
+            replaced = sum(p.id in known for p in result.products)
+            operation = Operation(
+                operation="upsert", finished_at=_now(), seconds=0.0, products_in=len(offered),
+                embedded=len(result.products), added=len(result.products) - replaced, replaced=replaced,
+                unchanged=len(result.unchanged), errors=len(errors), embed_seconds=round(result.seconds, 3),
+                products_per_s=_rate(result), batch_size=batch_size, threads=embedder.threads, catalog=_source(catalog),
+            )  # fmt: skip
+            if not result.products:  # nothing to change: no new version
+                operation.seconds = round(time.perf_counter() - start, 3)
+                return IndexBuildResult(live, previous, operation, errors)
+            with layout.staging() as staging:
+                with old_store.copy_to(staging / FILES["store"]) as store:
+                    labels = store.put_many(_stored(result))
+                    next_label = store.next_label
+                old = _Vectors.load(live)
+                is_replaced = np.isin(labels, old.labels)
+                rows = np.searchsorted(old.labels, labels[is_replaced])
+                text, image = old.text.copy(), old.image.copy()
+                text[rows], image[rows] = result.text[is_replaced], result.image[is_replaced]
+                vectors = _Vectors(
+                    np.concatenate([old.labels, labels[~is_replaced]]),
+                    np.concatenate([text, result.text[~is_replaced]]),
+                    np.concatenate([image, result.image[~is_replaced]]),
+                )
+                vectors.save(staging)
+                _write_indexes(staging, {
+                    name: faiss_index.update(
+                        spec, faiss_index.read(live / FILES[f"{name}_index"]), remove=labels[is_replaced],
+                        add_vectors=new, add_labels=labels, all_vectors=all_vectors, all_labels=vectors.labels,
+                    )
+                    for name, new, all_vectors in (("text", result.text, vectors.text), ("image", result.image, vectors.image))
+                })  # fmt: skip
+                operation.seconds = round(time.perf_counter() - start, 3)
+                manifest = _manifest(
+                    previous=previous, operation=operation, errors=errors, bundle=previous.bundle,
+                    alpha=previous.alpha, embed_dim=previous.embed_dim, spec=spec, vectors=vectors,
+                    next_label=next_label, catalog=catalog_info(catalog),
+                )  # fmt: skip
+                write_manifest(staging, manifest)
+                final = _publish(layout, staging, keep_versions)
+    return IndexBuildResult(final, manifest, operation, errors)
+
+
+def delete_from_index(out: str | Path, ids: Iterable[str], *, keep_versions: int = DEFAULT_KEEP_VERSIONS) -> IndexBuildResult:
+    """Remove products by id. Unknown ids are an error and nothing is deleted."""
+    start = time.perf_counter()
+    ids = list(dict.fromkeys(str(i) for i in ids))
+    if not ids:
+        raise UserError("no product ids to delete")
+    layout = IndexLayout(out)
+    _live(layout)
+    with layout.lock():
+        live = _live(layout)
+        previous = read_manifest(live)
+        spec = faiss_index.IndexSpec.from_dict(previous.index)
+        with SqliteProductStore(live / FILES["store"]) as old_store:
+            found = old_store.labels_of(ids)
+            missing = [i for i in ids if i not in found]
+            if missing:
+                shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+                raise UserError(f"not in the index: {shown}; nothing was deleted")
+            with layout.staging() as staging:
+                with old_store.copy_to(staging / FILES["store"]) as store:
+                    store.delete(ids)
+                    next_label = store.next_label
+                old = _Vectors.load(live)
+                remove = np.array(sorted(found.values()), dtype=np.int64)
+                keep = ~np.isin(old.labels, remove)
+                vectors = _Vectors(old.labels[keep], old.text[keep], old.image[keep])
+                vectors.save(staging)
+                empty = np.zeros((0, previous.embed_dim), np.float32)
+                _write_indexes(staging, {
+                    name: faiss_index.update(
+                        spec, faiss_index.read(live / FILES[f"{name}_index"]), remove=remove,
+                        add_vectors=empty, add_labels=np.zeros(0, np.int64), all_vectors=all_vectors,
+                        all_labels=vectors.labels,
+                    )
+                    for name, all_vectors in (("text", vectors.text), ("image", vectors.image))
+                })  # fmt: skip
+                operation = Operation(
+                    operation="delete", finished_at=_now(), seconds=round(time.perf_counter() - start, 3),
+                    deleted=len(ids),
+                )  # fmt: skip
+                manifest = _manifest(
+                    previous=previous, operation=operation, errors=[], bundle=previous.bundle, alpha=previous.alpha,
+                    embed_dim=previous.embed_dim, spec=spec, vectors=vectors, next_label=next_label, catalog=None,
+                )  # fmt: skip
+                write_manifest(staging, manifest)
+                final = _publish(layout, staging, keep_versions)
+    return IndexBuildResult(final, manifest, operation, [])
+

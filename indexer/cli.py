@@ -1,0 +1,126 @@
+"""`vitrine index`: build an index from a catalog, upsert products into it, or delete products from it."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+INDEX_TYPES_HELP = (
+    "flat (exact inner product), hnsw, ivfpq, auto (flat up to 100k products, hnsw up to 2M, then ivfpq), "
+    "or a Faiss factory string such as 'HNSW64,Flat'"
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "index",
+        help="build, update or prune a product search index",
+        description=(
+            "Embed a catalog's titles and images with a model bundle into an index directory "
+            "(vectors, Faiss indexes, product store, manifest). Every change writes a new version "
+            "and switches to it atomically, so a failed run leaves the previous index live.\n\n"
+            "  build:   vitrine index --bundle B --catalog C --out I\n"
+            "  upsert:  vitrine index --upsert --catalog C2 --out I   (add new, replace changed products)\n"
+            "  delete:  vitrine index --delete ID [ID ...] --out I"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", "-o", type=Path, required=True, help="index directory")
+    parser.add_argument("--bundle", type=Path, help="model bundle (upsert: defaults to the one the index was built with)")
+    parser.add_argument("--catalog", type=Path, help="catalog file or folder (products.jsonl, styles.csv, Fashion-Gen .h5)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--upsert", action="store_true", help="add new and replace changed products of --catalog")
+    mode.add_argument("--delete", nargs="+", metavar="ID", help="remove these product ids")
+    parser.add_argument("--index-type", help=INDEX_TYPES_HELP + " (default: flat)")
+    parser.add_argument("--batch-size", type=int, default=64, help="products per encoder batch (default: 64)")
+    parser.add_argument("--threads", type=int, help="encoder and image-decoding threads (default: min(4, CPUs))")
+    parser.add_argument("--split", help="index only this split of the catalog (train/val/test)")
+    parser.add_argument("--limit", type=int, help="index at most this many products")
+    parser.add_argument("--format", choices=("jsonl", "kaggle", "fashiongen"), help="catalog format (default: detect)")
+    parser.add_argument("--image-root", type=Path, help="folder catalog image paths are relative to")
+    parser.add_argument("--keep-versions", type=int, default=2, help="index versions kept on disk (default: 2)")
+    parser.add_argument("--json", action="store_true", help="print the operation's record as JSON")
+    parser.set_defaults(func=main_index)
+
+
+def main_index(args: argparse.Namespace) -> int:
+    from search.errors import UserError
+
+    for name in ("batch_size", "threads", "limit", "keep_versions"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    progress = sys.stderr.isatty()
+    if args.delete:
+        if args.catalog or args.bundle or args.index_type:
+            raise UserError("--delete takes only ids and --out (no --catalog, --bundle or --index-type)")
+        from indexer.build import delete_from_index
+
+        result = delete_from_index(args.out, args.delete, keep_versions=args.keep_versions)
+    else:
+        if args.catalog is None:
+            raise UserError("--catalog is required to build or upsert")
+        encoder, bundle = _encoder(args)
+        catalog = _read_catalog(args, progress)
+        from indexer.build import build_index, upsert_index
+
+        if args.upsert:
+            if args.index_type is not None:
+                raise UserError("--index-type is fixed when the index is built; rebuild to change it")
+            result = upsert_index(
+                args.out, catalog, encoder, batch_size=args.batch_size, threads=args.threads,
+                progress=progress, keep_versions=args.keep_versions,
+            )  # fmt: skip
+        else:
+            result = build_index(
+                catalog, encoder, args.out, index_type=args.index_type or "flat", batch_size=args.batch_size,
+                threads=args.threads, bundle_path=bundle, progress=progress, keep_versions=args.keep_versions,
+            )  # fmt: skip
+    if args.json:
+        record = {
+            "version": str(result.version_dir),
+            "operation": result.operation.model_dump(mode="json"),
+            "counts": result.manifest.counts.model_dump(mode="json"),
+            "index": result.manifest.index,
+            "errors": [e.model_dump(mode="json") for e in result.errors],
+        }
+        print(json.dumps(record, indent=2, ensure_ascii=False))
+    else:
+        print(result.summary())
+    return 0
+
+
+def _encoder(args: argparse.Namespace):
+    """The bundle encoder; an upsert without --bundle uses the bundle the index was built with."""
+    import faiss
+
+    from search.errors import UserError
+    from search.runtime import load_bundle
+
+    bundle = args.bundle
+    if bundle is None:
+        if not args.upsert:
+            raise UserError("--bundle is required to build an index")
+        from indexer.layout import IndexLayout
+        from indexer.manifest import read_manifest
+
+        current = IndexLayout(args.out).current()
+        if current is None:
+            raise UserError(f"no index at {args.out} to upsert into; build one first")
+        path = read_manifest(current).bundle.path
+        if not path:
+            raise UserError(f"the index at {args.out} does not record its bundle; pass --bundle")
+        bundle = Path(path)
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
+    return load_bundle(bundle, threads=args.threads), bundle
+
+
+def _read_catalog(args: argparse.Namespace, progress: bool):
+    from search.catalog import read_catalog
+
+    return read_catalog(
+        args.catalog, format=args.format, split=args.split, limit=args.limit,
+        image_root=args.image_root, progress=progress,
+    )  # fmt: skip

@@ -1,0 +1,95 @@
+"""Attribute filters: `{"gender": "women", "baseColour": ["red", "pink"]}` -> a row mask.
+
+Fields are category, subcategory and every attribute name in the index. Values compare
+case-insensitively; a list means any of its values; several fields must all match.
+Columns are factorised once (value codes per row), so a mask is one `np.isin` per field.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from search.errors import UserError
+
+CORE_FIELDS = ("category", "subcategory")
+
+
+class FilterError(UserError, ValueError):
+    """A filter the index cannot apply (the service answers 4xx)."""
+
+
+class UnknownFilterError(FilterError, KeyError):
+    """A filter names a field no product has."""
+
+    def __init__(self, field: str, known: Iterable[str]) -> None:
+        self.field = field
+        self.known = sorted(known)
+        super().__init__(f"unknown filter field {field!r}; filterable fields: {', '.join(self.known) or '(none)'}")
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class FilterColumns:
+    """Per-row values of every filterable field, lower-cased and factorised."""
+
+    def __init__(self, values: Mapping[str, list[str]], num_rows: int) -> None:
+        self.num_rows = num_rows
+        self._codes: dict[str, np.ndarray] = {}
+        self._vocab: dict[str, dict[str, int]] = {}  # field -> lowered value -> code
+        self._display: dict[str, list[str]] = {}  # field -> values as first seen (for pages)
+        for name, column in values.items():
+            assert len(column) == num_rows, (name, len(column), num_rows)
+            vocab: dict[str, int] = {}
+            display: dict[str, str] = {}
+            codes = np.empty(num_rows, dtype=np.int32)
+            for row, value in enumerate(column):
+                key = value.strip().lower()
+                codes[row] = vocab.setdefault(key, len(vocab))
+                if key:
+                    display.setdefault(key, value.strip())
+            self._codes[name] = codes
+            self._vocab[name] = vocab
+            self._display[name] = sorted(display.values(), key=str.lower)
+        self._by_lower = {name.lower(): name for name in self._codes}
+
+    @classmethod
+    def from_records(cls, records: Iterable[Any]) -> FilterColumns:
+        """From ProductRecords (or Products) in row order."""
+        records = list(records)
+        names = set(CORE_FIELDS)
+        for record in records:
+            names.update(record.attributes)
+        values = {name: [record.attribute(name) for record in records] for name in sorted(names)}
+        return cls(values, len(records))
+
+    def fields(self) -> dict[str, list[str]]:
+        """Filterable field -> its known (non-empty) values."""
+        return {name: list(values) for name, values in self._display.items()}
+
+    def field_name(self, name: str) -> str:
+        """The field as stored; names match exactly, else case-insensitively."""
+        if name in self._codes:
+            return name
+        if isinstance(name, str) and name.lower() in self._by_lower:
+            return self._by_lower[name.lower()]
+        raise UnknownFilterError(str(name), self._codes)
+
+    def mask(self, filters: Mapping[str, str | list[str] | tuple[str, ...]]) -> np.ndarray:
+        """Boolean (num_rows,): rows matching every field's value(s)."""
+        if not isinstance(filters, Mapping):
+            raise FilterError(f"filters must be a mapping of field -> value(s), got {type(filters).__name__}")
+        mask = np.ones(self.num_rows, dtype=bool)
+        for name, wanted in filters.items():
+            field = self.field_name(name)
+            values = [wanted] if isinstance(wanted, str) else wanted
+            if not isinstance(values, (list, tuple, set, frozenset)) or not all(isinstance(v, str) for v in values):
+                raise FilterError(f"filter {name!r}: expected a string or a list of strings, got {wanted!r}")
+            if not values:
+                raise FilterError(f"filter {name!r}: empty list of values")
+            vocab = self._vocab[field]
+            codes = [vocab[v.strip().lower()] for v in values if v.strip().lower() in vocab]
+            mask &= np.isin(self._codes[field], np.asarray(codes, dtype=np.int32))
+        return mask

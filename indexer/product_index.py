@@ -1,0 +1,301 @@
+"""Searching an index: fused title + image scoring over both Faiss indexes (FashionKLIP §5).
+
+A product is its title and its photo, so a query scores against both:
+
+    score = α·sim(q, title) + (1−α)·sim(q, image)
+
+`search` takes the top `fetch_k` labels from the title index and from the image index,
+unions them, computes both similarities of every candidate exactly from the stored
+vectors (a product found by one index still gets its true similarity to the other
+modality, never zero), fuses, and sorts by score, ties broken by id.
+
+Filters never lose recall: small filtered sets are scored exactly in numpy; exact (flat)
+indexes search only the matching labels through a Faiss IDSelector; approximate
+indexes over-fetch, doubling until `fetch_k` matching candidates survive per index (or
+everything was fetched, and the filtered set is scored exactly).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from indexer import faiss_index
+from indexer.filters import FilterColumns, FilterError, UnknownFilterError
+from indexer.images import open_image_ref
+from indexer.layout import IndexLayout
+from indexer.manifest import IndexManifest, read_manifest
+from indexer.store import ProductRecord, ProductStore, SqliteProductStore
+from search.errors import UserError
+
+__all__ = ["FilterError", "Hit", "ProductIndex", "ProductRecord", "ProductStore", "UnknownFilterError"]
+
+MIN_FETCH_K = 100
+FETCH_K_PER_RESULT = 10
+_SIM_CHUNK = 8192  # rows per exact-similarity block
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result: the fused score and its parts (t2t & t2i for text queries, i2t & i2i for image queries)."""
+
+    id: str
+    score: float
+    title_sim: float
+    image_sim: float
+
+
+def default_fetch_k(k: int) -> int:
+    return max(MIN_FETCH_K, FETCH_K_PER_RESULT * k)
+
+
+class ProductIndex:
+    """One version of an index directory, opened for search. Thread-safe for concurrent searches."""
+
+    # Filtered sets up to this many products are scored exactly (numpy) instead of through Faiss.
+    brute_force_max_rows: int = 4096
+
+    def __init__(
+        self,
+        *,
+        index_dir: Path,
+        version_dir: Path,
+        manifest: IndexManifest,
+        store: SqliteProductStore,
+        labels: np.ndarray,
+        text_vectors: np.ndarray,
+        image_vectors: np.ndarray,
+        text_index: Any,
+        image_index: Any,
+    ) -> None:
+        n = labels.shape[0]
+        d = manifest.embed_dim
+        if text_vectors.shape != (n, d) or image_vectors.shape != (n, d):
+            raise UserError(f"index version {version_dir} is inconsistent: vectors {text_vectors.shape}/{image_vectors.shape}, {n} labels, dim {d}")
+        if text_index.ntotal != n or image_index.ntotal != n:
+            raise UserError(f"index version {version_dir} is inconsistent: Faiss indexes hold {text_index.ntotal}/{image_index.ntotal} vectors, {n} stored")
+        scanned = list(store.scan())
+        if len(scanned) != n or any(int(label) != stored for label, (stored, _) in zip(labels, scanned)):
+            raise UserError(f"index version {version_dir} is inconsistent: the product store and labels.npy disagree")
+        self.index_dir = index_dir
+        self.version_dir = version_dir
+        self._manifest = manifest
+        self.manifest: dict[str, Any] = manifest.model_dump(mode="json")
+        self._store = store
+        self._labels = labels
+        self._text = text_vectors
+        self._image = image_vectors
+        self._text_index = text_index
+        self._image_index = image_index
+        self._spec = faiss_index.IndexSpec.from_dict(manifest.index)
+        self._ids = np.array([record.id for _, record in scanned], dtype=str) if n else np.zeros(0, dtype="<U1")
+        self._columns = FilterColumns.from_records(record for _, record in scanned)
+
+    @classmethod
+    def open(cls, index_dir: str | Path, *, mmap: bool = True) -> ProductIndex:
+        """Open the live version of `index_dir` (or a bare version folder).
+
+        CURRENT is read once, so the whole object comes from one version even while a
+        build switches to another. `mmap` maps the stored vectors instead of reading them.
+        """
+        layout = IndexLayout(index_dir)
+        version = layout.resolve()
+        manifest = read_manifest(version)
+        paths = {name: version / file for name, file in manifest.files.items()}
+        missing = [str(p.name) for p in paths.values() if not p.is_file()]
+        if missing:
+            raise UserError(f"index version {version} is incomplete: {', '.join(missing)} missing")
+        mode = "r" if mmap else None
+        return cls(
+            index_dir=layout.root,
+            version_dir=version,
+            manifest=manifest,
+            store=SqliteProductStore(paths["store"]),
+            labels=np.load(paths["labels"]),
+            text_vectors=np.load(paths["text_vectors"], mmap_mode=mode),
+            image_vectors=np.load(paths["image_vectors"], mmap_mode=mode),
+            text_index=faiss_index.read(paths["text_index"]),
+            image_index=faiss_index.read(paths["image_index"]),
+        )
+
+    @staticmethod
+    def live_version(index_dir: str | Path) -> Path:
+        """The version folder `open` would read now (cheap: compare it to decide when to reopen)."""
+        return IndexLayout(index_dir).resolve()
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> ProductIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ facts
+
+    @property
+    def alpha(self) -> float:
+        return self._manifest.alpha
+
+    @property
+    def embed_dim(self) -> int:
+        return self._manifest.embed_dim
+
+    @property
+    def bundle_fingerprint(self) -> str:
+        return self._manifest.bundle.fingerprint or ""
+
+    @property
+    def bundle_path(self) -> str | None:
+        return self._manifest.bundle.path
+
+    @property
+    def index_type(self) -> str:
+        return self._spec.type
+
+    @property
+    def version(self) -> str:
+        return self.version_dir.name
+
+    @property
+    def store(self) -> SqliteProductStore:
+        return self._store
+
+    def __len__(self) -> int:
+        return int(self._labels.shape[0])
+
+    def __contains__(self, id: object) -> bool:
+        return id in self._store
+
+    def ids(self) -> list[str]:
+        """Every product id, in label (insertion) order."""
+        return self._ids.tolist()
+
+    def vectors(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(title, image) float32 (len(ids), D) stored vectors; KeyError for an unknown id."""
+        rows = self._rows_of_ids(ids)
+        return np.asarray(self._text[rows]), np.asarray(self._image[rows])
+
+    def filter_fields(self) -> dict[str, list[str]]:
+        """Filterable field -> its known values."""
+        return self._columns.fields()
+
+    def get(self, id: str) -> ProductRecord | None:
+        return self._store.get(id)
+
+    def get_many(self, ids: Sequence[str]) -> list[ProductRecord | None]:
+        return self._store.get_many(ids)
+
+    def open_image(self, id: str) -> Image.Image:
+        """The product's image, decoded (for thumbnails); KeyError for an unknown id."""
+        ref = self._store.image_ref(id)
+        if ref is None:
+            raise KeyError(id)
+        return open_image_ref(ref, id)
+
+    # ------------------------------------------------------------ search
+
+    def search(
+        self,
+        query_emb: np.ndarray,
+        *,
+        k: int,
+        alpha: float | None = None,
+        filters: Mapping[str, str | list[str]] | None = None,
+        fetch_k: int | None = None,
+    ) -> list[Hit]:
+        """Top-k products for one query embedding (D,), by fused score; see the module docstring."""
+        query = self._query(query_emb)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        alpha = self.alpha if alpha is None else float(alpha)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be within [0, 1], got {alpha}")
+        if fetch_k is not None and (isinstance(fetch_k, bool) or not isinstance(fetch_k, (int, np.integer)) or fetch_k < 1):
+            raise ValueError(f"fetch_k must be a positive integer, got {fetch_k!r}")
+        mask = self._columns.mask(filters) if filters else None  # validates fields even on an empty index
+        n = len(self)
+        if n == 0:
+            return []
+        fetch = min(n, max(int(k), int(fetch_k) if fetch_k is not None else default_fetch_k(int(k))))
+        if mask is None:
+            rows = self._candidates(query, fetch)
+        else:
+            allowed = np.flatnonzero(mask)
+            if allowed.size == 0:
+                return []
+            if allowed.size <= max(self.brute_force_max_rows, fetch):
+                rows = allowed
+            elif self._spec.exact:
+                rows = self._candidates(query, fetch, allowed_labels=self._labels[allowed])
+            else:
+                rows = self._overfetch(query, fetch, mask, allowed)
+        return self._rank(query, rows, int(k), alpha)
+
+    def _query(self, query_emb: np.ndarray) -> np.ndarray:
+        query = np.asarray(query_emb, dtype=np.float32)
+        if query.ndim == 2 and query.shape[0] == 1:
+            query = query[0]
+        if query.shape != (self.embed_dim,):
+            raise ValueError(f"query embedding has shape {query.shape}; this index holds {self.embed_dim}-d vectors")
+        if not np.isfinite(query).all():
+            raise ValueError("query embedding has non-finite values")
+        return np.ascontiguousarray(query)
+
+    def _rows(self, labels: np.ndarray) -> np.ndarray:
+        rows = np.searchsorted(self._labels, labels)
+        assert (rows < self._labels.size).all() and (self._labels[rows] == labels).all(), "Faiss returned a label the store does not hold"
+        return rows
+
+    def _rows_of_ids(self, ids: Sequence[str]) -> np.ndarray:
+        found = self._store.labels_of(list(ids))
+        unknown = [i for i in ids if i not in found]
+        if unknown:
+            raise KeyError(unknown[0])
+        return self._rows(np.array([found[i] for i in ids], dtype=np.int64))
+
+    def _candidates(self, query: np.ndarray, fetch: int, allowed_labels: np.ndarray | None = None) -> np.ndarray:
+        """Rows of the union of the top-`fetch` of the title index and of the image index."""
+        found = [
+            faiss_index.search(self._spec, index, query, fetch, allowed_labels=allowed_labels)
+            for index in (self._text_index, self._image_index)
+        ]
+        return self._rows(np.union1d(*found))
+
+    def _overfetch(self, query: np.ndarray, fetch: int, mask: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        """Approximate index + filter: fetch more until `fetch` matches survive per index."""
+        n = len(self)
+        wanted = min(fetch, allowed.size)
+        f = fetch
+        while f < n:
+            per_index = []
+            for index in (self._text_index, self._image_index):
+                rows = self._rows(faiss_index.search(self._spec, index, query, f))  # best first
+                per_index.append(rows[mask[rows]][:wanted])
+            if all(r.size >= wanted for r in per_index):
+                return np.union1d(*per_index)
+            f = min(n, 2 * f)
+        return allowed  # everything would be fetched: score the filtered set exactly
+
+    def _similarities(self, vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
+        """Exact float64 inner products, row by row (identical vectors give identical scores)."""
+        q = query.astype(np.float64)
+        out = np.empty(rows.size, dtype=np.float64)
+        for start in range(0, rows.size, _SIM_CHUNK):
+            block = rows[start : start + _SIM_CHUNK]
+            out[start : start + block.size] = (np.asarray(vectors[block], dtype=np.float64) * q).sum(axis=1)
+        return out
+
+    def _rank(self, query: np.ndarray, rows: np.ndarray, k: int, alpha: float) -> list[Hit]:
+        rows = np.unique(rows)
+        title = self._similarities(self._text, rows, query)
+        image = self._similarities(self._image, rows, query)
+        score = alpha * title + (1.0 - alpha) * image
+        ids = self._ids[rows]
+        order = np.lexsort((ids, -score))[:k]  # by score, then id
+        return [Hit(str(ids[i]), float(score[i]), float(title[i]), float(image[i])) for i in order]
