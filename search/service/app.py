@@ -1,0 +1,116 @@
+"""The FastAPI app factory.
+
+    app = create_app(Settings(index="indexes/fashion"))     # loads index + bundle at start-up
+    app = create_app(settings, index=index, encoder=enc)     # tests: inject what is already open
+
+Routers: search (/search/text, /search/image), products (/products/{id}[/image], /filters),
+health (/healthz, /readyz, /metrics); the web page at / and /static. OpenAPI docs at /docs.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from search.errors import UserError
+from search.service.engine import SearchEngine, manifest_dict
+from search.service.errors import install_error_handlers
+from search.service.limits import BodySizeLimitMiddleware
+from search.service.metrics import MetricsMiddleware, ServiceMetrics
+from search.service.routers import health, products, search
+from search.service.settings import Settings
+
+log = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+
+def open_index(settings: Settings) -> Any:
+    from indexer.product_index import ProductIndex
+
+    if settings.index is None:
+        raise UserError("no index to serve: pass --index or set VITRINE_INDEX")
+    return ProductIndex.open(settings.index)
+
+
+def open_encoder(settings: Settings, index: Any) -> Any:
+    """The bundle the index was built with (or settings.bundle), checked against the index's fingerprint."""
+    from search.runtime import load_bundle
+
+    bundle = settings.bundle or _manifest_bundle(index)
+    if bundle is None:
+        raise UserError("the index does not record its bundle: pass --bundle or set VITRINE_BUNDLE")
+    encoder = load_bundle(bundle, threads=settings.threads)
+    expected = getattr(index, "bundle_fingerprint", None)
+    if expected and encoder.fingerprint != expected:
+        raise UserError(
+            f"bundle {bundle} (fingerprint {encoder.fingerprint}) is not the one index {index.index_dir} "
+            f"was built with ({expected}): queries would be embedded by another model"
+        )
+    return encoder
+
+
+def _manifest_bundle(index: Any) -> Path | None:
+    manifest = manifest_dict(index)
+    value = manifest.get("bundle") or manifest.get("bundle_path") or manifest.get("bundle_dir")
+    if isinstance(value, dict):
+        value = value.get("path")
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    return Path(index.index_dir) / path  # relative to the index
+
+
+def create_app(settings: Settings | None = None, *, index: Any = None, encoder: Any = None) -> FastAPI:
+    """The service app. Without `index`/`encoder`, both are opened from settings at start-up."""
+    settings = settings or Settings()
+    metrics = ServiceMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        served_index = index if index is not None else open_index(settings)
+        served_encoder = encoder if encoder is not None else open_encoder(settings, served_index)
+        engine = SearchEngine(settings, served_index, served_encoder, metrics)
+        engine.start()
+        app.state.engine = engine
+        log.info("serving %d products (index %s, bundle %s, alpha %.2f, redis %s)", engine.size, engine.version,
+                 engine.fingerprint, engine.alpha, "on" if engine.link else "off")  # fmt: skip
+        try:
+            yield
+        finally:
+            app.state.engine = None
+            engine.close()
+
+    app = FastAPI(
+        title="Vitrine",
+        summary="Cross-modal product search: text and photo queries over a fashion catalog.",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/docs" if settings.docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs else None,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.engine = None
+    install_error_handlers(app)
+    # Outermost last: metrics see every response, 413s included.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.include_router(search.router)
+    app.include_router(products.router)
+    app.include_router(health.router)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

@@ -1,0 +1,46 @@
+"""`vitrine serve`: the query service under uvicorn."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the search API and web page over an index",
+        description="Serve text and photo search over an index (HTTP API, web page at /, docs at /docs). "
+        "Every option can also be set in the environment (VITRINE_*, REDIS_URL): see deploy/settings.md.",
+    )
+    parser.add_argument("--index", type=Path, help="index directory (default $VITRINE_INDEX)")
+    parser.add_argument("--bundle", type=Path, help="model bundle (default: the one the index was built with)")
+    parser.add_argument("--host", default=None, help="listen address (default 127.0.0.1, $VITRINE_HOST)")
+    parser.add_argument("--port", type=int, default=None, help="listen port (default 8000, $VITRINE_PORT)")
+    parser.add_argument("--redis-url", default=None, help="Redis for the query cache and shared product store ($REDIS_URL)")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads per session (default 1, $VITRINE_THREADS)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from search.errors import UserError
+    from search.service.app import create_app, open_encoder, open_index
+    from search.service.settings import Settings
+
+    overrides = {
+        name: value
+        for name, value in vars(args).items()
+        if name in ("index", "bundle", "redis_url", "threads", "host", "port") and value is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except ValueError as exc:  # pydantic's ValidationError: a bad VITRINE_* variable
+        raise UserError(f"invalid settings: {exc}") from exc
+    # Open index and bundle before binding, so a wrong path is one clear error, not a failed start-up.
+    index = open_index(settings)
+    encoder = open_encoder(settings, index)
+    app = create_app(settings, index=index, encoder=encoder)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False, server_header=False)
+    return 0

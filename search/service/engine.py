@@ -1,0 +1,265 @@
+"""What the HTTP layer calls: encode a query, search the index, attach product records.
+
+One `SearchEngine` per app, shared by all requests (thread-safe: onnxruntime sessions,
+the Faiss indexes and the caches all are). Routers validate input and shape responses;
+everything here raises ApiError for expected failures.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+from PIL import Image
+
+from indexer.filters import FilterError, UnknownFilterError
+from search.errors import UserError
+from search.service.cache import LRU, LRUEmbeddingCache, RedisEmbeddingCache, TieredEmbeddingCache, normalise_query
+from search.service.errors import ApiError
+from search.service.images import jpeg_thumbnail
+from search.service.metrics import ServiceMetrics
+from search.service.redis_store import REDIS_ERRORS, RedisLink, RedisStore
+from search.service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TEXT_PARTS = ("t2t", "t2i")
+IMAGE_PARTS = ("i2t", "i2i")
+SYNC_CHUNK = 2000
+
+
+@dataclass
+class SearchOutcome:
+    hits: list[Any]  # indexer Hit: id, score, title_sim, image_sim
+    records: list[Any]  # ProductRecord per hit (None only if the store lost it)
+    alpha: float
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    cache: str | None = None
+
+
+def index_version(index: Any) -> str:
+    """A string that changes whenever the served index content does (keys the Redis product store)."""
+    version = getattr(index, "version", None)
+    if isinstance(version, str) and version:
+        return version
+    manifest = manifest_dict(index)
+    for key in ("version", "index_version", "fingerprint"):
+        value = manifest.get(key) if isinstance(manifest, dict) else None
+        if value:
+            return str(value)
+    blob = json.dumps(manifest, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def manifest_dict(index: Any) -> dict[str, Any]:
+    """The index manifest as a dict (ProductIndex may hold a pydantic model)."""
+    manifest = getattr(index, "manifest", None)
+    if hasattr(manifest, "model_dump"):
+        return manifest.model_dump(mode="json")
+    return dict(manifest or {})
+
+
+def product_image_url(product_id: str) -> str:
+    return f"/products/{quote(product_id, safe='')}/image"
+
+
+class SearchEngine:
+    def __init__(self, settings: Settings, index: Any, encoder: Any, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.index = index
+        self.encoder = encoder
+        self.metrics = metrics
+        self.alpha = float(index.alpha)
+        self.embed_dim = int(index.embed_dim)
+        self.fingerprint = str(getattr(index, "bundle_fingerprint", "") or getattr(encoder, "fingerprint", "") or "unknown")
+        self.version = index_version(index)
+        self.size = len(index)
+        self.filter_fields: dict[str, list[str]] = index.filter_fields()
+        metrics.index_products.set(self.size)
+
+        self.link: RedisLink | None = None
+        self.redis_store: RedisStore | None = None
+        self._store_synced = threading.Event()
+        self._sync_lock = threading.Lock()
+        remote = None
+        if settings.redis_url:
+            self.link = RedisLink(
+                settings.redis_url, timeout_s=settings.redis_timeout_s, retry_s=settings.redis_retry_s,
+                prefix=settings.redis_prefix,
+            )  # fmt: skip
+            self.link.on_state_change = self._redis_state_changed
+            remote = RedisEmbeddingCache(self.link, self.fingerprint, self.embed_dim, settings.cache_ttl_s)
+            self.redis_store = RedisStore(self.link.client, self.version, prefix=settings.redis_prefix)
+        self.cache = TieredEmbeddingCache(LRUEmbeddingCache(settings.cache_size, self.embed_dim), remote)
+        self._thumbs: LRU[bytes] = LRU(settings.thumbnail_cache)
+        # Records of the on-disk store, kept in memory (an index version never changes); Redis reads are not.
+        self._disk_records: LRU[Any] = LRU(settings.record_cache)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Populate the shared product store if Redis is there (else retried when it comes back)."""
+        if self.link is not None:
+            self.metrics.redis_up.set(1 if self.link.ping() else 0)
+            self.sync_product_store()
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+
+    def _redis_state_changed(self, up: bool) -> None:
+        self.metrics.redis_up.set(1 if up else 0)
+        if up:
+            # Redis may have restarted empty: re-check the store off the request path.
+            self._store_synced.clear()
+            threading.Thread(target=self.sync_product_store, name="redis-store-sync", daemon=True).start()
+        else:
+            self._store_synced.clear()
+
+    def sync_product_store(self) -> bool:
+        """Make Redis hold this index version's products; False when Redis is unreachable."""
+        if self.link is None or self.redis_store is None:
+            return False
+        if not self._sync_lock.acquire(blocking=False):
+            return False  # another thread is at it
+        try:
+            store = self.redis_store
+            if self.link.call(lambda c: store.is_complete(self.size), False, force=True):
+                self._store_synced.set()
+                return True
+            started = time.perf_counter()
+            bulk = RedisStore(self.link.bulk_client, self.version, prefix=self.settings.redis_prefix)
+            try:
+                written = bulk.populate(self._all_records(), self.size)
+            except REDIS_ERRORS as exc:
+                log.warning("redis product store %s not filled (reads use the disk store): %s", store.hash_key, exc)
+                return False
+            log.info("redis product store %s: wrote %d products in %.1fs", store.hash_key, written,
+                     time.perf_counter() - started)  # fmt: skip
+            self._store_synced.set()
+            return True
+        finally:
+            self._sync_lock.release()
+
+    def _all_records(self):
+        ids = self.index.ids()
+        for start in range(0, len(ids), SYNC_CHUNK):
+            for record in self.index.get_many(ids[start : start + SYNC_CHUNK]):
+                if record is not None:
+                    yield record
+
+    @property
+    def store_synced(self) -> bool:
+        return self._store_synced.is_set()
+
+    # ------------------------------------------------------------------ products
+
+    def records(self, ids: list[str]) -> list[Any]:
+        """Records for ids from the shared Redis store when it is usable, else (or for misses) the disk store."""
+        found: list[Any] = [None] * len(ids)
+        if self.redis_store is not None and self.link is not None and self.store_synced and ids:
+            store = self.redis_store
+            found = self.link.call(lambda c: store.get_many(ids), [None] * len(ids))
+        missing = []
+        for i, record in enumerate(found):
+            if record is None:
+                found[i] = self._disk_records.get(ids[i])
+                if found[i] is None:
+                    missing.append(i)
+        if missing:
+            for i, record in zip(missing, self.index.get_many([ids[i] for i in missing])):
+                found[i] = record
+                if record is not None:
+                    self._disk_records.put(ids[i], record)
+        return found
+
+    def product(self, product_id: str) -> Any:
+        record = self.records([product_id])[0]
+        if record is None:
+            raise ApiError(404, "product_not_found", f"no product with id {product_id!r}")
+        return record
+
+    def thumbnail(self, product_id: str) -> bytes:
+        data = self._thumbs.get(product_id)
+        if data is not None:
+            return data
+        if self.index.get(product_id) is None:
+            raise ApiError(404, "product_not_found", f"no product with id {product_id!r}")
+        try:
+            image = self.index.open_image(product_id)
+        except (OSError, ValueError, LookupError) as exc:
+            log.warning("image of product %s unreadable: %s", product_id, exc)
+            raise ApiError(404, "image_unavailable", f"the image of product {product_id!r} cannot be read") from exc
+        data = jpeg_thumbnail(image, max_px=self.settings.thumbnail_px, quality=self.settings.thumbnail_quality)
+        self._thumbs.put(product_id, data)
+        return data
+
+    # ------------------------------------------------------------------ search
+
+    def search_text(self, query: str, *, k: int, alpha: float | None, filters: dict | None) -> SearchOutcome:
+        timings: dict[str, float] = {}
+        with self.metrics.stage("text", "total", timings):
+            with self.metrics.stage("text", "decode", timings):
+                text = normalise_query(query)
+            with self.metrics.stage("text", "encode", timings):
+                emb, tier = self.cache.lookup(text)
+                if emb is None:
+                    emb = self._encode_text(text)
+                    self.cache.put(text, emb)
+                self.metrics.query_cache.labels(tier).inc()
+            outcome = self._search(emb, "text", k=k, alpha=alpha, filters=filters, timings=timings)
+        outcome.cache = tier
+        outcome.timings_ms = timings
+        return outcome
+
+    def search_image(self, image: Image.Image, *, k: int, alpha: float | None, filters: dict | None,
+                     timings: dict[str, float]) -> SearchOutcome:  # fmt: skip
+        """`timings` may already hold the decode stage, measured by the router."""
+        start = time.perf_counter()
+        with self.metrics.stage("image", "encode", timings):
+            emb = self._check_emb(self.encoder.encode_images([image]), "image")
+        outcome = self._search(emb, "image", k=k, alpha=alpha, filters=filters, timings=timings)
+        total = (time.perf_counter() - start) * 1000.0 + timings.get("decode", 0.0)
+        timings["total"] = total
+        self.metrics.stage_seconds.labels("image", "total").observe(total / 1000.0)
+        outcome.timings_ms = timings
+        return outcome
+
+    def _encode_text(self, text: str) -> np.ndarray:
+        try:
+            embs = self.encoder.encode_texts([text])
+        except UserError as exc:  # e.g. a text the tokenizer cannot turn into tokens
+            raise ApiError(422, "invalid_query", str(exc)) from exc
+        return self._check_emb(embs, "text")
+
+    def _check_emb(self, embs: np.ndarray, what: str) -> np.ndarray:
+        assert embs.shape == (1, self.embed_dim), (what, embs.shape, self.embed_dim)
+        emb = np.ascontiguousarray(embs[0], dtype=np.float32)
+        if not np.isfinite(emb).all():
+            raise RuntimeError(f"{what} encoder returned non-finite values")
+        return emb
+
+    def _search(self, emb: np.ndarray, kind: str, *, k: int, alpha: float | None, filters: dict | None,
+                timings: dict[str, float]) -> SearchOutcome:  # fmt: skip
+        used_alpha = self.alpha if alpha is None else float(alpha)
+        with self.metrics.stage(kind, "search", timings):
+            try:
+                hits = self.index.search(emb, k=k, alpha=used_alpha, filters=filters or None)
+            except UnknownFilterError as exc:
+                raise ApiError(422, "unknown_filter", str(exc), [{"loc": ["body", "filters", exc.field], "msg": str(exc)}]) from exc
+            except FilterError as exc:
+                raise ApiError(422, "invalid_filter", str(exc), [{"loc": ["body", "filters"], "msg": str(exc)}]) from exc
+        with self.metrics.stage(kind, "fuse", timings):
+            records = self.records([h.id for h in hits])
+        return SearchOutcome(hits=hits, records=records, alpha=used_alpha)
+
+
+def result_parts(kind: str, hit: Any) -> dict[str, float]:
+    names = TEXT_PARTS if kind == "text" else IMAGE_PARTS
+    return {names[0]: float(hit.title_sim), names[1]: float(hit.image_sim)}

@@ -1,0 +1,184 @@
+"""Redis for the service: a connection that fails soft, and the product store replicas share.
+
+Redis is an accelerator, never a dependency of a request: every call has a short
+socket timeout, a failure marks the link down for `retry_s` (so requests stop paying
+the timeout) and callers fall back (cache miss, disk store). The next call after
+`retry_s`, or a readiness probe, tries again, so the link recovers by itself.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
+
+import redis
+
+from indexer.store import ProductRecord
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# What a lost, restarted or misbehaving Redis raises; anything else is a bug and propagates.
+REDIS_ERRORS = (redis.RedisError, OSError)
+WRITE_CHUNK = 500
+BULK_TIMEOUT_S = 10.0  # populating the product store writes megabytes: not the request-path timeout
+
+
+class RedisLink:
+    """A redis client behind a circuit breaker: `call(fn, default)` never raises Redis errors."""
+
+    def __init__(self, url: str, *, timeout_s: float = 0.05, retry_s: float = 2.0, prefix: str = "vitrine") -> None:
+        self.url = url
+        self.prefix = prefix
+        self.retry_s = retry_s
+        self.client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry_on_timeout=False,
+            retry=None,
+            health_check_interval=0,
+        )
+        self._bulk_timeout_s = max(BULK_TIMEOUT_S, timeout_s)
+        self._bulk: redis.Redis | None = None
+        self._lock = threading.Lock()
+        self._down_until = 0.0  # monotonic time before which calls are skipped
+        self.up = True
+        self.last_error: str | None = None
+        self.on_state_change: Callable[[bool], None] | None = None
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def call(self, fn: Callable[[redis.Redis], T], default: T, *, force: bool = False) -> T:
+        """fn(client), or `default` when Redis is down or fails (the failure opens the breaker)."""
+        if not force and time.monotonic() < self._down_until:
+            return default
+        try:
+            result = fn(self.client)
+        except REDIS_ERRORS as exc:
+            self._failed(exc)
+            return default
+        self._succeeded()
+        return result
+
+    @property
+    def bulk_client(self) -> redis.Redis:
+        """A second client with a long read timeout, for background bulk writes only."""
+        if self._bulk is None:
+            self._bulk = redis.Redis.from_url(
+                self.url, socket_timeout=self._bulk_timeout_s, socket_connect_timeout=self._bulk_timeout_s,
+                retry_on_timeout=False, retry=None,
+            )  # fmt: skip
+        return self._bulk
+
+    def ping(self) -> bool:
+        """Try Redis now, whatever the breaker says (readiness probes)."""
+        return self.call(lambda c: bool(c.ping()), False, force=True)
+
+    def _failed(self, exc: BaseException) -> None:
+        with self._lock:
+            self._down_until = time.monotonic() + self.retry_s
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            was_up, self.up = self.up, False
+        if was_up:
+            log.warning("redis %s unreachable, serving without it: %s", self.url, self.last_error)
+            if self.on_state_change:
+                self.on_state_change(False)
+
+    def _succeeded(self) -> None:
+        if self.up:
+            return
+        with self._lock:
+            was_up, self.up = self.up, True
+            self._down_until = 0.0
+        if not was_up:
+            log.warning("redis %s reachable again", self.url)
+            if self.on_state_change:
+                self.on_state_change(True)
+
+    def close(self) -> None:
+        for client in (self.client, self._bulk):
+            try:
+                if client is not None:
+                    client.close()
+            except REDIS_ERRORS:
+                pass
+
+
+def record_to_json(record: ProductRecord) -> bytes:
+    return json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+class RedisStore:
+    """The indexer's ProductStore protocol (indexer.store) on a Redis hash per index version.
+
+    One hash `<prefix>:products:<version>` maps id -> the record as JSON; a marker key
+    `<prefix>:products:<version>:complete` holds the count once fully written, so a
+    replica knows whether the store is usable or must be (re)populated. Methods raise
+    Redis errors; the service calls them through RedisLink so failures fall back.
+    """
+
+    def __init__(self, client: redis.Redis, version: str, *, prefix: str = "vitrine") -> None:
+        self.client = client
+        self.version = version
+        self.hash_key = f"{prefix}:products:{version}"
+        self.marker_key = f"{self.hash_key}:complete"
+
+    @staticmethod
+    def _decode(raw: bytes | None) -> ProductRecord | None:
+        return None if raw is None else ProductRecord(**json.loads(raw))
+
+    def get(self, id: str) -> ProductRecord | None:
+        return self._decode(self.client.hget(self.hash_key, id))
+
+    def get_many(self, ids: Sequence[str]) -> list[ProductRecord | None]:
+        ids = list(ids)
+        if not ids:
+            return []
+        return [self._decode(raw) for raw in self.client.hmget(self.hash_key, ids)]
+
+    def put_many(self, records: Iterable[ProductRecord]) -> int:
+        """Write records in pipelined chunks; returns how many."""
+        count = 0
+        batch: dict[str, bytes] = {}
+        for record in records:
+            batch[record.id] = record_to_json(record)
+            if len(batch) >= WRITE_CHUNK:
+                count += self._write(batch)
+                batch = {}
+        if batch:
+            count += self._write(batch)
+        return count
+
+    def _write(self, batch: dict[str, bytes]) -> int:
+        self.client.hset(self.hash_key, mapping=batch)
+        return len(batch)
+
+    def delete(self, ids: Iterable[str]) -> int:
+        """Remove these ids; returns how many were present."""
+        ids = list(dict.fromkeys(ids))
+        return int(self.client.hdel(self.hash_key, *ids)) if ids else 0
+
+    def __len__(self) -> int:
+        return int(self.client.hlen(self.hash_key))
+
+    def __contains__(self, id: object) -> bool:
+        return isinstance(id, str) and bool(self.client.hexists(self.hash_key, id))
+
+    # -- population from the index's own store
+
+    def is_complete(self, expected: int) -> bool:
+        marker = self.client.get(self.marker_key)
+        return marker is not None and int(marker) == expected and len(self) == expected
+
+    def populate(self, records: Iterable[ProductRecord], expected: int) -> int:
+        """Write every record, then the marker. Idempotent: replicas racing write the same data."""
+        self.client.delete(self.marker_key)
+        written = self.put_many(records)
+        if written != expected:
+            raise ValueError(f"wrote {written} products to redis, the index holds {expected}")
+        self.client.set(self.marker_key, str(expected))
+        return written

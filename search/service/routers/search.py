@@ -1,0 +1,209 @@
+"""POST /search/text and POST /search/image."""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from search.service.deps import get_engine, get_settings, require_json
+from search.service.engine import SearchEngine, SearchOutcome, product_image_url, result_parts
+from search.service.errors import ApiError, field_error, validation_error
+from search.service.images import decode_upload
+from search.service.schemas import (
+    ERROR_RESPONSES,
+    ImageSearchJSONRequest,
+    SearchOptions,
+    SearchResponse,
+    SearchResult,
+    TextSearchRequest,
+)
+from search.service.settings import Settings
+
+router = APIRouter(prefix="/search", tags=["search"], responses=ERROR_RESPONSES)
+
+IMAGE_FIELD = "image"
+FORM_FIELDS = frozenset({"k", "alpha", "filters", "rerank"})
+FORM_FIELD_MAX_BYTES = 64 * 1024  # text fields of the multipart form (the file has its own limit)
+_DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w=.+-]+)*;base64,", re.IGNORECASE)
+
+
+def check_options(options: SearchOptions, settings: Settings) -> int:
+    """Settings-dependent checks; returns the k to use."""
+    if options.rerank:
+        raise ApiError(
+            422, "rerank_unavailable",
+            "rerank was requested but the served bundle has no reranker; omit rerank or set it to false",
+            [{"loc": ["body", "rerank"], "msg": "no reranker in the bundle"}],
+        )  # fmt: skip
+    k = settings.default_k if options.k is None else options.k
+    if k > settings.max_k:
+        raise field_error(["body", "k"], f"k must be between 1 and {settings.max_k}, got {k}")
+    return k
+
+
+def to_response(kind: str, outcome: SearchOutcome, k: int) -> SearchResponse:
+    results = []
+    for hit, record in zip(outcome.hits, outcome.records):
+        if record is None:
+            continue  # the index and its store disagree; never show a blank card
+        results.append(
+            SearchResult(
+                id=hit.id, title=record.title, score=float(hit.score), parts=result_parts(kind, hit),
+                category=record.category, subcategory=record.subcategory, attributes=record.attributes,
+                image_url=product_image_url(hit.id),
+            )
+        )  # fmt: skip
+    timings = {name: round(ms, 3) for name, ms in outcome.timings_ms.items()}
+    return SearchResponse(
+        results=results, k=k, alpha=outcome.alpha, took_ms=timings.get("total", 0.0),
+        timings_ms=timings, cache=outcome.cache,
+    )  # fmt: skip
+
+
+@router.post("/text", response_model=SearchResponse, summary="Search products by text", dependencies=[Depends(require_json)])
+def search_text(
+    body: TextSearchRequest,
+    engine: Annotated[SearchEngine, Depends(get_engine)],
+    settings: Annotated[Settings, Depends(get_settings)],
+) -> SearchResponse:
+    """Rank products by α·sim(query, title) + (1−α)·sim(query, image) (FashionKLIP §5)."""
+    k = check_options(body, settings)
+    if len(body.query.strip()) > settings.max_query_chars:
+        raise field_error(["body", "query"], f"query is longer than {settings.max_query_chars} characters")
+    outcome = engine.search_text(body.query, k=k, alpha=body.alpha, filters=body.filters)
+    return to_response("text", outcome, k)
+
+
+IMAGE_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [IMAGE_FIELD],
+                    "properties": {
+                        IMAGE_FIELD: {"type": "string", "format": "binary", "description": "the photo (JPEG, PNG, WebP, GIF, BMP)"},
+                        "k": {"type": "integer", "minimum": 1},
+                        "alpha": {"type": "number", "minimum": 0, "maximum": 1},
+                        "filters": {"type": "string", "description": 'JSON object, e.g. {"gender": "Women"}'},
+                        "rerank": {"type": "boolean"},
+                    },
+                }
+            },
+            "application/json": {"schema": ImageSearchJSONRequest.model_json_schema()},
+        },
+    }
+}
+
+
+@router.post("/image", response_model=SearchResponse, summary="Search products by photo", openapi_extra=IMAGE_OPENAPI)
+async def search_image(
+    request: Request,
+    engine: Annotated[SearchEngine, Depends(get_engine)],
+    settings: Annotated[Settings, Depends(get_settings)],
+) -> SearchResponse:
+    """Multipart upload (field `image`, optional form fields k, alpha, filters as JSON, rerank)
+    or JSON `{image_base64, k, alpha, filters}`. Ranks by α·sim(photo, title) + (1−α)·sim(photo, image)."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    timings: dict[str, float] = {}
+    if media_type == "multipart/form-data":
+        data, options = await _read_multipart(request, settings)
+    elif media_type == "application/json" or media_type.endswith("+json"):
+        data, options = await _read_json(request, settings)
+    else:
+        raise ApiError(
+            415, "unsupported_media_type",
+            f"send multipart/form-data (field {IMAGE_FIELD!r}) or application/json with image_base64 "
+            f"({f'not {media_type}' if media_type else 'the request has no Content-Type'})",
+        )  # fmt: skip
+    k = check_options(options, settings)
+
+    def run() -> SearchOutcome:
+        start = time.perf_counter()
+        try:
+            image = decode_upload(data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+        finally:
+            timings["decode"] = (time.perf_counter() - start) * 1000.0
+            engine.metrics.stage_seconds.labels("image", "decode").observe(timings["decode"] / 1000.0)
+        return engine.search_image(image, k=k, alpha=options.alpha, filters=options.filters, timings=timings)
+
+    outcome = await run_in_threadpool(run)
+    return to_response("image", outcome, k)
+
+
+async def _read_multipart(request: Request, settings: Settings) -> tuple[bytes, SearchOptions]:
+    try:
+        form = await request.form(max_files=1, max_fields=len(FORM_FIELDS), max_part_size=FORM_FIELD_MAX_BYTES)
+    except ApiError:
+        raise
+    except Exception as exc:  # multipart parse errors: starlette raises HTTPException or MultiPartException
+        status = getattr(exc, "status_code", 400)
+        if status == 413:
+            raise
+        raise ApiError(400, "malformed_multipart", f"cannot parse the multipart body: {getattr(exc, 'detail', exc)}") from exc
+    try:
+        unknown = sorted(set(form.keys()) - FORM_FIELDS - {IMAGE_FIELD})
+        if unknown:
+            raise field_error(["body", unknown[0]], f"unknown form field {unknown[0]!r}; expected {IMAGE_FIELD}, k, alpha, filters, rerank")
+        upload = form.get(IMAGE_FIELD)
+        if upload is None:
+            raise field_error(["body", IMAGE_FIELD], f"missing file field {IMAGE_FIELD!r}")
+        if not isinstance(upload, UploadFile):
+            raise field_error(["body", IMAGE_FIELD], f"{IMAGE_FIELD!r} must be a file upload, not a text field")
+        data = await upload.read(settings.max_image_bytes + 1)
+        if len(data) > settings.max_image_bytes:
+            raise ApiError(413, "image_too_large", f"image exceeds {settings.max_image_bytes} bytes")
+        raw: dict[str, Any] = {}
+        for name in FORM_FIELDS & set(form.keys()):
+            value = form.get(name)
+            if not isinstance(value, str):
+                raise field_error(["body", name], "must be a text field, not a file")
+            raw[name] = _form_value(name, value)
+        try:
+            options = SearchOptions.model_validate(raw)
+        except ValidationError as exc:
+            raise validation_error(list(exc.errors()), ("body",)) from exc
+        return data, options
+    finally:
+        await form.close()
+
+
+def _form_value(name: str, value: str) -> Any:
+    """Form fields are text: JSON-decode them (k=5 -> 5, filters={...}); k=abc stays a string and fails validation."""
+    if name == "rerank" and value.strip().lower() in ("true", "false", "1", "0", "on", "off"):
+        return value.strip().lower() in ("true", "1", "on")
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        if name == "filters":
+            raise ApiError(400, "malformed_json", "form field filters is not a JSON object",
+                           [{"loc": ["body", "filters"], "msg": "not valid JSON"}]) from None  # fmt: skip
+        return value
+
+
+async def _read_json(request: Request, settings: Settings) -> tuple[bytes, SearchOptions]:
+    raw = await request.body()
+    try:
+        body = ImageSearchJSONRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise validation_error(list(exc.errors()), ("body",)) from exc
+    text = _DATA_URL.sub("", body.image_base64.strip(), count=1)
+    text = "".join(text.split())  # line-wrapped base64 is common
+    if len(text) > (settings.max_image_bytes + 2) // 3 * 4:
+        raise ApiError(413, "image_too_large", f"image exceeds {settings.max_image_bytes} bytes")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(400, "invalid_base64", f"image_base64 is not valid base64: {exc}",
+                       [{"loc": ["body", "image_base64"], "msg": "not valid base64"}]) from exc  # fmt: skip
+    options = SearchOptions.model_validate(body.model_dump(exclude={"image_base64"}, exclude_unset=True))
+    return data, options

@@ -1,0 +1,140 @@
+"""Request and response bodies of the HTTP API (pydantic; they are the OpenAPI schema too).
+
+Numbers are strict (k=true or k="5" is an error, not 1 or 5). Limits that depend on
+settings (max k, max query length) are checked by the routers with the same error shape.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_FILTER_VALUES = 100
+MAX_FILTER_CHARS = 200
+Filters = dict[str, str | list[str]]
+K = Annotated[int, Field(strict=True, ge=1, description="number of products to return (1..max_k)")]
+Alpha = Annotated[
+    float,
+    Field(strict=True, ge=0.0, le=1.0, allow_inf_nan=False, description="weight of the title score; default: the index's α"),
+]
+
+
+class SearchOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    k: K | None = None
+    alpha: Alpha | None = None
+    filters: Filters | None = Field(
+        default=None,
+        description="attribute -> value or values (case-insensitive); GET /filters lists them",
+        examples=[{"gender": "Women", "baseColour": ["Red", "Maroon"]}],
+    )
+    rerank: bool = Field(default=False, description="re-rank with the bundle's reranker (none is shipped yet: 422)")
+
+    @field_validator("filters", mode="before")
+    @classmethod
+    def _check_filters(cls, value: Any) -> Any:
+        """One clear message per bad filter rather than pydantic's union-branch errors."""
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError('filters must be an object of field -> value or list of values, e.g. {"gender": "Women"}')
+        for name, wanted in value.items():
+            if not name or len(name) > MAX_FILTER_CHARS:
+                raise ValueError(f"filter field names must have 1 to {MAX_FILTER_CHARS} characters")
+            values = [wanted] if isinstance(wanted, str) else wanted
+            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                raise ValueError(f"filter {name!r}: expected a string or a list of strings, got {json_type(wanted)}")
+            if not values or len(values) > MAX_FILTER_VALUES:
+                raise ValueError(f"filter {name!r}: give 1 to {MAX_FILTER_VALUES} values")
+            if any(not v.strip() or len(v) > MAX_FILTER_CHARS for v in values):
+                raise ValueError(f"filter {name!r}: values must be non-blank and at most {MAX_FILTER_CHARS} characters")
+        return value
+
+
+def json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", dict: "an object", list: "a list", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+class TextSearchRequest(SearchOptions):
+    query: str = Field(description="what the shopper typed", examples=["women red handbags"])
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("query is empty")
+        return value
+
+
+class ImageSearchJSONRequest(SearchOptions):
+    image_base64: str = Field(description="the photo, base64 (a data: URL prefix is accepted)")
+
+
+class ProductOut(BaseModel):
+    id: str
+    title: str
+    category: str
+    subcategory: str
+    description: str = ""
+    attributes: dict[str, str]
+    image_url: str
+
+
+class SearchResult(BaseModel):
+    id: str
+    title: str
+    score: float = Field(description="fused score α·sim(q, title) + (1−α)·sim(q, image)")
+    parts: dict[str, float] = Field(description="{t2t, t2i} for text queries, {i2t, i2i} for image queries")
+    category: str
+    subcategory: str
+    attributes: dict[str, str]
+    image_url: str
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchResult]
+    k: int
+    alpha: float
+    took_ms: float
+    timings_ms: dict[str, float] = Field(default_factory=dict, description="per stage: decode, encode, search, fuse")
+    cache: str | None = Field(default=None, description="query-embedding cache: local, redis or miss (text only)")
+
+
+class FiltersResponse(BaseModel):
+    fields: dict[str, list[str]]
+
+
+class ErrorDetail(BaseModel):
+    loc: list[Any]
+    msg: str
+    type: str | None = None
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+    details: list[ErrorDetail] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class HealthResponse(BaseModel):
+    status: str
+
+
+class ReadyResponse(BaseModel):
+    status: str = Field(description="ready | degraded (Redis configured but unreachable) | not_ready")
+    index: dict[str, Any] | None = None
+    redis: dict[str, Any] | None = None
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "unreadable body (malformed JSON, bad base64)"},
+    413: {"model": ErrorResponse, "description": "body or image too large"},
+    415: {"model": ErrorResponse, "description": "unsupported content type or image format"},
+    422: {"model": ErrorResponse, "description": "invalid field values"},
+}

@@ -1,0 +1,57 @@
+"""Service settings, read from the environment (prefix VITRINE_; Redis from REDIS_URL).
+
+Every field is documented in deploy/settings.md; keep the two in step.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1 << 20
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VITRINE_", extra="ignore", frozen=True, populate_by_name=True)
+
+    # What to serve.
+    index: Path | None = Field(default=None, description="index directory (ProductIndex.open)")
+    bundle: Path | None = Field(default=None, description="model bundle; default: the one the index was built with")
+    # Requests already run in parallel threads; intra-op threads on top oversubscribe the cores
+    # (bench/search_load.py: 8 clients on 2 cores, 1 thread gave ~1.7x the QPS of 2).
+    threads: int = Field(default=1, ge=1, description="onnxruntime intra-op threads per encoder session")
+    host: str = Field(default="127.0.0.1", description="`vitrine serve` listen address")
+    port: int = Field(default=8000, ge=0, le=65535, description="`vitrine serve` listen port")
+
+    # Redis: query-embedding cache and the product store shared by replicas. Unset: in-process LRU + disk store.
+    redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "VITRINE_REDIS_URL"))
+    redis_timeout_s: float = Field(default=0.05, gt=0, description="socket connect/read timeout per Redis call")
+    redis_retry_s: float = Field(default=2.0, ge=0, description="after a Redis failure, skip Redis this long")
+    redis_prefix: str = Field(default="vitrine", min_length=1, description="key prefix, to share one Redis")
+    cache_ttl_s: int = Field(default=7 * 24 * 3600, ge=1, description="TTL of cached query embeddings in Redis")
+    cache_size: int = Field(default=4096, ge=0, description="in-process LRU entries for query embeddings (0: off)")
+    record_cache: int = Field(default=50_000, ge=0, description="product records of the on-disk store kept in memory")
+
+    # Request limits (bad input gets a 4xx, never a 500).
+    default_k: int = Field(default=24, ge=1)
+    max_k: int = Field(default=100, ge=1)
+    max_query_chars: int = Field(default=256, ge=1)
+    max_image_bytes: int = Field(default=8 * MIB, ge=1, description="decoded upload size limit")
+    max_body_bytes: int = Field(default=12 * MIB, ge=1, description="request body limit (base64 adds 4/3)")
+    max_image_pixels: int = Field(default=40_000_000, ge=1, description="decompression-bomb limit, width*height")
+
+    # Thumbnails served by GET /products/{id}/image.
+    thumbnail_px: int = Field(default=256, ge=16, le=2048)
+    thumbnail_quality: int = Field(default=85, ge=1, le=95)
+    thumbnail_cache: int = Field(default=2048, ge=0, description="in-process thumbnail LRU entries")
+
+    docs: bool = Field(default=True, description="serve OpenAPI docs at /docs and /openapi.json")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k {self.default_k} exceeds max_k {self.max_k}")
+        if self.max_body_bytes < self.max_image_bytes:
+            raise ValueError("max_body_bytes must be at least max_image_bytes")
+        return self

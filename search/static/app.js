@@ -1,0 +1,166 @@
+// Vitrine search page: plain JS against the JSON API (no build step).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const MAX_FILTER_VALUES = 80; // fields with more values (ids, free text) are not offered as menus
+let lastSearch = null; // {kind: "text", query} | {kind: "image", file}
+
+function options() {
+  const out = { k: Number($("k").value) };
+  if ($("alpha-custom").checked) out.alpha = Number($("alpha").value);
+  const filters = {};
+  for (const select of document.querySelectorAll("#filters select")) {
+    if (select.value) filters[select.name] = select.value;
+  }
+  if (Object.keys(filters).length) out.filters = filters;
+  return out;
+}
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+async function callApi(url, init) {
+  let response;
+  try {
+    response = await fetch(url, init);
+  } catch (err) {
+    throw new Error(`cannot reach the server (${err.message})`);
+  }
+  let body = null;
+  try {
+    body = await response.json();
+  } catch (_) {
+    /* not JSON */
+  }
+  if (!response.ok) {
+    const message = body && body.error ? body.error.message : `HTTP ${response.status}`;
+    throw new Error(message);
+  }
+  return body;
+}
+
+function render(data) {
+  const grid = $("results");
+  grid.replaceChildren();
+  const template = $("card-template");
+  for (const hit of data.results) {
+    const card = template.content.firstElementChild.cloneNode(true);
+    card.dataset.id = hit.id;
+    const img = card.querySelector(".thumb");
+    img.src = hit.image_url;
+    img.alt = hit.title;
+    card.querySelector(".title").textContent = hit.title;
+    const attrs = hit.attributes || {};
+    card.querySelector(".meta").textContent = [attrs.gender, attrs.baseColour, hit.subcategory || hit.category]
+      .filter(Boolean)
+      .join(" · ");
+    card.querySelector(".fused").textContent = hit.score.toFixed(3);
+    card.querySelector(".parts").textContent = Object.entries(hit.parts)
+      .map(([name, value]) => `${name} ${value.toFixed(3)}`)
+      .join(" · ");
+    card.title = `id ${hit.id}`;
+    grid.appendChild(card);
+  }
+  const n = data.results.length;
+  $("status").textContent = `${n} result${n === 1 ? "" : "s"} in ${data.took_ms.toFixed(1)} ms (α ${data.alpha.toFixed(2)})`;
+}
+
+async function run(search) {
+  lastSearch = search;
+  showError("");
+  $("status").textContent = "searching…";
+  try {
+    let data;
+    if (search.kind === "text") {
+      data = await callApi("/search/text", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ query: search.query, ...options() }),
+      });
+    } else {
+      const form = new FormData();
+      form.append("image", search.file);
+      const opts = options();
+      form.append("k", String(opts.k));
+      if (opts.alpha !== undefined) form.append("alpha", String(opts.alpha));
+      if (opts.filters) form.append("filters", JSON.stringify(opts.filters));
+      data = await callApi("/search/image", { method: "POST", body: form });
+    }
+    render(data);
+  } catch (err) {
+    $("results").replaceChildren();
+    $("status").textContent = "";
+    showError(err.message);
+  }
+}
+
+async function loadFilters() {
+  try {
+    const data = await callApi("/filters");
+    const box = $("filters");
+    for (const [field, values] of Object.entries(data.fields)) {
+      if (!values.length || values.length > MAX_FILTER_VALUES) continue;
+      const label = document.createElement("label");
+      label.textContent = field;
+      const select = document.createElement("select");
+      select.name = field;
+      select.add(new Option("any", ""));
+      for (const value of values) select.add(new Option(value, value));
+      select.addEventListener("change", () => lastSearch && run(lastSearch));
+      label.appendChild(select);
+      box.appendChild(label);
+    }
+  } catch (err) {
+    showError(`filters unavailable: ${err.message}`);
+  }
+}
+
+async function loadDefaults() {
+  try {
+    const ready = await callApi("/readyz");
+    if (ready.index && typeof ready.index.alpha === "number") {
+      $("alpha").value = ready.index.alpha;
+      $("alpha-value").textContent = `${ready.index.alpha.toFixed(2)} (index)`;
+    }
+  } catch (_) {
+    /* the slider keeps its default */
+  }
+}
+
+$("text-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const query = $("query").value.trim();
+  if (!query) return;
+  $("query-photo").hidden = true;
+  run({ kind: "text", query });
+});
+
+$("photo").addEventListener("change", () => {
+  const file = $("photo").files[0];
+  if (!file) return;
+  const preview = $("query-photo");
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+  run({ kind: "image", file });
+});
+
+$("alpha-custom").addEventListener("change", () => {
+  $("alpha").disabled = !$("alpha-custom").checked;
+  $("alpha-value").textContent = $("alpha-custom").checked ? Number($("alpha").value).toFixed(2) : "index default";
+  if (lastSearch) run(lastSearch);
+});
+$("alpha").addEventListener("change", () => {
+  $("alpha-value").textContent = Number($("alpha").value).toFixed(2);
+  if (lastSearch) run(lastSearch);
+});
+$("k").addEventListener("change", () => lastSearch && run(lastSearch));
+$("clear-filters").addEventListener("click", () => {
+  for (const select of document.querySelectorAll("#filters select")) select.value = "";
+  if (lastSearch) run(lastSearch);
+});
+
+loadFilters();
+loadDefaults();
