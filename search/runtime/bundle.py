@@ -1,0 +1,267 @@
+"""The model bundle: manifest schema, integrity checks and `load_bundle`.
+
+A bundle is a directory written by `trainer.export.export_bundle`:
+
+    manifest.json        this schema (format, version, model, preprocessing, tokenizer, parity, file hashes)
+    text_encoder.onnx    input_ids int64 [batch, seq] -> embeddings float32 [batch, D], L2-normalised
+    image_encoder.onnx   pixels float32 [batch, 3, S, S] -> embeddings float32 [batch, D], L2-normalised
+    tokenizer/           tokenizer.json (+ whatever the tokenizer saves beside it)
+
+The manifest lists the sha256 of every other file, so hashing manifest.json
+after verifying those gives a fingerprint of the whole bundle.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from search.errors import UserError
+from search.runtime.image import ImageEncoder, PreprocessSettings
+from search.runtime.session import make_session
+from search.runtime.text import TextEncoder
+from search.runtime.tokenizer import TextTokenizer, TokenizerSettings
+
+BUNDLE_FORMAT = "vitrine-model-bundle"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TEXT_ENCODER_FILE = "text_encoder.onnx"
+IMAGE_ENCODER_FILE = "image_encoder.onnx"
+TOKENIZER_DIR = "tokenizer"
+DEFAULT_ALPHA = 0.5
+FINGERPRINT_CHARS = 16
+
+
+class BundleError(UserError):
+    """The bundle directory is missing, incomplete, corrupted or of another format version."""
+
+
+class GraphSpec(BaseModel):
+    """One ONNX graph of the bundle and its input/output names and shapes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str
+    input_name: str
+    input_dtype: str
+    input_shape: list[int | str]  # strings are dynamic axes
+    output_name: str
+    output_shape: list[int | str]
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class ParityRecord(BaseModel):
+    """Max abs difference between the bundle (this runtime) and the torch model, measured at export."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    tolerance: float
+    texts: int
+    images: int
+    text_max_abs_diff: float | None = None
+    image_max_abs_diff: float | None = None
+    preprocess_max_abs_diff: float | None = None
+    token_lengths: list[int] = Field(default_factory=list)  # [shortest, longest] of the check texts
+
+
+class BundleManifest(BaseModel):
+    """manifest.json. Fields the exporter's caller adds (training fingerprint, val metrics...) are kept as extras."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    format: Literal["vitrine-model-bundle"] = BUNDLE_FORMAT
+    format_version: int = FORMAT_VERSION
+    model: ModelInfo
+    embed_dim: int = Field(ge=1)
+    image_size: int = Field(ge=1)
+    preprocess: PreprocessSettings
+    tokenizer: TokenizerSettings
+    text_encoder: GraphSpec
+    image_encoder: GraphSpec
+    opset: int
+    exporter: dict[str, Any] = Field(default_factory=dict)
+    parity: ParityRecord | None = None
+    files: dict[str, str] = Field(default_factory=dict)  # path relative to the bundle -> sha256
+    created_at: str = ""
+    # Caller-settable fields with a meaning at serving time.
+    alpha: float = Field(default=DEFAULT_ALPHA, ge=0.0, le=1.0)  # weight of text vs image score
+    # Token pruning in the text tower: a bool, or details such as {"trained": ..., "at_inference": ...}.
+    pruning: bool | dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> BundleManifest:
+        if self.preprocess.image_size != self.image_size:
+            raise ValueError(f"preprocess.image_size {self.preprocess.image_size} != image_size {self.image_size}")
+        for graph in (self.text_encoder, self.image_encoder):
+            if graph.file not in self.files:
+                raise ValueError(f"{graph.file} is not listed in files")
+        return self
+
+
+# Keys a caller of export_bundle may not override through its `manifest` dict.
+RESERVED_KEYS = frozenset(BundleManifest.model_fields) - {"alpha", "pruning"}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_bundle_files(directory: Path) -> dict[str, str]:
+    """sha256 of every file under `directory` except the manifest, keyed by relative POSIX path."""
+    directory = Path(directory)
+    return {
+        p.relative_to(directory).as_posix(): sha256_file(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST_FILE
+    }
+
+
+def write_manifest(directory: Path, manifest: BundleManifest) -> Path:
+    path = Path(directory) / MANIFEST_FILE
+    path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_manifest(directory: str | Path) -> BundleManifest:
+    """The validated manifest of a bundle directory; BundleError says what is wrong."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise BundleError(f"bundle not found: {directory}")
+    if not directory.is_dir():
+        raise BundleError(f"{directory} is not a bundle directory (expected a folder with {MANIFEST_FILE})")
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        raise BundleError(f"{directory} is not a model bundle: no {MANIFEST_FILE}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict) or raw.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: not a Vitrine model bundle manifest (format is not {BUNDLE_FORMAT!r})")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: bundle format version {version!r}, this Vitrine reads version {FORMAT_VERSION}; "
+            "re-export the bundle with this version's trainer"
+        )
+    try:
+        return BundleManifest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "manifest"
+        raise BundleError(f"{path}: invalid manifest: {where}: {first['msg']}") from exc
+
+
+def verify_files(directory: Path, manifest: BundleManifest) -> None:
+    """Every file the manifest lists exists with the recorded sha256."""
+    for name, expected in manifest.files.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            raise BundleError(f"bundle {directory} is incomplete: {name} is missing")
+        if sha256_file(path) != expected:
+            raise BundleError(f"bundle {directory} is corrupted: {name} does not match its sha256 in the manifest")
+
+
+def bundle_fingerprint(directory: str | Path) -> str:
+    """Short hash identifying the bundle: sha256 of manifest.json, which lists every file's sha256."""
+    return hashlib.sha256((Path(directory) / MANIFEST_FILE).read_bytes()).hexdigest()[:FINGERPRINT_CHARS]
+
+
+class BundleEncoder:
+    """An exported model bundle as an encoder: `encode_texts` / `encode_images` on onnxruntime."""
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: BundleManifest,
+        text: TextEncoder,
+        image: ImageEncoder,
+        fingerprint: str,
+    ) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.text = text
+        self.image = image
+        self.fingerprint = fingerprint
+
+    @property
+    def alpha(self) -> float:
+        return self.manifest.alpha
+
+    @property
+    def embed_dim(self) -> int:
+        return self.manifest.embed_dim
+
+    @property
+    def image_size(self) -> int:
+        return self.manifest.image_size
+
+    @property
+    def model_name(self) -> str:
+        return self.manifest.model.name
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """float32 (len(texts), D), rows L2-normalised."""
+        return self.text.encode(texts)
+
+    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        """float32 (len(images), D), rows L2-normalised."""
+        return self.image.encode(images)
+
+    def describe(self) -> str:
+        return f"bundle {self.model_name} {self.fingerprint} ({self.path})"
+
+
+def load_bundle(
+    path: str | Path,
+    *,
+    threads: int | None = None,
+    device: str = "cpu",
+    verify: bool = True,
+    text_batch_size: int = 64,
+    image_batch_size: int = 32,
+) -> BundleEncoder:
+    """Open a bundle directory for encoding.
+
+    threads: ORT intra-op threads per session (default $VITRINE_THREADS or 2).
+    device: "cpu", "cuda" (CPU fallback with a warning when unavailable) or "auto".
+    verify: check every file against its sha256 in the manifest.
+    """
+    path = Path(path).expanduser()
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    tokenizer = TextTokenizer.from_dir(path / manifest.tokenizer.dir, manifest.tokenizer)
+    text_spec, image_spec = manifest.text_encoder, manifest.image_encoder
+    text = TextEncoder(
+        make_session(path / text_spec.file, threads=threads, device=device),
+        tokenizer,
+        embed_dim=manifest.embed_dim,
+        input_name=text_spec.input_name,
+        output_name=text_spec.output_name,
+        batch_size=text_batch_size,
+    )
+    image = ImageEncoder(
+        make_session(path / image_spec.file, threads=threads, device=device),
+        manifest.preprocess,
+        embed_dim=manifest.embed_dim,
+        input_name=image_spec.input_name,
+        output_name=image_spec.output_name,
+        batch_size=image_batch_size,
+    )
+    return BundleEncoder(path, manifest, text, image, bundle_fingerprint(path))
