@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "trainer.cli",
     "indexer.cli",
     "search.service.cli",
+    "search.demo",
 )
 
 

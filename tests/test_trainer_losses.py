@@ -152,3 +152,15 @@ def test_initial_thresholds_rise_linearly_to_the_final_value():
     t = initial_thresholds(6)
     assert t[-1].item() == pytest.approx(0.01)
     assert torch.allclose(t.diff(), torch.full((5,), 0.01 / 6))
+
+
+def test_gate_is_a_hard_step_at_inference():
+    gate = PruningGate(threshold=0.3)
+    probs = torch.zeros(1, 2, 4, 4)
+    probs[0, :, :, 0] = torch.tensor([0.9, 0.31, 0.29999, 0.1])  # attention to [CLS] per token
+    gate.train()
+    soft = gate.token_mask(probs)
+    gate.eval()
+    hard = gate.token_mask(probs)
+    assert hard.tolist() == [[1.0, 1.0, 0.0, 0.0]]
+    assert torch.all((soft > 0.5) == (hard > 0.5))

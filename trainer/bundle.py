@@ -51,7 +51,8 @@ def export_checkpoint(
         "alpha": ckpt.get("alpha", 0.5),
         "pruning": {"trained": pruning, "at_inference": bool(pruning and model_pruning_enabled(model))},
     }
-    return export_bundle(model, tokenizer, out, manifest=manifest, check_texts=check_texts, check_images=check_images)
+    return export_bundle(model, tokenizer, out, manifest=manifest, check_texts=check_texts, check_images=check_images,
+                         name=ckpt["model_name"])
 
 
 def model_pruning_enabled(model) -> bool:

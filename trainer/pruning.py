@@ -50,7 +50,12 @@ class PruningGate(nn.Module):
             raise ValueError(f"attention probabilities must be [B, heads, L, L], got {tuple(attention_probs.shape)}")
         # float32: with T = 1e-4, half-precision scores would quantise the gate to 0/1 steps.
         importance = attention_probs[:, :, :, 0].float().mean(dim=1)  # token i -> [CLS]
-        mask = torch.sigmoid((importance - self.threshold.float()) / self.temperature)
+        if self.training:
+            mask = torch.sigmoid((importance - self.threshold.float()) / self.temperature)
+        else:
+            # At T = 1e-4 the soft gate is a step whose value float rounding can flip near τ
+            # (ONNX vs torch differ by 1e-3); inference uses the step itself.
+            mask = (importance > self.threshold.float()).to(importance.dtype)
         # [CLS] carries the pooled meaning for some towers and anchors the score: always kept.
         return torch.cat([torch.ones_like(mask[:, :1]), mask[:, 1:]], dim=1)
 

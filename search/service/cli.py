@@ -23,17 +23,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    overrides = {
+        name: value
+        for name, value in vars(args).items()
+        if name in ("index", "bundle", "redis_url", "threads", "host", "port") and value is not None
+    }
+    return run_server(overrides, log_level=args.log_level)
+
+
+def run_server(overrides: dict, *, log_level: str = "info") -> int:
+    """Open index and bundle, then serve until interrupted (also used by `vitrine demo`)."""
     import uvicorn
 
     from search.errors import UserError
     from search.service.app import create_app, open_encoder, open_index
     from search.service.settings import Settings
 
-    overrides = {
-        name: value
-        for name, value in vars(args).items()
-        if name in ("index", "bundle", "redis_url", "threads", "host", "port") and value is not None
-    }
     try:
         settings = Settings(**overrides)
     except ValueError as exc:  # pydantic's ValidationError: a bad VITRINE_* variable
@@ -42,5 +47,6 @@ def serve(args: argparse.Namespace) -> int:
     index = open_index(settings)
     encoder = open_encoder(settings, index)
     app = create_app(settings, index=index, encoder=encoder)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False, server_header=False)
+    print(f"Vitrine is serving {len(index):,} products at http://{settings.host}:{settings.port}/ (API docs at /docs)", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False, server_header=False)
     return 0
