@@ -160,13 +160,23 @@ def _write_indexes(folder: Path, indexes: dict[str, Any]) -> None:
         faiss_index.write(index, folder / FILES[f"{name}_index"])
 
 
+def encoder_alphas(encoder: Any) -> dict[str, float | None]:
+    """The bundle's α (joint, and tuned per query kind when it has them)."""
+    alpha = float(getattr(encoder, "alpha", DEFAULT_ALPHA))
+    return {"alpha": alpha, "alpha_t2p": getattr(encoder, "alpha_t2p", None), "alpha_i2p": getattr(encoder, "alpha_i2p", None)}
+
+
+def manifest_alphas(manifest: IndexManifest) -> dict[str, float | None]:
+    return {"alpha": manifest.alpha, "alpha_t2p": manifest.alpha_t2p, "alpha_i2p": manifest.alpha_i2p}
+
+
 def _manifest(
     *,
     previous: IndexManifest | None,
     operation: Operation,
     errors: list[ProductError],
     bundle: BundleInfo,
-    alpha: float,
+    alphas: dict[str, float | None],
     embed_dim: int,
     spec: faiss_index.IndexSpec,
     vectors: _Vectors,
@@ -177,7 +187,7 @@ def _manifest(
     return IndexManifest(
         created_at=_now(),
         bundle=bundle,
-        alpha=alpha,
+        **alphas,
         embed_dim=embed_dim,
         counts=Counts(
             products=int(vectors.labels.shape[0]),
@@ -259,7 +269,7 @@ def build_index(
         )  # fmt: skip
         manifest = _manifest(
             previous=None, operation=operation, errors=errors, bundle=bundle_info(encoder, bundle_path),
-            alpha=float(getattr(encoder, "alpha", DEFAULT_ALPHA)), embed_dim=dim, spec=spec,
+            alphas=encoder_alphas(encoder), embed_dim=dim, spec=spec,
             vectors=vectors, next_label=next_label, catalog=catalog_info(catalog),
         )  # fmt: skip
         write_manifest(staging, manifest)
@@ -365,7 +375,7 @@ def upsert_index(
                 operation.seconds = round(time.perf_counter() - start, 3)
                 manifest = _manifest(
                     previous=previous, operation=operation, errors=errors, bundle=previous.bundle,
-                    alpha=previous.alpha, embed_dim=previous.embed_dim, spec=spec, vectors=vectors,
+                    alphas=manifest_alphas(previous), embed_dim=previous.embed_dim, spec=spec, vectors=vectors,
                     next_label=next_label, catalog=catalog_info(catalog),
                 )  # fmt: skip
                 write_manifest(staging, manifest)
@@ -414,7 +424,7 @@ def delete_from_index(out: str | Path, ids: Iterable[str], *, keep_versions: int
                     deleted=len(ids),
                 )  # fmt: skip
                 manifest = _manifest(
-                    previous=previous, operation=operation, errors=[], bundle=previous.bundle, alpha=previous.alpha,
+                    previous=previous, operation=operation, errors=[], bundle=previous.bundle, alphas=manifest_alphas(previous),
                     embed_dim=previous.embed_dim, spec=spec, vectors=vectors, next_label=next_label, catalog=None,
                 )  # fmt: skip
                 write_manifest(staging, manifest)

@@ -73,6 +73,9 @@ class IndexManifest(BaseModel):
     created_at: str
     bundle: BundleInfo
     alpha: float = Field(ge=0.0, le=1.0)
+    # The bundle's α tuned for text and for photo queries (None: `alpha`).
+    alpha_t2p: float | None = Field(default=None, ge=0.0, le=1.0)
+    alpha_i2p: float | None = Field(default=None, ge=0.0, le=1.0)
     embed_dim: int = Field(ge=1)
     counts: Counts
     index: dict[str, Any]  # IndexSpec.to_dict()

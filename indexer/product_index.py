@@ -142,6 +142,11 @@ class ProductIndex:
     def alpha(self) -> float:
         return self._manifest.alpha
 
+    def alpha_for(self, kind: str) -> float:
+        """The bundle's α for "text" or "image" queries (its joint α when not tuned per kind)."""
+        tuned = {"text": self._manifest.alpha_t2p, "image": self._manifest.alpha_i2p}[kind]
+        return self._manifest.alpha if tuned is None else tuned
+
     @property
     def embed_dim(self) -> int:
         return self._manifest.embed_dim

@@ -120,7 +120,7 @@ def test_protocol_subset_alpha_and_limit(tmp_path):
     )
     report = load_metrics(out)
     assert list(report["retrieval"]) == ["full"] and list(report["product_search"]) == ["i2p"]
-    assert report["config"]["alpha"] == 0.2 and report["product_search"]["i2p"]["alpha"] == 0.2
+    assert report["config"]["alpha"] == {"t2p": 0.2, "i2p": 0.2} and report["product_search"]["i2p"]["alpha"] == 0.2
     assert report["counts"]["products"] == 10
 
 
@@ -300,3 +300,16 @@ def test_encoder_modules_import_from_the_working_directory(tmp_path, monkeypatch
     monkeypatch.delitem(sys.modules, "my_local_encoder", raising=False)
     encoder = load_encoder("my_local_encoder:Local")
     assert encoder.encode_texts(["red shirt"]).shape == (1, ColourHashEncoder.dim)
+
+
+def test_per_task_alphas_are_used_for_t2p_and_i2p(tmp_path, monkeypatch):
+    class TunedPerTask(ColourHashEncoder):
+        alpha, alpha_t2p, alpha_i2p = 0.5, 0.9, 0.1
+
+    module = fake_encoders(monkeypatch, TunedPerTask=TunedPerTask)
+    catalog = make_catalog(tmp_path / "catalog")
+    run_eval("--catalog", catalog, "--encoder", f"{module}:TunedPerTask", "--out", tmp_path / "a",
+             "--protocols", "t2p,i2p", "--limit", "10")
+    report = load_metrics(tmp_path / "a")
+    assert report["product_search"]["t2p"]["alpha"] == 0.9 and report["product_search"]["i2p"]["alpha"] == 0.1
+    assert report["config"]["alpha"] == {"t2p": 0.9, "i2p": 0.1}

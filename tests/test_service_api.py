@@ -352,3 +352,21 @@ def test_genuine_bugs_get_a_json_500(index, fixture):
         response = test_client.post("/search/text", json={"query": "red"})
     assert response.status_code == 500
     assert response.json() == {"error": {"code": "internal_error", "message": "internal server error"}}
+
+
+def test_text_and_photo_queries_use_their_own_tuned_alpha(tmp_path):
+    from tests.fixtures_index import FixtureEncoder
+
+    class PerKind(FixtureEncoder):
+        alpha_t2p, alpha_i2p = 0.9, 0.1
+
+    built = build_fixture_index(tmp_path, n=12, encoder=PerKind())
+    with ProductIndex.open(built.index_dir) as index:
+        assert (index.alpha_for("text"), index.alpha_for("image")) == (0.9, 0.1)
+        app = create_app(Settings(**LIMITS), index=index, encoder=built.encoder)
+        with TestClient(app) as client:
+            assert client.post("/search/text", json={"query": "red tshirts", "k": 3}).json()["alpha"] == 0.9
+            files = {"image": ("p.jpg", jpeg_bytes(), "image/jpeg")}
+            assert client.post("/search/image", files=files, data={"k": "3"}).json()["alpha"] == 0.1
+            ready = client.get("/readyz").json()["index"]
+            assert (ready["alpha_text"], ready["alpha_image"]) == (0.9, 0.1)

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from tests.fixtures_catalog import COLOURS, myntra_record, write_jpeg, write_jsonl
+from search.runtime import load_bundle
+from trainer.bundle import export_checkpoint
 from trainer.factory import create_model, get_tokenizer
 from trainer.train import TextEmbedder, TrainConfig, Trainer, train
 
@@ -55,6 +57,13 @@ def test_full_method_run_writes_checkpoints_and_summary(catalog, tmp_path):
     best = torch.load(run / "best.pt", weights_only=False)
     assert best["pruning"] is True and best["alpha"] == summary["alpha"]["alpha"]
     assert 0.0 <= best["val"]["sample_t2i_R@1"] <= 1.0
+
+    # The bundle carries the α tuned on val, per query kind, to the torch-free side.
+    bundle = export_checkpoint(run / "best.pt", tmp_path / "bundle", catalog=str(catalog))
+    encoder = load_bundle(bundle)
+    assert (encoder.alpha, encoder.alpha_t2p, encoder.alpha_i2p) == (
+        summary["alpha"]["alpha"], summary["alpha"]["alpha_t2p"], summary["alpha"]["alpha_i2p"])
+    assert encoder.manifest.pruning == {"trained": True, "at_inference": summary["prune_at_inference"]}
 
 
 def test_training_moves_the_loss(catalog, tmp_path):

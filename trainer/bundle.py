@@ -1,6 +1,7 @@
 """From a training checkpoint to a model bundle: rebuild the model, then export it."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -48,11 +49,21 @@ def export_checkpoint(
             "config": ckpt.get("config"),
         },
         "val_metrics": ckpt.get("val"),
-        "alpha": ckpt.get("alpha", 0.5),
+        **alphas_of(path, ckpt),
         "pruning": {"trained": pruning, "at_inference": bool(pruning and model_pruning_enabled(model))},
     }
     return export_bundle(model, tokenizer, out, manifest=manifest, check_texts=check_texts, check_images=check_images,
                          name=ckpt["model_name"])
+
+
+def alphas_of(path: Path, ckpt: dict) -> dict:
+    """The tuned α (joint, text queries, photo queries); older checkpoints keep them in summary.json."""
+    found = {k: ckpt[k] for k in ("alpha", "alpha_t2p", "alpha_i2p") if ckpt.get(k) is not None}
+    summary = path.parent / "summary.json"
+    if len(found) < 3 and summary.is_file():
+        tuned = json.loads(summary.read_text()).get("alpha", {})
+        found = {k: tuned[k] for k in ("alpha", "alpha_t2p", "alpha_i2p") if k in tuned} | found
+    return found
 
 
 def model_pruning_enabled(model) -> bool:

@@ -442,6 +442,7 @@ class Trainer:
             self.model.set_pruning(summary["prune_at_inference"])
         summary["alpha"] = self.tune_alpha()
         extra = {"val": best["val"], "alpha": summary["alpha"]["alpha"],
+                 "alpha_t2p": summary["alpha"]["alpha_t2p"], "alpha_i2p": summary["alpha"]["alpha_i2p"],
                  "prune_at_inference": summary.get("prune_at_inference", False)}
         self.save("best.pt", {**extra, "history": self.history})
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))

@@ -54,8 +54,10 @@ class EvalConfig:
             raise UserError(f"alpha must be within [0, 1], got {self.alpha}")
 
 
-def resolve_alpha(encoder: object, alpha: float | None) -> float:
-    """The explicit α, else the encoder's tuned `alpha` attribute, else 0.5."""
+def resolve_alpha(encoder: object, alpha: float | None, task: str | None = None) -> float:
+    """The explicit α, else the encoder's α tuned for `task` ("t2p"/"i2p"), else its `alpha`, else 0.5."""
+    if alpha is None and task is not None:
+        alpha = getattr(encoder, f"alpha_{task}", None)
     if alpha is None:
         alpha = getattr(encoder, "alpha", None)
         if alpha is None:
@@ -201,14 +203,14 @@ class ImageToProductEvaluator:
         return metrics
 
 
-def build_evaluators(config: EvalConfig, alpha: float) -> list:
-    """The evaluators `config.protocols` asks for, in canonical order."""
-    common = dict(alpha=alpha, seed=config.seed, batch_size=config.batch_size, progress=config.progress)
+def build_evaluators(config: EvalConfig, alphas: dict[str, float]) -> list:
+    """The evaluators `config.protocols` asks for, in canonical order; `alphas` by task (t2p, i2p)."""
+    common = dict(seed=config.seed, batch_size=config.batch_size, progress=config.progress)
     make = {
         "sample": lambda: SampleRetrievalEvaluator(config.queries, config.candidates, config.seed),
         "full": FullRetrievalEvaluator,
-        "t2p": lambda: TextToProductEvaluator(config.t2p_queries, **common),
-        "i2p": lambda: ImageToProductEvaluator(config.i2p_queries, **common),
+        "t2p": lambda: TextToProductEvaluator(config.t2p_queries, alpha=alphas["t2p"], **common),
+        "i2p": lambda: ImageToProductEvaluator(config.i2p_queries, alpha=alphas["i2p"], **common),
     }
     return [make[name]() for name in PROTOCOLS if name in config.protocols]
 
@@ -221,7 +223,7 @@ def run_evaluation(
     `context` (catalog path, split, ...) is recorded in the report's config. Everything except
     "timings_s" depends only on the inputs and the seed.
     """
-    alpha = resolve_alpha(encoder, config.alpha)
+    alphas = {task: resolve_alpha(encoder, config.alpha, task) for task in ("t2p", "i2p")}
     timings: dict[str, float] = {}
     started = time.perf_counter()
     data = embed_split(
@@ -235,7 +237,7 @@ def run_evaluation(
 
     retrieval: dict[str, dict] = {}
     search: dict[str, dict] = {}
-    for evaluator in build_evaluators(config, alpha):
+    for evaluator in build_evaluators(config, alphas):
         log.info("running %s", evaluator.name)
         t0 = time.perf_counter()
         result = evaluator(encoder, products, data)
@@ -246,7 +248,7 @@ def run_evaluation(
     settings = asdict(config)
     settings.pop("progress")
     settings["protocols"] = list(config.protocols)
-    settings["alpha"] = alpha
+    settings["alpha"] = alphas
     return {
         "format": REPORT_FORMAT,
         "encoder": {"description": describe_encoder(encoder), "dim": int(data.text_embs.shape[1])},

@@ -74,7 +74,8 @@ def render_markdown(report: dict) -> str:
 
     search = report.get("product_search", {})
     if search:
-        lines += [f"## Product search (α = {config['alpha']:g})", ""]
+        alphas = config["alpha"]
+        lines += [f"## Product search (α: T2P {alphas['t2p']:g}, I2P {alphas['i2p']:g})", ""]
         t2p = search.get("t2p")
         if t2p and "skipped" in t2p:
             lines += [f"T2P skipped: {t2p['skipped']}", ""]

@@ -96,6 +96,9 @@ class BundleManifest(BaseModel):
     created_at: str = ""
     # Caller-settable fields with a meaning at serving time.
     alpha: float = Field(default=DEFAULT_ALPHA, ge=0.0, le=1.0)  # weight of text vs image score
+    # Tuned separately for text queries (Score_t2p) and photo queries (Score_i2p); None: use `alpha`.
+    alpha_t2p: float | None = Field(default=None, ge=0.0, le=1.0)
+    alpha_i2p: float | None = Field(default=None, ge=0.0, le=1.0)
     # Token pruning in the text tower: a bool, or details such as {"trained": ..., "at_inference": ...}.
     pruning: bool | dict[str, Any] | None = None
 
@@ -110,7 +113,7 @@ class BundleManifest(BaseModel):
 
 
 # Keys a caller of export_bundle may not override through its `manifest` dict.
-RESERVED_KEYS = frozenset(BundleManifest.model_fields) - {"alpha", "pruning"}
+RESERVED_KEYS = frozenset(BundleManifest.model_fields) - {"alpha", "alpha_t2p", "alpha_i2p", "pruning"}
 
 
 def sha256_file(path: Path) -> str:
@@ -202,6 +205,16 @@ class BundleEncoder:
     @property
     def alpha(self) -> float:
         return self.manifest.alpha
+
+    @property
+    def alpha_t2p(self) -> float:
+        """α for text queries against products."""
+        return self.manifest.alpha if self.manifest.alpha_t2p is None else self.manifest.alpha_t2p
+
+    @property
+    def alpha_i2p(self) -> float:
+        """α for photo queries against products."""
+        return self.manifest.alpha if self.manifest.alpha_i2p is None else self.manifest.alpha_i2p
 
     @property
     def embed_dim(self) -> int:

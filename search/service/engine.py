@@ -245,9 +245,14 @@ class SearchEngine:
             raise RuntimeError(f"{what} encoder returned non-finite values")
         return emb
 
+    def default_alpha(self, kind: str) -> float:
+        """α from the index's bundle for this query kind; plain index objects have one α."""
+        alpha_for = getattr(self.index, "alpha_for", None)
+        return float(alpha_for(kind)) if alpha_for else self.alpha
+
     def _search(self, emb: np.ndarray, kind: str, *, k: int, alpha: float | None, filters: dict | None,
                 timings: dict[str, float]) -> SearchOutcome:  # fmt: skip
-        used_alpha = self.alpha if alpha is None else float(alpha)
+        used_alpha = self.default_alpha(kind) if alpha is None else float(alpha)
         with self.metrics.stage(kind, "search", timings):
             try:
                 hits = self.index.search(emb, k=k, alpha=used_alpha, filters=filters or None)

@@ -121,9 +121,9 @@ async function loadFilters() {
 async function loadDefaults() {
   try {
     const ready = await callApi("/readyz");
-    if (ready.index && typeof ready.index.alpha === "number") {
-      $("alpha").value = ready.index.alpha;
-      $("alpha-value").textContent = `${ready.index.alpha.toFixed(2)} (index)`;
+    if (ready.index && typeof ready.index.alpha_text === "number") {
+      $("alpha").value = ready.index.alpha_text;
+      $("alpha-value").textContent = `${ready.index.alpha_text.toFixed(2)} text, ${ready.index.alpha_image.toFixed(2)} photo (index)`;
     }
   } catch (_) {
     /* the slider keeps its default */
