@@ -85,17 +85,17 @@ def pct(x: float) -> float:
 
 
 def row_of(row: str, name: str, summary: dict, metrics: dict) -> dict:
-    m = metrics["metrics"] if "metrics" in metrics else metrics
-    sample, full = m["sample"], m["full"]
+    sample, full = metrics["retrieval"]["sample"], metrics["retrieval"]["full"]
+    t2p, i2p = metrics["product_search"]["t2p"], metrics["product_search"]["i2p"]
     return {
         "row": row, "method": name,
         "sample T2I R@1": pct(sample["t2i"]["R@1"]), "sample I2T R@1": pct(sample["i2t"]["R@1"]),
         "sample T2I R@10": pct(sample["t2i"]["R@10"]), "sample I2T R@10": pct(sample["i2t"]["R@10"]),
         "full T2I R@1": pct(full["t2i"]["R@1"]), "full T2I R@10": pct(full["t2i"]["R@10"]),
         "full I2T R@1": pct(full["i2t"]["R@1"]), "full I2T R@10": pct(full["i2t"]["R@10"]),
-        "T2P nDCG@10": pct(m["t2p"]["nDCG@10"]), "T2P P@10": pct(m["t2p"]["P@10"]),
-        "I2P R@1": pct(m["i2p"]["R@1"]), "I2P R@10": pct(m["i2p"]["R@10"]),
-        "alpha": summary["alpha"]["alpha"], "prune at inference": summary.get("prune_at_inference", "-"),
+        "T2P nDCG@10": pct(t2p["nDCG@10"]), "T2P P@10": pct(t2p["P@10"]),
+        "I2P R@1": pct(i2p["R@1"]), "I2P R@10": pct(i2p["R@10"]),
+        "α T2P / I2P": f'{t2p["alpha"]:g} / {i2p["alpha"]:g}', "prune at inference": summary.get("prune_at_inference", "-"),
         "train s": round(summary["train_seconds"]), "device": summary["device"],
     }
 
