@@ -229,7 +229,8 @@ class NaivePipeline:
 
         self.index = index
         self.k = k
-        self.alpha = float(index.alpha)
+        # The α the service uses for each query kind (the bundle's tuned α_T2P / α_I2P).
+        self.alpha = {kind: float(index.alpha_for(kind)) for kind in ("text", "image")}
         self.ids = np.array(index.ids())
         self.title, self.image = index.vectors(list(self.ids))  # (n, D) float32 each
         self.bundle = load_bundle(bundle)
@@ -270,9 +271,10 @@ class NaivePipeline:
                 return self.model.encode_image(self.preprocess(image).unsqueeze(0)).float().numpy()[0]
         return self.bundle.encode_images([image])[0]
 
-    def search(self, query: np.ndarray) -> list[str]:
+    def search(self, query: np.ndarray, kind: str) -> list[str]:
         q = query.astype(np.float64)
-        score = self.alpha * (self.title @ q) + (1.0 - self.alpha) * (self.image @ q)
+        alpha = self.alpha[kind]
+        score = alpha * (self.title @ q) + (1.0 - alpha) * (self.image @ q)
         order = np.lexsort((self.ids, -score))[: self.k]  # full sort, ties by id as the index does
         ids = [str(i) for i in self.ids[order]]
         self.index.get_many(ids)  # the records a response shows
@@ -452,10 +454,10 @@ def main(argv: list[str] | None = None) -> int:
         naive_image_ids: dict[int, list[str]] = {}
 
         def naive_text(i: int) -> None:
-            naive_text_ids[i] = naive.search(naive.encode_text(texts[i % len(texts)]))
+            naive_text_ids[i] = naive.search(naive.encode_text(texts[i % len(texts)]), "text")
 
         def naive_image(i: int) -> None:
-            naive_image_ids[i] = naive.search(naive.encode_image(photos[i % len(photos)]))
+            naive_image_ids[i] = naive.search(naive.encode_image(photos[i % len(photos)]), "image")
 
         run_naive("warmup", 1, naive_text, 8, None)
         for clients in args.concurrency:
@@ -469,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind, store, encode in (("text", naive_text_ids, naive.encode_text), ("image", naive_image_ids, naive.encode_image)):
             pairs = sorted(service_ids[kind])[:200]
             source = texts if kind == "text" else photos
-            naive_lists = [store.get(i) or naive.search(encode(source[i % len(source)])) for i, _ in pairs]
+            naive_lists = [store.get(i) or naive.search(encode(source[i % len(source)]), kind) for i, _ in pairs]
             agreement[kind] = compare_results([ids for _, ids in pairs], naive_lists)
         naive_info["agreement"] = agreement
 
