@@ -5,8 +5,9 @@ Names load on first use so `vitrine --help` does not pay for numpy/PIL/matplotli
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from search.lazy import lazy_exports
 
 _EXPORTS = {
     "Encoder": "search.evaluation.encoder",
@@ -41,7 +42,4 @@ if TYPE_CHECKING:
     from search.evaluation.report import write_report
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -6,8 +6,9 @@ Names load on first use, so `vitrine --help` (which imports search.service.cli) 
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from search.lazy import lazy_exports
 
 _EXPORTS = {"create_app": "search.service.app", "Settings": "search.service.settings"}
 __all__ = sorted(_EXPORTS)
@@ -17,7 +18,4 @@ if TYPE_CHECKING:
     from search.service.settings import Settings
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
