@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bundle", type=Path, default=None, help="use this model bundle instead of training one")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="where the run, bundle and index go")
     p.add_argument("--epochs", type=int, default=3, help="epochs of the quick training")
+    p.add_argument("--model", default="fashion-lite", help="model config of the quick training")
+    p.add_argument("--pretrained", default=None, help="pretrained weights of the quick training (default: the config's)")
     p.add_argument("--train-limit", type=int, default=None, help="train on the first N products of each split (faster)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -45,7 +47,8 @@ def default_catalog() -> str:
     return os.environ.get("VITRINE_DATA") or DEFAULT_CATALOG
 
 
-def quick_bundle(catalog: str, workdir: Path, *, epochs: int, limit: int | None) -> Path:
+def quick_bundle(catalog: str, workdir: Path, *, epochs: int, limit: int | None, model: str = "fashion-lite",
+                 pretrained: str | None = None) -> Path:
     """Train frozen towers + projections and export them; reuses what is already in `workdir`."""
     bundle = workdir / "bundle"
     if (bundle / "manifest.json").is_file():
@@ -59,8 +62,8 @@ def quick_bundle(catalog: str, workdir: Path, *, epochs: int, limit: int | None)
     run = workdir / "run"
     if not (run / "summary.json").is_file():
         print(f"[1/3] training a quick bundle on {catalog} (frozen towers, {epochs} epochs)", flush=True)
-        train(TrainConfig(catalog=catalog, out=str(run), epochs=epochs, text_unlocked_layers=0, limit=limit,
-                          cache_dir=str(workdir / "cache")))
+        train(TrainConfig(catalog=catalog, out=str(run), model=model, pretrained=pretrained, epochs=epochs,
+                          text_unlocked_layers=0, limit=limit, cache_dir=str(workdir / "cache")))
     print(f"[1/3] exporting the bundle to {bundle}", flush=True)
     return export_checkpoint(run / "best.pt", bundle, catalog=catalog)
 
@@ -94,7 +97,8 @@ def run_demo(args: argparse.Namespace) -> int:
     products = read_catalog(catalog)  # fails early, with the reader's message, on a non-catalog
     workdir = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    bundle = args.bundle or quick_bundle(catalog, workdir, epochs=args.epochs, limit=args.train_limit)
+    bundle = args.bundle or quick_bundle(catalog, workdir, epochs=args.epochs, limit=args.train_limit,
+                                         model=args.model, pretrained=args.pretrained)
     index_dir = ensure_index(products, Path(bundle), workdir / "index")
     if args.no_serve:
         print(f"ready: vitrine serve --index {index_dir} --host {args.host} --port {args.port}")

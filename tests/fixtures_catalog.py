@@ -246,3 +246,24 @@ def make_non_catalogs(root: Path) -> dict[str, Path]:
         f.create_dataset("foo", data=np.zeros((3, 1)))
     files["empty folder"].mkdir()
     return files
+
+
+COLOUR_NAMES = ["Red", "Green", "Blue", "Yellow", "Purple", "Black"]  # names of COLOURS, in order
+TRAINING_ARTICLES = [("Topwear", "Tshirts", "Cotton T-shirt"), ("Shoes", "Casual Shoes", "Canvas Casual Shoes"),
+                     ("Bags", "Handbags", "Leather Handbag")]
+
+
+def make_training_catalog(root: Path, n: int = 60) -> Path:
+    """A train/val catalog whose titles name the photo's colour and article: something to learn."""
+    records = []
+    for i in range(n):
+        colour = i % len(COLOUR_NAMES)
+        category, article, noun = TRAINING_ARTICLES[i % len(TRAINING_ARTICLES)]
+        ident = str(2000 + i)
+        records.append(myntra_record(
+            ident, f"Brand{i % 4} Women {COLOUR_NAMES[colour]} {noun}", split="val" if i % 5 == 0 else "train",
+            subCategory=category, articleType=article, baseColour=COLOUR_NAMES[colour],
+        ))  # fmt: skip
+        write_jpeg(root / "images" / f"{ident}.jpg", COLOURS[colour])
+    write_jsonl(root / "products.jsonl", records)
+    return root

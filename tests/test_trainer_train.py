@@ -6,33 +6,15 @@ import json
 import pytest
 import torch
 
-from tests.fixtures_catalog import COLOURS, myntra_record, write_jpeg, write_jsonl
 from search.runtime import load_bundle
+from tests.fixtures_catalog import make_training_catalog
 from trainer.bundle import export_checkpoint
 from trainer.factory import create_model, get_tokenizer
 from trainer.train import TextEmbedder, TrainConfig, Trainer, train
 
-COLOUR_NAMES = ["Red", "Green", "Blue", "Yellow", "Purple", "Black"]
-ARTICLES = [("Topwear", "Tshirts", "Cotton T-shirt"), ("Shoes", "Casual Shoes", "Canvas Casual Shoes"),
-            ("Bags", "Handbags", "Leather Handbag")]
-
-
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory):
-    root = tmp_path_factory.mktemp("catalog")
-    records = []
-    for i in range(60):
-        colour = i % len(COLOUR_NAMES)
-        category, article, noun = ARTICLES[i % len(ARTICLES)]
-        split = "val" if i % 5 == 0 else "train"
-        ident = str(2000 + i)
-        records.append(myntra_record(
-            ident, f"Brand{i % 4} Women {COLOUR_NAMES[colour]} {noun}", split=split,
-            subCategory=category, articleType=article, baseColour=COLOUR_NAMES[colour],
-        ))
-        write_jpeg(root / "images" / f"{ident}.jpg", COLOURS[colour])
-    write_jsonl(root / "products.jsonl", records)
-    return root
+    return make_training_catalog(tmp_path_factory.mktemp("catalog"))
 
 
 def tiny_config(catalog, out, **kw) -> TrainConfig:
@@ -97,3 +79,11 @@ def test_frozen_towers_train_only_heads(catalog, tmp_path):
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all(".transformer." not in n and ".trunk." not in n for n in trainable)
     assert trainer.embed_texts.frozen_trunk
+
+
+def test_unlocked_image_groups_train_from_pixels(catalog, tmp_path):
+    trainer = Trainer(tiny_config(catalog, tmp_path / "run", image_unlocked_groups=1, epochs=1))
+    assert trainer.features is None  # no feature cache: the image tower trains
+    assert any(p.requires_grad for n, p in trainer.model.named_parameters() if ".trunk." in n)
+    summary = trainer.fit()
+    assert summary["history"][0]["loss_itc"] > 0
