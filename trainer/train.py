@@ -268,12 +268,16 @@ class Trainer:
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             with torch.autocast(self.device.type, enabled=self.amp):
                 image_embs = self._images("train", idx)
-                text_embs = self.embed_texts([titles[i] for i in idx.tolist()], grad=True)
+                batch_titles = [titles[i] for i in idx.tolist()]
+                if cfg.prune:  # the gates' masks belong to this forward: read them before any other
+                    ids = self.tokenizer(batch_titles).to(self.device)
+                    text_embs = self.model.encode_text(ids)
+                    prune = pruning_loss(self.model.pruning_masks(), ids != self.tokenizer.pad_token_id)
+                else:
+                    text_embs = self.embed_texts(batch_titles, grad=True)
                 losses = {"itc": self.itc(image_embs, text_embs, self.model.logit_scale.exp())}
                 if cfg.prune:
-                    masks = self.model.pruning_masks()
-                    mask_ids = self.tokenizer([titles[i] for i in idx.tolist()]).to(self.device)
-                    losses["prune"] = pruning_loss(masks, mask_ids != self.tokenizer.pad_token_id)
+                    losses["prune"] = prune
                 if cfg.cva:
                     losses["cva"] = self._cva(idx, image_embs, rng)
                 total = 0.5 * (losses["itc"] + losses["cva"]) if cfg.cva else losses["itc"]
