@@ -12,10 +12,11 @@ import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from search.catalog.product import Product
@@ -34,8 +35,8 @@ def products_fingerprint(products: Sequence[Product]) -> str:
     return h.hexdigest()[:16]
 
 
-def _load(preprocess: Callable, product: Product) -> torch.Tensor:
-    return preprocess(product.image.open())
+def primary_image(product: Product) -> Image.Image:
+    return product.image.open()
 
 
 class _Trunk(torch.nn.Module):
@@ -73,19 +74,24 @@ class OnnxTrunk:
 def compute_image_features(
     model,
     preprocess: Callable,
-    products: Sequence[Product],
+    products: Sequence[Any],
     *,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     progress: bool = True,
     desc: str = "image features",
+    open_image: Callable[[Any], Image.Image] = primary_image,
 ) -> np.ndarray:
-    """Pooled trunk features [N, F] of each product's primary image."""
+    """Pooled trunk features [N, F] of each item's image (a product's primary image by default)."""
     model.eval()
+
+    def load(batch: Sequence[Any]) -> torch.Tensor:
+        return torch.stack([preprocess(open_image(item)) for item in batch])
+
     trunk = model.image_trunk_features
     if torch.device(device).type == "cpu" and len(products) > batch_size:
         onnx_trunk = OnnxTrunk(model, model.image_size)
-        probe = torch.stack([_load(preprocess, p) for p in products[:4]])
+        probe = load(products[:4])
         diff = float((onnx_trunk(probe) - model.image_trunk_features(probe)).abs().max())
         if diff <= PARITY_TOLERANCE:
             trunk = onnx_trunk
@@ -95,9 +101,6 @@ def compute_image_features(
     batches = [products[i : i + batch_size] for i in range(0, len(products), batch_size)]
     # PIL decoding releases the GIL, so threads overlap loading with the forward pass;
     # only PREFETCH batches are in flight, so memory stays bounded.
-    def load(batch: Sequence[Product]) -> torch.Tensor:
-        return torch.stack([_load(preprocess, p) for p in batch])
-
     with ThreadPoolExecutor(max_workers=2) as pool:
         pending = deque(pool.submit(load, b) for b in batches[:PREFETCH])
         for i in tqdm(range(len(batches)), desc=desc, disable=not progress):

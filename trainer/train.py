@@ -38,7 +38,7 @@ from search.evaluation.product_search import (
 from search.evaluation.protocols import RetrievalSet, full_protocol, index_distinct, sample_protocol
 from trainer.concepts import ConceptGraph
 from trainer.factory import create_model_and_transforms, get_tokenizer
-from trainer.features import cached_image_features, products_fingerprint
+from trainer.features import cached_image_features, compute_image_features, products_fingerprint
 from trainer.loss import ConceptVisualAlignmentLoss, pruning_loss
 from trainer.prototypes import select_prototypes
 
@@ -350,12 +350,13 @@ class Trainer:
         relevant = relevance_matrix(queries, products)
         q_text = self.embed_texts([q.text for q in queries]).cpu().numpy()
         targets = i2p_query_products(len(products), num_i2p, self.config.seed)
-        photos = [shopper_photo(products[i].image.open(), shopper_photo_rng(self.config.seed, int(i))) for i in targets]
-        q_img = []
-        for i in range(0, len(photos), 64):
-            pixels = torch.stack([self.preprocess_val(p) for p in photos[i : i + 64]]).to(self.device)
-            q_img.append(self.model.encode_image(pixels).float().cpu().numpy())
-        q_img = np.concatenate(q_img)
+        seed = self.config.seed
+        photo_feats = compute_image_features(  # the ONNX-run trunk on CPU, as for the feature cache
+            self.model, self.preprocess_val, [int(i) for i in targets], device=self.device,
+            progress=self.config.progress, desc="val shopper photos",
+            open_image=lambda i: shopper_photo(products[i].image.open(), shopper_photo_rng(seed, i)),
+        )
+        q_img = self.model.encode_image_features(torch.from_numpy(photo_feats).to(self.device)).float().cpu().numpy()
         sweep = []
         for alpha in ALPHA_GRID:
             t2p = t2p_metrics(q_text, relevant, title_embs, image_embs, alpha)
