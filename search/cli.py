@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "search.catalog.cli",
     "search.evaluation.cli",
     "trainer.cli",
+    "trainer.cross_encoder.cli",
     "indexer.cli",
     "search.service.cli",
     "search.demo",

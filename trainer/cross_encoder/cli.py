@@ -1,0 +1,148 @@
+"""`vitrine rerank train|export|eval`: the reranker's training stages, bundle export and evaluation."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from search.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def _split(catalog: str, split: str):
+    from search.catalog.registry import read_catalog
+
+    products = [p for p in read_catalog(catalog).products if p.split == split]
+    if not products:
+        raise UserError(f"{catalog}: no products in split {split!r}")
+    return products
+
+
+def _features(bundle: str, products, cache: str):
+    from trainer.patches import bundle_product_features
+
+    return bundle_product_features(bundle, products, cache)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from search.runtime.bundle import load_bundle
+    from trainer.concepts import ConceptGraph
+    from trainer.cross_encoder.data import QueryMaker
+    from trainer.cross_encoder.knowledge import AttributeSchema
+    from trainer.cross_encoder.mining import mine_groups
+    from trainer.cross_encoder.train import RerankerTrainConfig, RerankerTrainer
+
+    cfg = RerankerTrainConfig(
+        stage=args.stage, out_dir=args.out, model=args.model, init=args.init, knowledge=not args.no_knowledge,
+        steps=args.steps, batch_size=args.batch_size, groups_per_step=args.groups_per_step, negatives=args.negatives,
+        student_layers=args.student_layers, lr=args.lr, seed=args.seed, threads=args.threads,
+    )
+    products = _split(args.catalog, "train")
+    feats = _features(args.bundle, products, args.cache)
+    schema = AttributeSchema.from_products(products)
+    groups = None
+    if cfg.stage != "pretrain":
+        bundle = load_bundle(args.bundle)
+        graph = ConceptGraph.build(products)
+        visual = frozenset(w for c in graph.concepts for w in c.split())
+        maker = QueryMaker(graph.brand_words, visual)
+        # Distillation reuses the fine-tuning seed's queries but draws its own order of groups.
+        groups = mine_groups(
+            products, feats.text, feats.image, bundle.encode_texts, maker, schema,
+            count=cfg.steps * cfg.groups_per_step, alpha_t2p=bundle.alpha_t2p, negatives=cfg.negatives,
+            pool=cfg.negative_pool, title_drop=cfg.title_drop, knowledge=cfg.knowledge, seed=cfg.seed,
+        )
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(cfg.out_dir) / "groups.jsonl", "w") as fh:
+            for g in groups:
+                fh.write(json.dumps({"query": g.query, "positive": products[g.positive].id, "negatives": [products[j].id for j in g.negatives],
+                                     "with_titles": g.with_titles, "swapped_query": g.swapped_query}) + "\n")
+    summary = RerankerTrainer(cfg, products, np.asarray(feats.patches), groups=groups, schema=schema).run()
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from trainer.cross_encoder.export import export_reranker, export_reranker_copy
+
+    if args.out:
+        spec = export_reranker_copy(args.checkpoint, args.bundle, args.out, default_top_n=args.top_n)
+    else:
+        spec = export_reranker(args.checkpoint, args.bundle, default_top_n=args.top_n)
+    print(json.dumps(spec.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from search.evaluation.rerank import RerankEvaluator
+    from search.runtime.bundle import load_bundle, read_manifest
+    from search.runtime.reranker import load_reranker
+    from trainer.cross_encoder.knowledge import AttributeSchema
+
+    products = _split(args.catalog, args.split)
+    feats = _features(args.features_bundle or args.bundle, products, args.cache)
+    bundle = load_bundle(args.features_bundle or args.bundle)
+    reranker = load_reranker(args.bundle, read_manifest(args.bundle), threads=args.threads)
+    if reranker is None:
+        raise UserError(f"bundle {args.bundle} carries no reranker; add one with `vitrine rerank export`")
+    schema = AttributeSchema.from_products(_split(args.catalog, "train"))
+    rng = np.random.default_rng([args.seed, 31])
+    evaluator = RerankEvaluator(top_n=args.top_n, num_queries=args.num_queries, alpha_t2p=bundle.alpha_t2p, seed=args.seed)
+    swap = lambda title: schema.swap(title, rng)  # noqa: E731
+    report = evaluator(reranker, products, feats.text, feats.image, np.asarray(feats.patches), bundle.encode_texts, swap=swap)
+    report["bundle"], report["split"] = str(args.bundle), args.split
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rerank.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=2))
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("rerank", help="train, export and evaluate the cross-encoder reranker")
+    sub = parser.add_subparsers(dest="rerank_command", required=True)
+
+    train = sub.add_parser("train", help="one training stage: pretrain, finetune or distill")
+    train.add_argument("--stage", required=True, choices=("pretrain", "finetune", "distill"))
+    train.add_argument("--bundle", required=True, help="dual-encoder bundle with patch features (hard negatives, patches)")
+    train.add_argument("--catalog", required=True)
+    train.add_argument("--out", required=True)
+    train.add_argument("--model", default="minilm-l6", help="cross-encoder config (pretrain)")
+    train.add_argument("--init", help="checkpoint to start from (finetune: pretrained; distill: teacher)")
+    train.add_argument("--no-knowledge", action="store_true", help="FashionBERT without KG-MLIM / KG-ITM (ablation)")
+    train.add_argument("--steps", type=int, default=300)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--groups-per-step", type=int, default=4)
+    train.add_argument("--negatives", type=int, default=7)
+    train.add_argument("--student-layers", type=int, default=2)
+    train.add_argument("--lr", type=float, default=5e-5)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int)
+    train.add_argument("--cache", default="runs/cache")
+    train.set_defaults(func=cmd_train)
+
+    export = sub.add_parser("export", help="add a trained reranker to a model bundle (ONNX, VSL, parity-checked)")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--bundle", required=True)
+    export.add_argument("--out", help="write a copy of the bundle with the reranker here instead of changing --bundle")
+    export.add_argument("--top-n", type=int, default=20, help="the service's default rerank depth")
+    export.set_defaults(func=cmd_export)
+
+    ev = sub.add_parser("eval", help="sample-protocol T2I and T2P with and without reranking; TIA accuracy/AUC")
+    ev.add_argument("--bundle", required=True, help="bundle carrying the reranker")
+    ev.add_argument("--features-bundle", help="bundle whose cached features to use (default: --bundle)")
+    ev.add_argument("--catalog", required=True)
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--top-n", type=int, default=20)
+    ev.add_argument("--num-queries", type=int, default=1000)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--threads", type=int, default=2)
+    ev.add_argument("--cache", default="runs/cache")
+    ev.add_argument("--out", required=True)
+    ev.set_defaults(func=cmd_eval)

@@ -1,0 +1,90 @@
+"""Build cross-encoders from the JSON config registry (`trainer/model_configs/cross/*.json`), mirroring
+`trainer.factory` for the dual encoder; save and load checkpoints."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from search.runtime.rerank_inputs import PairEncoder
+from trainer.cross_encoder.model import CrossEncoder, CrossEncoderConfig
+from trainer.pretrained import MODEL_CONFIGS_DIR, resolve_hf_name
+
+CROSS_CONFIGS_DIR = MODEL_CONFIGS_DIR / "cross"
+CHECKPOINT_FORMAT = "vitrine-cross-encoder"
+
+
+def list_cross_encoders() -> list[str]:
+    return sorted(p.stem for p in CROSS_CONFIGS_DIR.glob("*.json"))
+
+
+def get_cross_encoder_config(name_or_path: str, **overrides: Any) -> CrossEncoderConfig:
+    """A registry name ("minilm-l6", "tiny") or a JSON file path."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = CROSS_CONFIGS_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown cross-encoder {name_or_path!r}; known: {', '.join(list_cross_encoders())}")
+    cfg = json.loads(path.read_text())
+    cfg.setdefault("name", path.stem)
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return CrossEncoderConfig(**cfg)
+
+
+def _backbone(config: CrossEncoderConfig, pretrained: bool):
+    from transformers import BertConfig, BertModel
+
+    source = resolve_hf_name(config.hf_model_name)
+    if pretrained:
+        bert = BertModel.from_pretrained(source, attn_implementation="eager")
+    else:
+        bert = BertModel(BertConfig.from_pretrained(source, attn_implementation="eager"))
+    return bert
+
+
+def get_pair_encoder(config: CrossEncoderConfig) -> PairEncoder:
+    from tokenizers import Tokenizer
+
+    path = Path(resolve_hf_name(config.hf_tokenizer_name)) / "tokenizer.json"
+    return PairEncoder(
+        Tokenizer.from_file(str(path)), max_query_tokens=config.max_query_tokens, max_title_tokens=config.max_title_tokens
+    )
+
+
+def create_cross_encoder(name_or_path: str, *, pretrained: bool = True, **overrides: Any) -> tuple[CrossEncoder, PairEncoder]:
+    """The cross-encoder (BERT initialised from the config's backbone when `pretrained`) and its pair encoder."""
+    config = get_cross_encoder_config(name_or_path, **overrides)
+    model = CrossEncoder(_backbone(config, pretrained), config)
+    return model, get_pair_encoder(config)
+
+
+def save_cross_encoder(model: CrossEncoder, path: str | Path, **extra: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"format": CHECKPOINT_FORMAT, "config": model.config.to_dict(), "state_dict": model.state_dict(), **extra}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_cross_encoder(path: str | Path) -> tuple[CrossEncoder, PairEncoder, dict[str, Any]]:
+    """A saved cross-encoder (no pretrained download: the weights come from the checkpoint)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"cross-encoder checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a Vitrine cross-encoder checkpoint")
+    config = CrossEncoderConfig(**ckpt["config"])
+    model = CrossEncoder(_backbone(config, pretrained=False), config)
+    model.load_state_dict(ckpt["state_dict"])
+    extra = {k: v for k, v in ckpt.items() if k not in ("format", "config", "state_dict")}
+    return model, get_pair_encoder(config), extra
+
+
+__all__ = [
+    "create_cross_encoder", "get_cross_encoder_config", "get_pair_encoder", "list_cross_encoders",
+    "load_cross_encoder", "save_cross_encoder",
+]

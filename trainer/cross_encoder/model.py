@@ -1,0 +1,175 @@
+"""FashionBERT-style cross-encoder: one BERT reads `[CLS] query [SEP] title [SEP]` and the image's patches.
+
+Text tokens get BERT's word and position embeddings; patch tokens are the image tower's spatial feature
+map projected to the hidden size, with 2-D (row, column) position embeddings. All tokens get a segment
+embedding (query / title / image) and BERT's embedding LayerNorm. Heads: the match score on [CLS]
+(TIA during pretraining, the rerank score afterwards), masked-token prediction (MLM, tied to the word
+embeddings) and masked-patch prediction (MPM, a distribution over patch feature channels).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from search.runtime.rerank_inputs import IMAGE_SEGMENT, NUM_SEGMENTS
+
+MASK_FILL = -1e4  # additive attention mask; finite so fully-masked rows cannot produce NaN
+
+
+@dataclass(frozen=True)
+class CrossEncoderConfig:
+    hf_model_name: str
+    hf_tokenizer_name: str
+    patch_dim: int
+    patch_grid: tuple[int, int]
+    max_query_tokens: int = 16
+    max_title_tokens: int = 32
+    num_layers: int | None = None  # None: all of the backbone's layers
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch_grid", tuple(int(x) for x in self.patch_grid))
+        if len(self.patch_grid) != 2 or min(self.patch_grid) < 1:
+            raise ValueError(f"patch_grid must be two positive ints, got {self.patch_grid}")
+        if self.patch_dim < 1:
+            raise ValueError("patch_dim must be >= 1")
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_grid[0] * self.patch_grid[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["patch_grid"] = list(self.patch_grid)
+        return d
+
+
+class PatchEmbedding(nn.Module):
+    """[B, P, C] patch features -> [B, P, H]: a linear projection plus row and column embeddings."""
+
+    def __init__(self, patch_dim: int, grid: tuple[int, int], hidden: int) -> None:
+        super().__init__()
+        self.grid = grid
+        self.proj = nn.Linear(patch_dim, hidden)
+        self.row = nn.Embedding(grid[0], hidden)
+        self.col = nn.Embedding(grid[1], hidden)
+        for emb in (self.row, self.col):
+            nn.init.normal_(emb.weight, std=0.02)
+        rows = torch.arange(grid[0]).repeat_interleave(grid[1])
+        cols = torch.arange(grid[1]).repeat(grid[0])
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+
+    def forward(self, patches: Tensor) -> Tensor:
+        return self.proj(patches) + self.row(self.rows) + self.col(self.cols)
+
+
+class CrossEncoder(nn.Module):
+    def __init__(self, bert: nn.Module, config: CrossEncoderConfig) -> None:
+        super().__init__()
+        hf = bert.config
+        if config.num_layers is not None:
+            if not 1 <= config.num_layers <= len(bert.encoder.layer):
+                raise ValueError(f"num_layers={config.num_layers}, the backbone has {len(bert.encoder.layer)}")
+            bert.encoder.layer = bert.encoder.layer[: config.num_layers]
+            hf.num_hidden_layers = config.num_layers
+        self.config = config
+        hidden = hf.hidden_size
+        self.hidden_size = hidden
+        emb = bert.embeddings
+        self.word_embeddings = emb.word_embeddings
+        self.position_embeddings = emb.position_embeddings
+        self.embedding_norm = emb.LayerNorm
+        self.dropout = nn.Dropout(hf.hidden_dropout_prob)
+        # Three segments (FashionBERT Fig. 6); query and image start from BERT's sentence-A row.
+        self.segment_embeddings = nn.Embedding(NUM_SEGMENTS, hidden)
+        with torch.no_grad():
+            old = emb.token_type_embeddings.weight
+            self.segment_embeddings.weight.copy_(torch.stack([old[0], old[min(1, old.shape[0] - 1)], old[0]]))
+        self.patch_embedding = PatchEmbedding(config.patch_dim, config.patch_grid, hidden)
+        self.encoder = bert.encoder
+        self.hf_config = hf
+
+        self.match_head = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        pooler = getattr(bert, "pooler", None)
+        if pooler is not None:  # BERT's pooler is the usual start for a [CLS] classifier
+            self.match_head[0].load_state_dict(pooler.dense.state_dict())
+        self.mlm_transform = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden, eps=hf.layer_norm_eps))
+        self.mlm_bias = nn.Parameter(torch.zeros(hf.vocab_size))
+        self.mpm_head = nn.Sequential(
+            nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden, eps=hf.layer_norm_eps), nn.Linear(hidden, config.patch_dim)
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.encoder.layer)
+
+    @property
+    def num_text_positions(self) -> int:
+        return int(self.position_embeddings.num_embeddings)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The last encoder layer: shared by every task, where Eq. 6 reads the task gradients."""
+        return [p for p in self.encoder.layer[-1].parameters() if p.requires_grad]
+
+    def embed(self, input_ids: Tensor, token_type_ids: Tensor, patches: Tensor) -> Tensor:
+        b, t = input_ids.shape
+        if patches.dim() != 3 or patches.shape[0] != b or patches.shape[1:] != (self.config.num_patches, self.config.patch_dim):
+            raise ValueError(
+                f"patches must be [{b}, {self.config.num_patches}, {self.config.patch_dim}], got {tuple(patches.shape)}"
+            )
+        positions = torch.arange(t, device=input_ids.device)
+        text = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None] + self.segment_embeddings(token_type_ids)
+        image = self.patch_embedding(patches) + self.segment_embeddings.weight[IMAGE_SEGMENT]
+        return self.dropout(self.embedding_norm(torch.cat([text, image], dim=1)))
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor, attention_mask: Tensor, patches: Tensor) -> Tensor:
+        """Hidden states [B, T + P, H]: the T text positions first, then the P patches."""
+        if input_ids.shape != token_type_ids.shape or input_ids.shape != attention_mask.shape:
+            raise ValueError("input_ids, token_type_ids and attention_mask must have one shape")
+        hidden = self.embed(input_ids, token_type_ids, patches)
+        full = torch.cat([attention_mask.to(hidden.dtype), hidden.new_ones(patches.shape[:2])], dim=1)
+        additive = (1.0 - full)[:, None, None, :] * MASK_FILL
+        for layer in self.encoder.layer:
+            out = layer(hidden, attention_mask=additive)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def match_logits(self, hidden: Tensor) -> Tensor:
+        """[B] match (rerank) logits from the [CLS] state."""
+        return self.match_head(hidden[:, 0]).squeeze(-1)
+
+    def score(self, input_ids: Tensor, token_type_ids: Tensor, attention_mask: Tensor, patches: Tensor) -> Tensor:
+        return self.match_logits(self.forward(input_ids, token_type_ids, attention_mask, patches))
+
+    def mlm_logits(self, hidden_at_masked: Tensor) -> Tensor:
+        """[M, H] states at masked text positions -> [M, vocab] logits (decoder tied to word embeddings)."""
+        return self.mlm_transform(hidden_at_masked) @ self.word_embeddings.weight.T + self.mlm_bias
+
+    def mpm_logits(self, hidden_at_masked: Tensor) -> Tensor:
+        """[M, H] states at masked patches -> [M, C] logits over the patch feature channels."""
+        return self.mpm_head(hidden_at_masked)
+
+    def truncated(self, num_layers: int) -> CrossEncoder:
+        """A copy keeping the first `num_layers` layers: the distillation student's initialisation."""
+        if not 1 <= num_layers <= self.num_layers:
+            raise ValueError(f"num_layers must be in [1, {self.num_layers}], got {num_layers}")
+        student = copy.deepcopy(self)
+        student.encoder.layer = student.encoder.layer[:num_layers]
+        student.hf_config = copy.deepcopy(self.hf_config)
+        student.hf_config.num_hidden_layers = num_layers
+        object.__setattr__(student, "config", _replace(self.config, num_layers=num_layers))
+        return student
+
+
+def _replace(config: CrossEncoderConfig, **changes: Any) -> CrossEncoderConfig:
+    d = config.to_dict()
+    d.update(changes)
+    return CrossEncoderConfig(**d)
+
+
+__all__ = ["CrossEncoder", "CrossEncoderConfig", "PatchEmbedding"]

@@ -1,0 +1,243 @@
+"""The reranker's three training stages, each a run directory with `model.pt`, `log.jsonl`, `summary.json`:
+
+  pretrain  FashionBERT MLM + MPM + TIA on catalog (title, image) pairs, Eq. 6 adaptive weights;
+            KG-MLIM / KG-ITM when `knowledge` is on
+  finetune  listwise reranking on (query, title, image) groups with the dual encoder's hard negatives,
+            plus KG-ITM swapped queries as negatives of the positive (when `knowledge` is on)
+  distill   a student with the teacher's first `student_layers` layers, fit to the teacher's logits
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from search.catalog.product import Product
+from trainer.cross_encoder.data import Batch, PretrainSampler, QueryMaker, RerankGroup, rows_for_groups
+from trainer.cross_encoder.factory import create_cross_encoder, load_cross_encoder, save_cross_encoder
+from trainer.cross_encoder.knowledge import AttributeSchema
+from trainer.cross_encoder.loss import AdaptiveLoss, distillation_loss, listwise_rerank_loss, masked_patch_kl
+from trainer.cross_encoder.masking import IGNORE_INDEX
+from trainer.cross_encoder.model import CrossEncoder
+
+log = logging.getLogger(__name__)
+STAGES = ("pretrain", "finetune", "distill")
+
+
+@dataclass
+class RerankerTrainConfig:
+    stage: str
+    out_dir: str
+    model: str = "minilm-l6"  # registry name, for pretraining from the backbone
+    init: str | None = None  # checkpoint to start from (finetune: the pretrained model; distill: the teacher)
+    pretrained_backbone: bool = True
+    knowledge: bool = True
+    steps: int = 300
+    batch_size: int = 32  # pretraining rows per step
+    groups_per_step: int = 4  # reranking groups per step (each 1 + negatives rows, plus a KG-ITM row)
+    negatives: int = 7
+    negative_pool: int = 30
+    title_drop: float = 0.5
+    student_layers: int = 2
+    lr: float = 5e-5
+    new_params_lr: float = 5e-4  # patch embedding, segments and heads start from scratch
+    warmup: float = 0.1
+    weight_decay: float = 0.01
+    seed: int = 0
+    threads: int | None = None
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.stage in ("finetune", "distill") and not self.init:
+            raise ValueError(f"stage {self.stage} needs init= (a pretrained / teacher checkpoint)")
+        if self.steps < 1:
+            raise ValueError("steps must be >= 1")
+
+
+NEW_PARAM_PREFIXES = ("patch_embedding.", "segment_embeddings.", "match_head.", "mlm_", "mpm_head.")
+
+
+def _optimizer(model: CrossEncoder, cfg: RerankerTrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    fresh = cfg.stage == "pretrain"
+    groups: dict[str, list] = {"backbone": [], "new": []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups["new" if fresh and name.startswith(NEW_PARAM_PREFIXES) else "backbone"].append(p)
+    opt = torch.optim.AdamW(
+        [{"params": groups["backbone"], "lr": cfg.lr}, {"params": groups["new"], "lr": cfg.new_params_lr}],
+        weight_decay=cfg.weight_decay,
+    )
+    warm = max(1, int(cfg.warmup * cfg.steps))
+
+    def schedule(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm))))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def pretrain_losses(model: CrossEncoder, batch: Batch) -> dict[str, torch.Tensor]:
+    hidden = model(**batch.inputs())
+    t = batch.input_ids.shape[1]
+    losses = {"tia": F.binary_cross_entropy_with_logits(model.match_logits(hidden), batch.match)}
+    target = batch.mlm_labels != IGNORE_INDEX
+    if bool(target.any()):
+        logits = model.mlm_logits(hidden[:, :t][target])
+        losses["mlm"] = F.cross_entropy(logits, batch.mlm_labels[target])
+    pmask = batch.patch_mask
+    if pmask is not None and bool(pmask.any()):
+        losses["mpm"] = masked_patch_kl(model.mpm_logits(hidden[:, t:][pmask]), batch.patch_targets[pmask])
+    return losses
+
+
+def group_scores(model: CrossEncoder, batch: Batch, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([G, width] group logits, [S] logits of the KG-ITM swap rows)."""
+    logits = model.score(**batch.inputs())
+    g = batch.extra["groups"]
+    return logits[: g * width].view(g, width), logits[g * width :]
+
+
+def rerank_loss(groups_logits: torch.Tensor, swap_logits: torch.Tensor, swap_positive_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    losses = {"listwise": listwise_rerank_loss(groups_logits)}
+    if swap_logits.numel():
+        # The positive must outscore its attribute-swapped query: a pairwise logistic loss.
+        losses["kg_itm"] = F.softplus(swap_logits - swap_positive_logits).mean()
+    return losses
+
+
+def _swap_positive_logits(groups_logits: torch.Tensor, groups: Sequence[RerankGroup]) -> torch.Tensor:
+    keep = torch.tensor([g.swapped_query is not None for g in groups])
+    return groups_logits[keep, 0]
+
+
+class RerankerTrainer:
+    def __init__(
+        self,
+        cfg: RerankerTrainConfig,
+        products: Sequence[Product],
+        patches: np.ndarray,
+        *,
+        groups: Sequence[RerankGroup] | None = None,
+        schema: AttributeSchema | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.cfg, self.products, self.patches, self.progress = cfg, list(products), patches, progress
+        self.schema = schema or AttributeSchema.from_products(self.products)
+        self.groups = list(groups or [])
+        if cfg.stage != "pretrain":
+            needed = cfg.steps * cfg.groups_per_step
+            if len(self.groups) < needed:
+                raise ValueError(f"{cfg.stage} needs {needed} groups ({cfg.steps} steps x {cfg.groups_per_step}), got {len(self.groups)}")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.teacher: CrossEncoder | None = None
+        if cfg.stage == "pretrain":
+            self.model, self.encoder = create_cross_encoder(cfg.model, pretrained=cfg.pretrained_backbone)
+        else:
+            model, self.encoder, _ = load_cross_encoder(cfg.init)
+            if cfg.stage == "distill":
+                self.teacher = model.eval()
+                for p in self.teacher.parameters():
+                    p.requires_grad_(False)
+                self.model = model.truncated(cfg.student_layers)
+                for p in self.model.parameters():
+                    p.requires_grad_(True)
+            else:
+                self.model = model
+        if self.patches.shape[1:] != (self.model.config.num_patches, self.model.config.patch_dim):
+            raise ValueError(
+                f"patch features {self.patches.shape[1:]} do not fit the model "
+                f"({self.model.config.num_patches}, {self.model.config.patch_dim})"
+            )
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        model = self.model.train()
+        opt, sched = _optimizer(model, cfg)
+        adaptive = AdaptiveLoss(model.shared_parameters()) if cfg.stage == "pretrain" else None
+        sampler = (
+            PretrainSampler(self.products, self.patches, self.encoder, self.schema, knowledge=cfg.knowledge, seed=cfg.seed)
+            if cfg.stage == "pretrain" else None
+        )
+        history: list[dict[str, Any]] = []
+        started = time.perf_counter()
+        with open(out / "log.jsonl", "w") as logf:
+            for step in tqdm(range(cfg.steps), desc=f"reranker {cfg.stage}", disable=not self.progress):
+                t0 = time.perf_counter()
+                record: dict[str, Any] = {"step": step + 1}
+                if sampler is not None:
+                    losses = pretrain_losses(model, sampler.batch(cfg.batch_size))
+                    total, weights, sq = adaptive(losses)
+                    record["weights"], record["grad_sq_norms"] = weights, sq
+                else:
+                    groups = self.groups[step * cfg.groups_per_step : (step + 1) * cfg.groups_per_step]
+                    batch, width = rows_for_groups(groups, self.products, self.patches, self.encoder)
+                    logits, swaps = group_scores(model, batch, width)
+                    if self.teacher is not None:
+                        with torch.no_grad():
+                            t_logits, t_swaps = group_scores(self.teacher, batch, width)
+                        losses = {"distill": distillation_loss(logits, t_logits)}
+                        if swaps.numel():
+                            losses["distill_swaps"] = F.mse_loss(swaps, t_swaps)
+                    else:
+                        losses = rerank_loss(logits, swaps, _swap_positive_logits(logits, groups))
+                        record["group_acc"] = float((logits.argmax(1) == 0).float().mean())
+                    total = sum(losses.values())
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                record["losses"] = {k: float(v.detach()) for k, v in losses.items()}
+                record["total"] = float(total.detach())
+                record["sec"] = round(time.perf_counter() - t0, 3)
+                history.append(record)
+                logf.write(json.dumps(record) + "\n")
+                if (step + 1) % cfg.log_every == 0:
+                    logf.flush()
+                    log.info("step %d %s", step + 1, record["losses"])
+        model.eval()
+        save_cross_encoder(model, out / "model.pt", stage=cfg.stage, knowledge=cfg.knowledge, schema=self.schema.to_dict())
+        summary = self._summary(history, time.perf_counter() - started, sampler)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def _summary(self, history: list[dict[str, Any]], seconds: float, sampler: PretrainSampler | None) -> dict[str, Any]:
+        tail = history[-max(1, len(history) // 10) :]
+        mean = lambda key: {k: float(np.mean([h[key][k] for h in tail if k in h[key]])) for k in tail[-1][key]}  # noqa: E731
+        summary: dict[str, Any] = {
+            "stage": self.cfg.stage,
+            "knowledge": self.cfg.knowledge,
+            "layers": self.model.num_layers,
+            "steps": len(history),
+            "train_seconds": round(seconds, 1),
+            "sec_per_step": round(seconds / max(1, len(history)), 3),
+            "final_losses": mean("losses"),
+        }
+        if sampler is not None:
+            summary["final_weights"] = mean("weights")
+            summary["first_weights"] = history[0]["weights"]
+            summary["sampler"] = dict(sampler.stats)
+        if "group_acc" in tail[-1]:
+            summary["final_group_acc"] = float(np.mean([h["group_acc"] for h in tail]))
+        return summary
+
+
+__all__ = ["RerankerTrainConfig", "RerankerTrainer", "STAGES", "group_scores", "pretrain_losses"]
