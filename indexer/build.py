@@ -5,12 +5,16 @@ CURRENT to it atomically (`indexer.layout`), so readers never see a half-written
 and a failed operation leaves the previous version live. Upserts and deletes reuse the
 stored vectors and the previous Faiss indexes: only new or changed products are
 embedded, and only index types that cannot remove ids are rebuilt (from stored vectors).
+
+With a bundle that has patch features, each version also stores them (`patches.npy`,
+float16 (n, P, C), rows aligned with the vector files); upserts and deletes copy the
+kept rows a chunk at a time from the previous version's memory-mapped file.
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from indexer import faiss_index
-from indexer.embed import DEFAULT_BATCH_SIZE, EmbeddingResult, ProductEmbedder
+from indexer.embed import DEFAULT_BATCH_SIZE, PATCH_DTYPE, EmbeddingResult, ProductEmbedder
 from indexer.layout import DEFAULT_KEEP_VERSIONS, IndexLayout, IndexNotFoundError
 from indexer.manifest import (
     MAX_HISTORY,
@@ -34,6 +38,7 @@ from indexer.manifest import (
 from indexer.store import STORE_FILE, ProductRecord, SqliteProductStore, StoredProduct
 from search.catalog.product import Product
 from search.errors import UserError
+from search.runtime.image import PatchSpec
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +50,9 @@ FILES = {
     "text_index": "text.faiss",
     "image_index": "image.faiss",
 }
+PATCHES_FILE = "patches.npy"  # float16 (n, P, C) patch features, row i for labels[i]; only with a patch bundle
 DEFAULT_ALPHA = 0.5
+_PATCH_CHUNK = 2048  # rows copied at a time (~64 MB at 49 x 320)
 
 
 @dataclass
@@ -155,6 +162,46 @@ class _Vectors:
             np.save(folder / FILES[name], np.ascontiguousarray(array))
 
 
+def _files(patches: PatchSpec | None) -> dict[str, str]:
+    """The manifest's role -> file map of a version."""
+    return {**FILES, "patches": PATCHES_FILE} if patches is not None else dict(FILES)
+
+
+def _write_patches(path: Path, sources: Sequence[np.ndarray], rows: np.ndarray) -> None:
+    """Write `np.concatenate(sources)[rows]` to the .npy file `path`, a chunk of rows at a time.
+
+    The sources may be memory-mapped (a previous version's patches): they are never all read at once.
+    """
+    offsets = np.cumsum([0, *(len(source) for source in sources)])
+    shape = sources[0].shape[1:]
+    assert all(s.ndim == 3 and s.shape[1:] == shape and s.dtype == PATCH_DTYPE for s in sources), [s.shape for s in sources]
+    assert rows.ndim == 1 and (rows.size == 0 or (rows.min() >= 0 and rows.max() < offsets[-1])), rows.shape
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=PATCH_DTYPE, shape=(rows.size, *shape))
+    for start in range(0, rows.size, _PATCH_CHUNK):
+        chunk = rows[start : start + _PATCH_CHUNK]
+        source_of = np.searchsorted(offsets, chunk, side="right") - 1
+        block = np.empty((chunk.size, *shape), PATCH_DTYPE)
+        for k, source in enumerate(sources):
+            picked = source_of == k
+            if picked.any():
+                block[picked] = source[chunk[picked] - offsets[k]]
+        out[start : start + chunk.size] = block
+    out.flush()
+    del out
+
+
+def _load_patches(folder: Path, manifest: IndexManifest) -> np.ndarray:
+    return np.load(folder / manifest.files["patches"], mmap_mode="r")
+
+
+def _check_same_patches(manifest: IndexManifest, embedder: ProductEmbedder) -> None:
+    if embedder.patch_spec != manifest.patches:
+        raise UserError(
+            f"the index stores patch features {manifest.patches}, the encoder gives {embedder.patch_spec}: "
+            "upsert with the bundle the index was built with, or rebuild the index"
+        )
+
+
 def _write_indexes(folder: Path, indexes: dict[str, Any]) -> None:
     for name, index in indexes.items():
         faiss_index.write(index, folder / FILES[f"{name}_index"])
@@ -182,6 +229,7 @@ def _manifest(
     vectors: _Vectors,
     next_label: int,
     catalog: dict[str, Any] | None,
+    patches: PatchSpec | None,
 ) -> IndexManifest:
     history = [] if previous is None else [*previous.history, previous.build][-MAX_HISTORY:]
     return IndexManifest(
@@ -197,7 +245,8 @@ def _manifest(
             next_label=next_label,
         ),
         index=spec.to_dict(),
-        files=dict(FILES),
+        files=_files(patches),
+        patches=patches,
         build=operation,
         errors=errors[:MAX_LISTED_ERRORS],
         catalog=catalog if catalog is not None else (previous.catalog if previous is not None else None),
@@ -256,6 +305,8 @@ def build_index(
             next_label = store.next_label
         vectors = _Vectors(labels, result.text, result.image)
         vectors.save(staging)
+        if embedder.patch_spec is not None:
+            _write_patches(staging / PATCHES_FILE, [result.patches], np.arange(len(result.products)))
         _write_indexes(staging, {
             "text": faiss_index.build(spec, vectors.text, vectors.labels),
             "image": faiss_index.build(spec, vectors.image, vectors.labels),
@@ -270,7 +321,7 @@ def build_index(
         manifest = _manifest(
             previous=None, operation=operation, errors=errors, bundle=bundle_info(encoder, bundle_path),
             alphas=encoder_alphas(encoder), embed_dim=dim, spec=spec,
-            vectors=vectors, next_label=next_label, catalog=catalog_info(catalog),
+            vectors=vectors, next_label=next_label, catalog=catalog_info(catalog), patches=embedder.patch_spec,
         )  # fmt: skip
         write_manifest(staging, manifest)
         final = _publish(layout, staging, keep_versions)
@@ -330,6 +381,7 @@ def upsert_index(
         live = _live(layout)
         previous = read_manifest(live)
         check_same_encoder(previous, encoder)
+        _check_same_patches(previous, embedder)
         spec = faiss_index.IndexSpec.from_dict(previous.index)
         with SqliteProductStore(live / FILES["store"]) as old_store:
             known = old_store.content_hashes()
@@ -365,6 +417,12 @@ def upsert_index(
                     np.concatenate([image, result.image[~is_replaced]]),
                 )
                 vectors.save(staging)
+                if previous.patches is not None:
+                    # rows as for the vectors: old rows (replaced ones swapped for new), then the added ones
+                    n_old = old.labels.size
+                    source_rows = np.concatenate([np.arange(n_old), n_old + np.flatnonzero(~is_replaced)])
+                    source_rows[rows] = n_old + np.flatnonzero(is_replaced)
+                    _write_patches(staging / PATCHES_FILE, [_load_patches(live, previous), result.patches], source_rows)
                 _write_indexes(staging, {
                     name: faiss_index.update(
                         spec, faiss_index.read(live / FILES[f"{name}_index"]), remove=labels[is_replaced],
@@ -376,7 +434,7 @@ def upsert_index(
                 manifest = _manifest(
                     previous=previous, operation=operation, errors=errors, bundle=previous.bundle,
                     alphas=manifest_alphas(previous), embed_dim=previous.embed_dim, spec=spec, vectors=vectors,
-                    next_label=next_label, catalog=catalog_info(catalog),
+                    next_label=next_label, catalog=catalog_info(catalog), patches=previous.patches,
                 )  # fmt: skip
                 write_manifest(staging, manifest)
                 final = _publish(layout, staging, keep_versions)
@@ -410,6 +468,8 @@ def delete_from_index(out: str | Path, ids: Iterable[str], *, keep_versions: int
                 keep = ~np.isin(old.labels, remove)
                 vectors = _Vectors(old.labels[keep], old.text[keep], old.image[keep])
                 vectors.save(staging)
+                if previous.patches is not None:
+                    _write_patches(staging / PATCHES_FILE, [_load_patches(live, previous)], np.flatnonzero(keep))
                 empty = np.zeros((0, previous.embed_dim), np.float32)
                 _write_indexes(staging, {
                     name: faiss_index.update(
@@ -426,6 +486,7 @@ def delete_from_index(out: str | Path, ids: Iterable[str], *, keep_versions: int
                 manifest = _manifest(
                     previous=previous, operation=operation, errors=[], bundle=previous.bundle, alphas=manifest_alphas(previous),
                     embed_dim=previous.embed_dim, spec=spec, vectors=vectors, next_label=next_label, catalog=None,
+                    patches=previous.patches,
                 )  # fmt: skip
                 write_manifest(staging, manifest)
                 final = _publish(layout, staging, keep_versions)

@@ -6,8 +6,12 @@ so decoding overlaps inference. With a bundle encoder the pool produces the mode
 input pixels (`search.runtime.preprocess_image`) and the main thread only runs the
 ONNX graph; any other encoder gets decoded PIL images.
 
+When the encoder has a `patch_spec` (a bundle exported with patches), each image also
+yields its patch features, kept as float16 (n, P, C) beside the vectors.
+
 A product whose data is bad (empty title, unreadable image) becomes a ProductError
-and is skipped. An encoder that raises is not a product problem: the error propagates.
+and is skipped (or, with `strict`, raises). An encoder that raises is not a product
+problem: the error propagates.
 """
 from __future__ import annotations
 
@@ -28,10 +32,12 @@ from tqdm import tqdm
 from indexer.images import read_image
 from indexer.manifest import ProductError
 from search.catalog.product import Product
+from search.errors import UserError
 
 DEFAULT_BATCH_SIZE = 64
 PREFETCH_BATCHES = 2  # batches being decoded ahead of the encoder
 TEXT_GROUP = 512  # titles encoded together: sorted by length, they pad less (~1.3-1.6x faster)
+PATCH_DTYPE = np.float16  # patch features are O(1..10): half precision halves what each product stores
 
 
 def default_threads() -> int:
@@ -66,11 +72,15 @@ class EmbeddingResult:
     unchanged: list[str] = field(default_factory=list)  # ids whose content hash matched
     errors: list[ProductError] = field(default_factory=list)
     seconds: float = 0.0
+    patches: np.ndarray | None = None  # (n, P, C) float16 when the encoder has a patch_spec
 
     def __post_init__(self) -> None:
         n = len(self.products)
         assert self.text.shape[0] == n and self.image.shape == self.text.shape, (n, self.text.shape, self.image.shape)
         assert len(self.image_refs) == n and len(self.content_hashes) == n
+        if self.patches is not None:
+            assert self.patches.ndim == 3 and self.patches.shape[0] == n, (n, self.patches.shape)
+            assert self.patches.dtype == PATCH_DTYPE, self.patches.dtype
 
     @property
     def products_per_s(self) -> float | None:
@@ -78,19 +88,31 @@ class EmbeddingResult:
 
 
 class _ImageStage:
-    """Per-image work for the pool and the batched encoder call for the main thread."""
+    """Per-image work for the pool and the batched encoder call for the main thread.
+
+    `encode` returns (embeddings, patch features or None).
+    """
 
     def __init__(self, encoder: Any) -> None:
+        self.patch_spec = getattr(encoder, "patch_spec", None)
+        with_patches = self.patch_spec is not None
         runtime = getattr(encoder, "image", None)
+        self.encode: Callable[[list[Any]], tuple[np.ndarray, np.ndarray | None]]
         if runtime is not None and hasattr(runtime, "settings") and hasattr(runtime, "encode_pixels"):
             from search.runtime.image import preprocess_image
 
             settings = runtime.settings
             self.prepare: Callable[[Image.Image], Any] = lambda im: preprocess_image(im, settings)
-            self.encode: Callable[[list[Any]], np.ndarray] = lambda xs: runtime.encode_pixels(np.stack(xs))
+            if with_patches:
+                self.encode = lambda xs: runtime.encode_pixels_with_patches(np.stack(xs))
+            else:
+                self.encode = lambda xs: (runtime.encode_pixels(np.stack(xs)), None)
         else:
             self.prepare = lambda im: im
-            self.encode = lambda xs: encoder.encode_images(list(xs))
+            if with_patches:
+                self.encode = lambda xs: encoder.encode_images_with_patches(list(xs))
+            else:
+                self.encode = lambda xs: (encoder.encode_images(list(xs)), None)
 
 
 class ProductEmbedder:
@@ -104,7 +126,9 @@ class ProductEmbedder:
         threads: int | None = None,
         progress: bool = False,
         desc: str = "indexing",
+        strict: bool = False,
     ) -> None:
+        """strict: the first product with bad data raises UserError instead of being skipped."""
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         self.encoder = encoder
@@ -114,6 +138,7 @@ class ProductEmbedder:
             raise ValueError(f"threads must be at least 1, got {threads}")
         self.progress = progress
         self.desc = desc
+        self.strict = strict
         self.images = _ImageStage(encoder)
         self.dim: int | None = getattr(encoder, "embed_dim", None) or getattr(encoder, "dim", None)
 
@@ -134,6 +159,20 @@ class ProductEmbedder:
         except Exception as exc:
             return ProductError(id=product.id, stage="image", message=f"cannot preprocess image {product.image.describe()}: {_describe(exc)}")
         return prepared
+
+    @property
+    def patch_spec(self) -> Any:
+        """The encoder's PatchSpec, or None when it gives no patch features."""
+        return self.images.patch_spec
+
+    def _check_patches(self, out: np.ndarray, n: int) -> np.ndarray:
+        """Encoder patches (n, P, C) -> float16; inf where a value overflows half precision."""
+        spec = self.patch_spec
+        out = np.asarray(out)
+        if out.shape != (n, *spec.shape):
+            raise RuntimeError(f"encoder returned patch features of shape {out.shape} for {n} inputs, expected {(n, *spec.shape)}")
+        with np.errstate(over="ignore"):  # overflow becomes inf, which the finiteness check reports
+            return out.astype(PATCH_DTYPE)
 
     def _check(self, name: str, out: np.ndarray, n: int) -> np.ndarray:
         out = np.asarray(out)
@@ -156,6 +195,11 @@ class ProductEmbedder:
         kept: list[_Prepared] = []
         texts: list[np.ndarray] = []
         images: list[np.ndarray] = []
+        spec = self.patch_spec
+        # Filled in place: a whole catalog's patches are large (49 x 320 x 2 bytes a product), so
+        # never a list of batches plus their concatenation. Untouched pages cost no memory.
+        patches = np.empty((len(products), *spec.shape), PATCH_DTYPE) if spec is not None else None
+        patches_finite: list[np.ndarray] = []
         unchanged: list[str] = []
         errors: list[ProductError] = []
         batches = (products[i : i + self.batch_size] for i in range(0, len(products), self.batch_size))
@@ -182,13 +226,20 @@ class ProductEmbedder:
                 ready = []
                 for item in results:
                     if isinstance(item, ProductError):
+                        if self.strict:
+                            raise UserError(f"product {item.id}: {item.message}")
                         errors.append(item)
                     elif item.unchanged:
                         unchanged.append(item.product.id)
                     else:
                         ready.append(item)
                 if ready:
-                    images.append(self._check("image", self.images.encode([p.image_input for p in ready]), len(ready)))
+                    embedded, patch_features = self.images.encode([p.image_input for p in ready])
+                    images.append(self._check("image", embedded, len(ready)))
+                    if patches is not None:
+                        half = self._check_patches(patch_features, len(ready))
+                        patches[len(kept) : len(kept) + len(ready)] = half
+                        patches_finite.append(np.isfinite(half).all(axis=(1, 2)))
                     for item in ready:
                         item.image_input = None  # pixels are 0.6 MB a product at 224 px: never keep them
                     kept += ready
@@ -205,8 +256,14 @@ class ProductEmbedder:
         text = np.concatenate(texts) if texts else np.zeros((0, dim), np.float32)
         image = np.concatenate(images) if images else np.zeros((0, dim), np.float32)
         finite = np.isfinite(text).all(axis=1) & np.isfinite(image).all(axis=1)
+        if patches is not None:
+            finite &= np.concatenate(patches_finite) if patches_finite else np.zeros(0, bool)
+            patches = patches[: len(kept)] if finite.all() else patches[: len(kept)][finite]
         for item in (p for p, ok in zip(kept, finite) if not ok):
-            errors.append(ProductError(id=item.product.id, stage="embedding", message="the encoder returned a non-finite embedding"))
+            error = ProductError(id=item.product.id, stage="embedding", message="the encoder returned a non-finite embedding")
+            if self.strict:
+                raise UserError(f"product {error.id}: {error.message}")
+            errors.append(error)
         kept = [p for p, ok in zip(kept, finite) if ok]
         return EmbeddingResult(
             products=[p.product for p in kept],
@@ -217,6 +274,7 @@ class ProductEmbedder:
             unchanged=unchanged,
             errors=errors,
             seconds=time.perf_counter() - start,
+            patches=patches,
         )
 
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from search.errors import UserError
+from search.runtime.image import PatchSpec
 
 INDEX_FORMAT = "vitrine-product-index"
 INDEX_FORMAT_VERSION = 1
@@ -83,6 +84,8 @@ class IndexManifest(BaseModel):
     build: Operation  # the operation that wrote this version
     errors: list[ProductError] = Field(default_factory=list)  # of that operation
     catalog: dict[str, Any] | None = None  # source, format, report of the catalog last read
+    # The bundle's patch features (grid, dim) when the version stores them (files["patches"]); else None.
+    patches: PatchSpec | None = None
     history: list[Operation] = Field(default_factory=list)  # earlier operations, oldest first
 
 

@@ -31,6 +31,7 @@ from indexer.layout import IndexLayout
 from indexer.manifest import IndexManifest, read_manifest
 from indexer.store import ProductRecord, ProductStore, SqliteProductStore
 from search.errors import UserError
+from search.runtime.image import PatchSpec
 
 __all__ = ["FilterError", "Hit", "ProductIndex", "ProductRecord", "ProductStore", "UnknownFilterError"]
 
@@ -71,11 +72,16 @@ class ProductIndex:
         image_vectors: np.ndarray,
         text_index: Any,
         image_index: Any,
+        patches: np.ndarray | None = None,
     ) -> None:
         n = labels.shape[0]
         d = manifest.embed_dim
         if text_vectors.shape != (n, d) or image_vectors.shape != (n, d):
             raise UserError(f"index version {version_dir} is inconsistent: vectors {text_vectors.shape}/{image_vectors.shape}, {n} labels, dim {d}")
+        if (patches is None) != (manifest.patches is None):
+            raise UserError(f"index version {version_dir} is inconsistent: the manifest's patch spec and the stored patches disagree")
+        if patches is not None and patches.shape != (n, *manifest.patches.shape):
+            raise UserError(f"index version {version_dir} is inconsistent: patches {patches.shape}, expected {(n, *manifest.patches.shape)}")
         if text_index.ntotal != n or image_index.ntotal != n:
             raise UserError(f"index version {version_dir} is inconsistent: Faiss indexes hold {text_index.ntotal}/{image_index.ntotal} vectors, {n} stored")
         scanned = list(store.scan())
@@ -91,6 +97,7 @@ class ProductIndex:
         self._image = image_vectors
         self._text_index = text_index
         self._image_index = image_index
+        self._patches = patches
         self._spec = faiss_index.IndexSpec.from_dict(manifest.index)
         self._ids = np.array([record.id for _, record in scanned], dtype=str) if n else np.zeros(0, dtype="<U1")
         self._columns = FilterColumns.from_records(record for _, record in scanned)
@@ -100,7 +107,8 @@ class ProductIndex:
         """Open the live version of `index_dir` (or a bare version folder).
 
         CURRENT is read once, so the whole object comes from one version even while a
-        build switches to another. `mmap` maps the stored vectors instead of reading them.
+        build switches to another. `mmap` maps the stored vectors instead of reading them;
+        patch features, when stored, are always mapped (they are ~30 KB a product).
         """
         layout = IndexLayout(index_dir)
         version = layout.resolve()
@@ -120,6 +128,7 @@ class ProductIndex:
             image_vectors=np.load(paths["image_vectors"], mmap_mode=mode),
             text_index=faiss_index.read(paths["text_index"]),
             image_index=faiss_index.read(paths["image_index"]),
+            patches=np.load(paths["patches"], mmap_mode="r") if "patches" in paths else None,
         )
 
     @staticmethod
@@ -160,6 +169,11 @@ class ProductIndex:
         return self._manifest.bundle.path
 
     @property
+    def patch_spec(self) -> PatchSpec | None:
+        """Grid and dim of the stored patch features, or None when this index has none."""
+        return self._manifest.patches
+
+    @property
     def index_type(self) -> str:
         return self._spec.type
 
@@ -185,6 +199,20 @@ class ProductIndex:
         """(title, image) float32 (len(ids), D) stored vectors; KeyError for an unknown id."""
         rows = self._rows_of_ids(ids)
         return np.asarray(self._text[rows]), np.asarray(self._image[rows])
+
+    def patches(self, ids: Sequence[str]) -> np.ndarray:
+        """float32 (len(ids), P, C) stored patch features; UserError for an unknown id or an index without them."""
+        if self._patches is None:
+            raise UserError(
+                f"index {self.index_dir} stores no patch features: rebuild it with a bundle exported with patches"
+            )
+        if isinstance(ids, str):
+            raise UserError("patches expects a list of product ids, got a single string")
+        try:
+            rows = self._rows_of_ids(ids)
+        except KeyError as exc:
+            raise UserError(f"product {exc.args[0]!r} is not in the index {self.index_dir}") from None
+        return np.asarray(self._patches[rows], dtype=np.float32)
 
     def filter_fields(self) -> dict[str, list[str]]:
         """Filterable field -> its known values."""

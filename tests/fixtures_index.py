@@ -7,8 +7,10 @@ Reusable by any test (the service's included):
     hits = index.search(fixture.encoder.encode_texts(["red shoes"])[0], k=5)
 
 `FixtureEncoder` is the numpy `ColourHashEncoder` with the bundle encoder's extra attributes
-(alpha, fingerprint, embed_dim), so "red ..." titles meet red photos. `export_tiny_bundle`
-writes a real (untrained, tiny) ONNX bundle with the trainer; it needs torch.
+(alpha, fingerprint, embed_dim), so "red ..." titles meet red photos; `PatchFixtureEncoder`
+also gives patch features (the image's colour on a coarse grid), as a bundle exported with
+patches does. `export_tiny_bundle` writes a real (untrained, tiny) ONNX bundle with the
+trainer; it needs torch.
 """
 from __future__ import annotations
 
@@ -44,6 +46,30 @@ class FixtureEncoder(ColourHashEncoder):
     @property
     def manifest(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "embed_dim": self.dim, "model": {"name": self.model_name}}
+
+
+class PatchFixtureEncoder(FixtureEncoder):
+    """FixtureEncoder plus `patch_spec` and `encode_images_with_patches`: per grid cell, the mean RGB
+    (0..1) and the cell's brightness spread, so every image gets distinct, deterministic patches."""
+
+    fingerprint = "colourhash-patches-fixture"
+    grid = (2, 3)
+
+    @property
+    def patch_spec(self) -> Any:
+        from search.runtime.image import PatchSpec
+
+        return PatchSpec(grid=self.grid, dim=4)
+
+    def encode_images_with_patches(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        rows, cols = self.grid
+        patches = np.zeros((len(images), rows * cols, 4), np.float32)
+        for out, image in zip(patches, images):
+            pixels = np.asarray(image.convert("RGB").resize((cols * 8, rows * 8)), dtype=np.float32) / 255.0
+            cells = pixels.reshape(rows, 8, cols, 8, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, 64, 3)
+            out[:, :3] = cells.mean(axis=1)
+            out[:, 3] = cells.mean(axis=2).std(axis=1)
+        return self.encode_images(images), patches
 
 
 def fixture_product(i: int, *, title: str | None = None, colour: str | None = None, **overrides: object) -> dict:

@@ -216,3 +216,6 @@ def test_fashion_lite_parity_on_real_catalog(fashion_products: Path, tmp_path: P
     assert np.abs(bundle.encode_images(photos) - torch_images(model, photos)).max() <= TOL
     parity = bundle.manifest.parity
     assert parity.texts == 16 and parity.text_max_abs_diff <= TOL and parity.image_max_abs_diff <= TOL
+    # efficientnet_lite0's block output: 320 channels on a 7x7 grid at 224 px
+    assert bundle.patch_spec is not None and bundle.patch_spec.grid == (7, 7) and bundle.patch_spec.dim == 320
+    assert parity.patches_max_abs_diff <= TOL * max(1.0, parity.patches_max_abs)

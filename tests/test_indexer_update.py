@@ -12,7 +12,7 @@ from indexer.layout import IndexBusyError, IndexLayout
 from search.catalog import read_catalog
 from search.errors import UserError
 from tests.fixtures_catalog import write_jsonl
-from tests.fixtures_index import FixtureEncoder, fixture_product, make_index_catalog, write_fixture_image
+from tests.fixtures_index import FixtureEncoder, PatchFixtureEncoder, fixture_product, make_index_catalog, write_fixture_image
 
 
 def random_queries(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -21,10 +21,11 @@ def random_queries(n: int, dim: int, seed: int = 0) -> np.ndarray:
 
 
 def contents(index: ProductIndex) -> dict[str, tuple]:
-    """id -> (record, title vector, image vector)."""
+    """id -> (record, title vector, image vector, patch features or None)."""
     ids = index.ids()
     title, image = index.vectors(ids)
-    return {i: (index.get(i), t, v) for i, t, v in zip(ids, title, image)}
+    patches = index.patches(ids) if index.patch_spec is not None else [None] * len(ids)
+    return {i: (index.get(i), t, v, p) for i, t, v, p in zip(ids, title, image, patches)}
 
 
 def assert_same_index(a: ProductIndex, b: ProductIndex, encoder: FixtureEncoder) -> None:
@@ -35,6 +36,9 @@ def assert_same_index(a: ProductIndex, b: ProductIndex, encoder: FixtureEncoder)
         assert ca[ident][0] == cb[ident][0]
         np.testing.assert_array_equal(ca[ident][1], cb[ident][1])
         np.testing.assert_array_equal(ca[ident][2], cb[ident][2])
+        assert (ca[ident][3] is None) == (cb[ident][3] is None)
+        np.testing.assert_array_equal(ca[ident][3], cb[ident][3])
+    assert a.patch_spec == b.patch_spec
     queries = [*random_queries(4, a.embed_dim), *encoder.encode_texts(["red tshirts", "women jeans", "green bags"])]
     for query in queries:
         for kwargs in ({"k": 5}, {"k": 3, "fetch_k": 3}, {"k": 4, "alpha": 0.2}, {"k": 4, "filters": {"gender": "women"}}):
@@ -66,9 +70,10 @@ def catalogs(tmp_path: Path) -> dict[str, Path]:
     }
 
 
+@pytest.mark.parametrize("encoder_class", [FixtureEncoder, PatchFixtureEncoder], ids=["vectors", "patches"])
 @pytest.mark.parametrize("index_type", ["flat", "hnsw"])
-def test_upsert_and_delete_equal_a_rebuild(tmp_path: Path, catalogs: dict[str, Path], index_type: str) -> None:
-    encoder = FixtureEncoder()
+def test_upsert_and_delete_equal_a_rebuild(tmp_path: Path, catalogs: dict[str, Path], index_type: str, encoder_class: type) -> None:
+    encoder = encoder_class()
     out = tmp_path / "index"
     build_index(read_catalog(catalogs["first"]), encoder, out, index_type=index_type)
     before = ProductIndex.open(out)
@@ -80,6 +85,7 @@ def test_upsert_and_delete_equal_a_rebuild(tmp_path: Path, catalogs: dict[str, P
     result = delete_from_index(out, ["100", "101", "102", "103"])
     assert result.operation.deleted == 4
     updated = ProductIndex.open(out)
+    assert ("patches" in updated.manifest["files"]) == (encoder_class is PatchFixtureEncoder)
     assert updated.manifest["index"]["removal"] == ("remove_ids" if index_type == "flat" else "rebuild")
     assert [h["operation"] for h in updated.manifest["history"]] == ["build", "upsert"]
     assert updated.manifest["build"]["operation"] == "delete" and updated.manifest["counts"]["products"] == 28

@@ -39,6 +39,7 @@ from search.runtime.bundle import (
     TOKENIZER_DIR,
     BundleManifest,
     ParityRecord,
+    PatchSpec,
     hash_bundle_files,
     load_bundle,
     write_manifest,
@@ -53,6 +54,7 @@ DEFAULT_TOLERANCE = 1e-4
 TEXT_INPUT = "input_ids"
 IMAGE_INPUT = "pixels"
 OUTPUT = "embeddings"
+PATCHES_OUTPUT = "patches"
 # Used when the caller gives no check inputs: mixed lengths, one longer than any max_length.
 DEFAULT_CHECK_TEXTS = (
     "dress",
@@ -78,11 +80,16 @@ class _TextGraph(nn.Module):
 
 
 class _ImageGraph(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
+    """pixels -> embeddings, or (embeddings, patches) from one trunk pass when `patches`."""
+
+    def __init__(self, model: nn.Module, patches: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.patches = patches
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.patches:
+            return self.model.encode_image_with_patches(pixels, normalize=True)
         return self.model.encode_image(pixels, normalize=True)
 
 
@@ -135,16 +142,19 @@ def default_check_images(seed: int = 0) -> list[Image.Image]:
     return images
 
 
-def _export_graph(module: nn.Module, example: torch.Tensor, path: Path, *, input_name: str, dynamic: dict[int, str], opset: int) -> str:
+def _export_graph(
+    module: nn.Module, example: torch.Tensor, path: Path, *, input_name: str, dynamic: dict[int, str], opset: int,
+    outputs: Sequence[str] = (OUTPUT,),
+) -> str:
     """Export with the TorchScript-based exporter (dynamic_axes); dynamo export if that one is gone."""
-    common = dict(input_names=[input_name], output_names=[OUTPUT], opset_version=opset)
+    common = dict(input_names=[input_name], output_names=list(outputs), opset_version=opset)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings about Python-side checks; parity is verified later
             try:
                 torch.onnx.export(
                     module, (example,), str(path), dynamo=False, do_constant_folding=True,
-                    dynamic_axes={input_name: dynamic, OUTPUT: {0: dynamic[0]}}, **common,
+                    dynamic_axes={input_name: dynamic, **{name: {0: dynamic[0]} for name in outputs}}, **common,
                 )
                 method = "torchscript"
             except TypeError:  # a torch without the legacy exporter
@@ -294,7 +304,7 @@ def measure_parity(
         text_diff = float(max(np.abs(ours_batch - theirs).max(), np.abs(ours_alone - theirs).max()))
         row_lengths = [len(r) for r in bundle.text.tokenizer.encode_rows(texts)]
         lengths = [min(row_lengths), max(row_lengths)]
-    image_diff = pixel_diff = None
+    image_diff = pixel_diff = patches_diff = patches_scale = None
     if images:
         transform = reference_transform(settings)
         reference = torch.stack([transform(im) for im in images])
@@ -302,6 +312,13 @@ def measure_parity(
         ours = bundle.encode_images(list(images))
         theirs = model.encode_image(reference.to(device)).float().cpu().numpy()
         image_diff = float(np.abs(ours - theirs).max())
+        if bundle.patch_spec is not None:
+            ours_joint, ours_patches = bundle.encode_images_with_patches(list(images))
+            theirs_patches = model.image_patch_features(reference.to(device)).float().cpu().numpy()
+            # the joint run's embeddings must be encode_images' too
+            image_diff = max(image_diff, float(np.abs(ours_joint - theirs).max()))
+            patches_diff = float(np.abs(ours_patches - theirs_patches).max())
+            patches_scale = float(np.abs(theirs_patches).max())
     return ParityRecord(
         tolerance=tolerance,
         texts=len(texts),
@@ -309,8 +326,22 @@ def measure_parity(
         text_max_abs_diff=text_diff,
         image_max_abs_diff=image_diff,
         preprocess_max_abs_diff=pixel_diff,
+        patches_max_abs_diff=patches_diff,
+        patches_max_abs=patches_scale,
         token_lengths=lengths,
     )
+
+
+def _patches_tolerance(parity: ParityRecord) -> float:
+    """Patch features are O(1..10): the tolerance scales with their magnitude (never below the absolute one)."""
+    return parity.tolerance * max(1.0, parity.patches_max_abs or 0.0)
+
+
+def _wants_patches(model: nn.Module, patches: bool | None) -> bool:
+    available = bool(getattr(model, "has_image_patches", False))
+    if patches and not available:
+        raise ExportError("patches=True needs an image tower with a timm CNN trunk; this model has none")
+    return available if patches is None else bool(patches)
 
 
 def export_bundle(
@@ -327,6 +358,7 @@ def export_bundle(
     overwrite: bool = False,
     name: str | None = None,
     optimize: bool = True,
+    patches: bool | None = None,
 ) -> Path:
     """Write a model bundle directory for `model` (a trainer VitrineModel) and return its path.
 
@@ -337,6 +369,8 @@ def export_bundle(
     overwrite: replace an existing bundle at out_dir (never a directory that is not a bundle).
     name: the model name for the manifest (default: `model.name`, else from its config).
     optimize: fuse the text graph with onnxruntime's BERT optimizer (kept only if it still matches).
+    patches: give the image graph a second output `patches` [batch, P, C] (the trunk's block output,
+      `model.image_patch_features`); default: when the model has a timm CNN trunk.
     The bundle is built beside out_dir and renamed into place, so a failed export leaves nothing.
     """
     out_dir = Path(out_dir).expanduser().absolute()
@@ -347,6 +381,7 @@ def export_bundle(
     tok_settings = _tokenizer_settings(tokenizer)
     texts = list(DEFAULT_CHECK_TEXTS) if check_texts is None else list(check_texts)
     images = default_check_images() if check_images is None else list(check_images)
+    with_patches = _wants_patches(model, patches)
     _prepare_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
@@ -364,8 +399,9 @@ def export_bundle(
                 input_name=TEXT_INPUT, dynamic={0: "batch", 1: "sequence"}, opset=opset,
             )
             image_method = _export_graph(
-                _ImageGraph(model).eval(), example_pixels, tmp / IMAGE_ENCODER_FILE,
+                _ImageGraph(model, patches=with_patches).eval(), example_pixels, tmp / IMAGE_ENCODER_FILE,
                 input_name=IMAGE_INPUT, dynamic={0: "batch"}, opset=opset,
+                outputs=(OUTPUT, PATCHES_OUTPUT) if with_patches else (OUTPUT,),
             )
         text_optimization = "none (optimize=False)"
         if optimize:
@@ -397,16 +433,21 @@ def export_bundle(
             files=hash_bundle_files(tmp),
             created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             pruning=pruning,
+            patches=PatchSpec(output=PATCHES_OUTPUT, grid=model.image_patch_grid, dim=model.image_patch_dim) if with_patches else None,
             **extra,
         )
         write_manifest(tmp, BundleManifest.model_validate(fields))
         parity = measure_parity(tmp, model, tokenizer, settings, texts, images, tolerance=tolerance)
         write_manifest(tmp, BundleManifest.model_validate({**fields, "parity": parity}))
         worst = max(d for d in (parity.text_max_abs_diff, parity.image_max_abs_diff, parity.preprocess_max_abs_diff, 0.0) if d is not None)
-        if worst > tolerance:
+        patches_off = parity.patches_max_abs_diff is not None and parity.patches_max_abs_diff > _patches_tolerance(parity)
+        if worst > tolerance or patches_off:
+            patch_note = "" if parity.patches_max_abs_diff is None else (
+                f", patches {parity.patches_max_abs_diff} (tolerance {_patches_tolerance(parity):.3g})"
+            )
             raise ExportError(
                 f"exported bundle differs from the torch model: text {parity.text_max_abs_diff}, "
-                f"image {parity.image_max_abs_diff}, pixels {parity.preprocess_max_abs_diff} (tolerance {tolerance})"
+                f"image {parity.image_max_abs_diff}, pixels {parity.preprocess_max_abs_diff} (tolerance {tolerance}){patch_note}"
             )
         tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
         _swap_into_place(tmp, out_dir)
@@ -415,5 +456,6 @@ def export_bundle(
         raise
     finally:
         model.train(was_training)
-    log.info("exported bundle %s (parity: text %s, image %s)", out_dir, parity.text_max_abs_diff, parity.image_max_abs_diff)
+    log.info("exported bundle %s (parity: text %s, image %s, patches %s)", out_dir, parity.text_max_abs_diff,
+             parity.image_max_abs_diff, parity.patches_max_abs_diff)
     return out_dir

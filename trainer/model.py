@@ -23,6 +23,10 @@ from torch import Tensor, nn
 from trainer.pruning import PruningGate, attach_pruning_gates
 
 
+# The timm CNN trunk parts `image_patch_features` and `encode_image_with_patches` run (EfficientNet family).
+_PATCH_TRUNK_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")
+
+
 def _hf_transformer(text_tower: nn.Module) -> nn.Module | None:
     """The HF model inside an open_clip `HFTextEncoder`, or None for open_clip's own text towers."""
     transformer = getattr(text_tower, "transformer", None)
@@ -52,6 +56,7 @@ class VitrineModel(nn.Module):
         self._hf_text = _hf_transformer(text_tower) if text_tower is not None else None
         # Vitrine configs train on the timm trunk / projection split; other open_clip towers are one block.
         self._visual_split = hasattr(clip.visual, "trunk") and hasattr(clip.visual, "head")
+        self._patch_shape_cache: tuple[int, int, int] | None = None
         if self._hf_text is not None:
             cfg = pruning_cfg or {}
             self.pruning_gates = attach_pruning_gates(
@@ -97,6 +102,72 @@ class VitrineModel(nn.Module):
     def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
         """[B, 3, H, W] -> [B, D]."""
         return self.encode_image_features(self.image_trunk_features(pixels), normalize=normalize)
+
+    # -- image patches (the spatial map the cross-encoder reranker reads) --------------------------
+    @property
+    def has_image_patches(self) -> bool:
+        """Whether the image tower is a timm CNN trunk with a patch map (conv_stem, bn1, blocks, conv_head)."""
+        trunk = getattr(self.clip.visual, "trunk", None) if self._visual_split else None
+        return trunk is not None and all(hasattr(trunk, name) for name in _PATCH_TRUNK_PARTS)
+
+    def _patch_trunk(self) -> nn.Module:
+        if not self.has_image_patches:
+            raise ValueError(
+                f"image patch features need a timm CNN trunk with {', '.join(_PATCH_TRUNK_PARTS)}; "
+                f"this image tower is a {type(self.clip.visual).__name__}"
+            )
+        return self.clip.visual.trunk
+
+    def _patch_map(self, pixels: Tensor) -> Tensor:
+        """[B, 3, H, W] -> the trunk's block output [B, C, h, w], before the 1x1 conv_head."""
+        self._check_pixels(pixels)
+        trunk = self._patch_trunk()
+        return trunk.blocks(trunk.bn1(trunk.conv_stem(pixels)))
+
+    @staticmethod
+    def _flatten_patches(feature_map: Tensor) -> Tensor:
+        """[B, C, h, w] -> [B, h*w, C], patches in row-major (h, w) order."""
+        return feature_map.flatten(2).transpose(1, 2)
+
+    def image_patch_features(self, pixels: Tensor) -> Tensor:
+        """[B, 3, H, W] -> patch features [B, P, C]: P = h*w grid cells row-major, C = image_patch_dim."""
+        return self._flatten_patches(self._patch_map(pixels))
+
+    def encode_image_with_patches(self, pixels: Tensor, normalize: bool = True) -> tuple[Tensor, Tensor]:
+        """[B, 3, H, W] -> (embeddings [B, D], patches [B, P, C]) from one pass through the trunk."""
+        trunk = self._patch_trunk()
+        feature_map = self._patch_map(pixels)
+        # The rest of timm's forward_features (conv_head, bn2) then forward_head: what trunk(pixels) does.
+        pooled = trunk.forward_head(trunk.bn2(trunk.conv_head(feature_map)))
+        return self.encode_image_features(pooled, normalize=normalize), self._flatten_patches(feature_map)
+
+    @property
+    def image_patch_dim(self) -> int:
+        """C of `image_patch_features` (320 for efficientnet_lite0)."""
+        return self._patch_shape()[0]
+
+    @property
+    def image_patch_grid(self) -> tuple[int, int]:
+        """(h, w) of the patch grid at the configured image size (7x7 for efficientnet_lite0 at 224 px)."""
+        _, height, width = self._patch_shape()
+        return height, width
+
+    def _patch_shape(self) -> tuple[int, int, int]:
+        """(C, h, w), probed once with a blank image in eval mode (strides and padding vary by timm model)."""
+        if self._patch_shape_cache is None:
+            trunk = self._patch_trunk()
+            param = next(trunk.parameters())
+            modes = {module: module.training for module in trunk.modules()}  # restored one by one: they may differ
+            trunk.eval()  # train-mode BatchNorm would update its running stats (and fails on a 1x1 map)
+            try:
+                with torch.no_grad():
+                    probe = torch.zeros(1, 3, self.image_size, self.image_size, device=param.device, dtype=param.dtype)
+                    shape = self._patch_map(probe).shape
+            finally:
+                for module, training in modes.items():
+                    module.training = training
+            self._patch_shape_cache = (int(shape[1]), int(shape[2]), int(shape[3]))
+        return self._patch_shape_cache
 
     # -- text -------------------------------------------------------------------------------------
     def text_attention_mask(self, input_ids: Tensor) -> Tensor:

@@ -4,7 +4,9 @@ A bundle is a directory written by `trainer.export.export_bundle`:
 
     manifest.json        this schema (format, version, model, preprocessing, tokenizer, parity, file hashes)
     text_encoder.onnx    input_ids int64 [batch, seq] -> embeddings float32 [batch, D], L2-normalised
-    image_encoder.onnx   pixels float32 [batch, 3, S, S] -> embeddings float32 [batch, D], L2-normalised
+    image_encoder.onnx   pixels float32 [batch, 3, S, S] -> embeddings float32 [batch, D], L2-normalised,
+                         and, when the manifest has `patches`, patches float32 [batch, P, C] (the trunk's
+                         spatial map before pooling, for the cross-encoder reranker)
     tokenizer/           tokenizer.json (+ whatever the tokenizer saves beside it)
 
 The manifest lists the sha256 of every other file, so hashing manifest.json
@@ -22,7 +24,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from search.errors import UserError
-from search.runtime.image import ImageEncoder, PreprocessSettings
+from search.runtime.image import ImageEncoder, PatchSpec, PreprocessSettings
 from search.runtime.session import make_session
 from search.runtime.text import TextEncoder
 from search.runtime.tokenizer import TextTokenizer, TokenizerSettings
@@ -72,6 +74,9 @@ class ParityRecord(BaseModel):
     text_max_abs_diff: float | None = None
     image_max_abs_diff: float | None = None
     preprocess_max_abs_diff: float | None = None
+    # Patch features are O(1..10), so they are checked against tolerance * max(1, patches_max_abs).
+    patches_max_abs_diff: float | None = None
+    patches_max_abs: float | None = None  # largest |value| of the torch patches: the scale of that diff
     token_lengths: list[int] = Field(default_factory=list)  # [shortest, longest] of the check texts
 
 
@@ -101,6 +106,8 @@ class BundleManifest(BaseModel):
     alpha_i2p: float | None = Field(default=None, ge=0.0, le=1.0)
     # Token pruning in the text tower: a bool, or details such as {"trained": ..., "at_inference": ...}.
     pruning: bool | dict[str, Any] | None = None
+    # The image graph's patch-features output; None for bundles exported without it.
+    patches: PatchSpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> BundleManifest:
@@ -228,6 +235,11 @@ class BundleEncoder:
     def model_name(self) -> str:
         return self.manifest.model.name
 
+    @property
+    def patch_spec(self) -> PatchSpec | None:
+        """The image graph's patch output (grid, dim), or None when the bundle has none."""
+        return self.manifest.patches
+
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """float32 (len(texts), D), rows L2-normalised."""
         return self.text.encode(texts)
@@ -235,6 +247,12 @@ class BundleEncoder:
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
         """float32 (len(images), D), rows L2-normalised."""
         return self.image.encode(images)
+
+    def encode_images_with_patches(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 (len(images), D) L2-normalised embeddings, float32 (len(images), P, C) patch features)."""
+        if self.patch_spec is None:
+            raise BundleError(f"bundle {self.path} has no patches output; re-export it with this version's trainer")
+        return self.image.encode_with_patches(images)
 
     def describe(self) -> str:
         return f"bundle {self.model_name} {self.fingerprint} ({self.path})"
@@ -269,12 +287,21 @@ def load_bundle(
         output_name=text_spec.output_name,
         batch_size=text_batch_size,
     )
+    image_session = make_session(path / image_spec.file, threads=threads, device=device)
+    if manifest.patches is not None:
+        outputs = [o.name for o in image_session.get_outputs()]
+        if manifest.patches.output not in outputs:
+            raise BundleError(
+                f"bundle {path}: the manifest lists a {manifest.patches.output!r} output, but "
+                f"{image_spec.file} only has {', '.join(outputs)}"
+            )
     image = ImageEncoder(
-        make_session(path / image_spec.file, threads=threads, device=device),
+        image_session,
         manifest.preprocess,
         embed_dim=manifest.embed_dim,
         input_name=image_spec.input_name,
         output_name=image_spec.output_name,
         batch_size=image_batch_size,
+        patches=manifest.patches,
     )
     return BundleEncoder(path, manifest, text, image, bundle_fingerprint(path))

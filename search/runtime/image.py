@@ -10,7 +10,7 @@ catalog `ImageRef.open()` returns, are unaffected.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -46,6 +46,31 @@ class PreprocessSettings(BaseModel):
         if self.crop is None:
             object.__setattr__(self, "crop", DEFAULT_CROP[self.resize_mode])
         return self
+
+
+class PatchSpec(BaseModel):
+    """The image graph's second output: patch features float32 [batch, P, C], P = grid h * w, row-major."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    output: str = "patches"
+    grid: tuple[int, int]
+    dim: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> PatchSpec:
+        if min(self.grid) < 1:
+            raise ValueError(f"grid must be two positive sizes, got {self.grid}")
+        return self
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(P, C) of one image's patches."""
+        return self.num_patches, self.dim
 
 
 def _resized_size(width: int, height: int, s: PreprocessSettings) -> tuple[int, int]:
@@ -115,7 +140,7 @@ def preprocess_images(images: Sequence[Image.Image], settings: PreprocessSetting
 
 
 class ImageEncoder:
-    """PIL images -> L2-normalised float32 embeddings through the ONNX image graph."""
+    """PIL images -> L2-normalised float32 embeddings (and patch features) through the ONNX image graph."""
 
     def __init__(
         self,
@@ -126,6 +151,7 @@ class ImageEncoder:
         input_name: str = "pixels",
         output_name: str = "embeddings",
         batch_size: int = 32,
+        patches: PatchSpec | None = None,
     ) -> None:
         if batch_size < 1:
             raise UserError(f"image batch size must be at least 1, got {batch_size}")
@@ -135,6 +161,7 @@ class ImageEncoder:
         self.input_name = input_name
         self.output_name = output_name
         self.batch_size = batch_size
+        self.patches = patches
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """(n, 3, S, S) float32 pixels -> (n, D) float32 embeddings."""
@@ -144,15 +171,46 @@ class ImageEncoder:
         assert out.shape == (pixels.shape[0], self.embed_dim), out.shape
         return out.astype(np.float32, copy=False)
 
+    def encode_pixels_with_patches(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, 3, S, S) float32 pixels -> ((n, D) embeddings, (n, P, C) patch features), both float32."""
+        spec = self._patch_spec()
+        size = self.settings.image_size
+        assert pixels.ndim == 4 and pixels.shape[1:] == (3, size, size), pixels.shape
+        out, patches = self.session.run(
+            [self.output_name, spec.output], {self.input_name: pixels.astype(np.float32, copy=False)}
+        )
+        assert out.shape == (pixels.shape[0], self.embed_dim), out.shape
+        assert patches.shape == (pixels.shape[0], *spec.shape), (patches.shape, spec.shape)
+        return out.astype(np.float32, copy=False), patches.astype(np.float32, copy=False)
+
     def encode(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(len(images), D) float32 embeddings; preprocessed and run `batch_size` at a time."""
-        if isinstance(images, Image.Image):
-            raise UserError("encode_images expects a list of PIL images, got a single image")
-        images = list(images)
+        images = self._image_list(images)
         if not images:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
-        parts = [
-            self.encode_pixels(preprocess_images(images[start : start + self.batch_size], self.settings))
-            for start in range(0, len(images), self.batch_size)
-        ]
+        parts = [self.encode_pixels(batch) for batch in self._pixel_batches(images)]
         return np.concatenate(parts, axis=0)
+
+    def encode_with_patches(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        """((len(images), D) embeddings, (len(images), P, C) patch features), float32."""
+        spec = self._patch_spec()
+        images = self._image_list(images)
+        if not images:
+            return np.zeros((0, self.embed_dim), np.float32), np.zeros((0, *spec.shape), np.float32)
+        parts = [self.encode_pixels_with_patches(batch) for batch in self._pixel_batches(images)]
+        return np.concatenate([e for e, _ in parts]), np.concatenate([p for _, p in parts])
+
+    def _patch_spec(self) -> PatchSpec:
+        if self.patches is None:
+            raise UserError("this image encoder has no patches output (re-export the bundle with patches)")
+        return self.patches
+
+    @staticmethod
+    def _image_list(images: Sequence[Image.Image]) -> list[Image.Image]:
+        if isinstance(images, Image.Image):
+            raise UserError("encode_images expects a list of PIL images, got a single image")
+        return list(images)
+
+    def _pixel_batches(self, images: list[Image.Image]) -> Iterator[np.ndarray]:
+        for start in range(0, len(images), self.batch_size):
+            yield preprocess_images(images[start : start + self.batch_size], self.settings)
