@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         def text_request(offset: int, record: str | None = None):
             def call(client: httpx.Client, i: int) -> httpx.Response:
                 query = texts[(offset + max(i, 0)) % len(texts)] if i >= 0 else "warm up"
-                response = client.post("/search/text", json={"query": query, "k": args.k})
+                response = client.post("/search/text", json={"query": query, "k": args.k, "timing": True})
                 if record and i >= 0 and response.status_code == 200:
                     service_ids[record].append((offset + i, [r["id"] for r in response.json()["results"]]))
                 return response
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         def image_request(record: str | None = None):
             def call(client: httpx.Client, i: int) -> httpx.Response:
                 data = photos[max(i, 0) % len(photos)]
-                response = client.post("/search/image", files={"image": ("photo.jpg", data, "image/jpeg")}, data={"k": str(args.k)})
+                response = client.post("/search/image", files={"image": ("photo.jpg", data, "image/jpeg")}, data={"k": str(args.k), "timing": "true"})
                 if record and i >= 0 and response.status_code == 200:
                     service_ids[record].append((i, [r["id"] for r in response.json()["results"]]))
                 return response

@@ -3,6 +3,9 @@
     app = create_app(Settings(index="indexes/fashion"))     # loads index + bundle at start-up
     app = create_app(settings, index=index, encoder=enc)     # tests: inject what is already open
 
+The bundle's reranker, when it has one, is loaded too (or injected with `reranker=`); start-up
+refuses an index whose stored patch features are not the ones the reranker reads.
+
 Routers: search (/search/text, /search/image), products (/products/{id}[/image], /filters),
 health (/healthz, /readyz, /metrics); the web page at / and /static. OpenAPI docs at /docs.
 """
@@ -19,7 +22,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from search.errors import UserError
-from search.service.engine import SearchEngine, manifest_dict
+from search.service.engine import SearchEngine, manifest_dict, open_reranker
 from search.service.errors import install_error_handlers
 from search.service.limits import BodySizeLimitMiddleware
 from search.service.metrics import MetricsMiddleware, ServiceMetrics
@@ -68,8 +71,9 @@ def _manifest_bundle(index: Any) -> Path | None:
     return Path(index.index_dir) / path  # relative to the index
 
 
-def create_app(settings: Settings | None = None, *, index: Any = None, encoder: Any = None) -> FastAPI:
-    """The service app. Without `index`/`encoder`, both are opened from settings at start-up."""
+def create_app(settings: Settings | None = None, *, index: Any = None, encoder: Any = None, reranker: Any = None) -> FastAPI:
+    """The service app. Without `index`/`encoder`, both are opened from settings at start-up;
+    without `reranker`, the encoder's bundle's reranker is loaded when it has one."""
     settings = settings or Settings()
     metrics = ServiceMetrics()
 
@@ -77,11 +81,13 @@ def create_app(settings: Settings | None = None, *, index: Any = None, encoder: 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         served_index = index if index is not None else open_index(settings)
         served_encoder = encoder if encoder is not None else open_encoder(settings, served_index)
-        engine = SearchEngine(settings, served_index, served_encoder, metrics)
+        served_reranker = reranker if reranker is not None else open_reranker(settings, served_index, served_encoder)
+        engine = SearchEngine(settings, served_index, served_encoder, metrics, reranker=served_reranker)
         engine.start()
         app.state.engine = engine
-        log.info("serving %d products (index %s, bundle %s, alpha %.2f, redis %s)", engine.size, engine.version,
-                 engine.fingerprint, engine.alpha, "on" if engine.link else "off")  # fmt: skip
+        log.info("serving %d products (index %s, bundle %s, alpha %.2f, reranker %s, redis %s)", engine.size,
+                 engine.version, engine.fingerprint, engine.alpha,
+                 f"{served_reranker.layers} layers" if served_reranker else "none", "on" if engine.link else "off")  # fmt: skip
         try:
             yield
         finally:

@@ -37,16 +37,19 @@ def run_server(overrides: dict, *, log_level: str = "info") -> int:
 
     from search.errors import UserError
     from search.service.app import create_app, open_encoder, open_index
+    from search.service.engine import open_reranker
     from search.service.settings import Settings
 
     try:
         settings = Settings(**overrides)
     except ValueError as exc:  # pydantic's ValidationError: a bad VITRINE_* variable
         raise UserError(f"invalid settings: {exc}") from exc
-    # Open index and bundle before binding, so a wrong path is one clear error, not a failed start-up.
+    # Open index, bundle and reranker before binding, so a wrong path or a reranker that does not
+    # fit the index is one clear error, not a failed start-up.
     index = open_index(settings)
     encoder = open_encoder(settings, index)
-    app = create_app(settings, index=index, encoder=encoder)
+    reranker = open_reranker(settings, index, encoder)
+    app = create_app(settings, index=index, encoder=encoder, reranker=reranker)
     print(f"Vitrine is serving {len(index):,} products at http://{settings.host}:{settings.port}/ (API docs at /docs)", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False, server_header=False)
     return 0

@@ -1,4 +1,4 @@
-"""What the HTTP layer calls: encode a query, search the index, attach product records.
+"""What the HTTP layer calls: encode a query, search the index, attach product records, rerank.
 
 One `SearchEngine` per app, shared by all requests (thread-safe: onnxruntime sessions,
 the Faiss indexes and the caches all are). Routers validate input and shape responses;
@@ -25,7 +25,7 @@ from search.service.errors import ApiError
 from search.service.images import jpeg_thumbnail
 from search.service.metrics import ServiceMetrics
 from search.service.redis_store import REDIS_ERRORS, RedisLink, RedisStore
-from search.service.settings import Settings
+from search.service.settings import MAX_RERANK_TOP_N, Settings
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,43 @@ class SearchOutcome:
     alpha: float
     timings_ms: dict[str, float] = field(default_factory=dict)
     cache: str | None = None
+    rerank_top_n: int | None = None  # N when reranked, else None
+    rerank_scores: list[float | None] | None = None  # per hit; None for hits after the top N
+
+
+def check_reranker_fits_index(spec: Any, index: Any) -> None:
+    """UserError unless the index stores the patch features the reranker reads (a RerankerSpec)."""
+    stored = getattr(index, "patch_spec", None)
+    where = getattr(index, "index_dir", "the served index")
+    if stored is None:
+        raise UserError(
+            f"the bundle has a reranker but index {where} stores no image patch features: "
+            "rebuild the index with this bundle"
+        )
+    wanted, have = (tuple(spec.patch_grid), int(spec.patch_dim)), (tuple(stored.grid), int(stored.dim))
+    if wanted != have:
+        raise UserError(
+            f"the bundle's reranker reads {_patches_text(*wanted)}, index {where} stores {_patches_text(*have)}: "
+            "rebuild the index with this bundle"
+        )
+
+
+def _patches_text(grid: tuple[int, ...], dim: int) -> str:
+    return f"a {grid[0]}x{grid[1]} grid of {dim}-d patches"
+
+
+def open_reranker(settings: Settings, index: Any, encoder: Any) -> Any:
+    """The served bundle's Reranker (checked against the index's patches), or None when it has none."""
+    from search.runtime.reranker import Reranker, reranker_spec
+
+    spec = reranker_spec(getattr(encoder, "manifest", None) or {})
+    if spec is None:
+        return None
+    check_reranker_fits_index(spec, index)  # before loading: a mismatch fails fast
+    bundle_dir = getattr(encoder, "path", None)
+    if bundle_dir is None:
+        raise UserError("the encoder lists a reranker but has no bundle directory to load it from")
+    return Reranker.load(bundle_dir, spec, threads=settings.threads)
 
 
 def index_version(index: Any) -> str:
@@ -70,11 +107,17 @@ def product_image_url(product_id: str) -> str:
 
 
 class SearchEngine:
-    def __init__(self, settings: Settings, index: Any, encoder: Any, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self, settings: Settings, index: Any, encoder: Any, metrics: ServiceMetrics, reranker: Any = None
+    ) -> None:
+        if reranker is not None:
+            check_reranker_fits_index(reranker.spec, index)
+            metrics.stage_seconds.labels("text", "rerank")  # the series exists before the first reranked query
         self.settings = settings
         self.index = index
         self.encoder = encoder
         self.metrics = metrics
+        self.reranker = reranker
         self.alpha = float(index.alpha)
         self.embed_dim = int(index.embed_dim)
         self.fingerprint = str(getattr(index, "bundle_fingerprint", "") or getattr(encoder, "fingerprint", "") or "unknown")
@@ -200,9 +243,73 @@ class SearchEngine:
         self._thumbs.put(product_id, data)
         return data
 
+    # ------------------------------------------------------------------ rerank
+
+    @property
+    def default_rerank_top_n(self) -> int | None:
+        """N used when a request gives none (None without a reranker)."""
+        if self.reranker is None:
+            return None
+        return self.settings.rerank_top_n or min(int(self.reranker.spec.default_top_n), MAX_RERANK_TOP_N)
+
+    def rerank_plan(self, rerank: bool | None, top_n: int | None) -> int | None:
+        """How many first-stage hits a text query reranks (None: no rerank).
+
+        rerank omitted follows VITRINE_RERANK_DEFAULT, but giving rerank_top_n asks for it;
+        asking when the bundle has no reranker is a 422, never a silent plain answer.
+        """
+        wanted = rerank if rerank is not None else (top_n is not None or self.settings.rerank_default)
+        if not wanted:
+            return None
+        if self.reranker is None:
+            if rerank is None and top_n is None:
+                return None  # the default, with nothing to rerank with
+            loc = "rerank" if rerank is not None else "rerank_top_n"
+            raise ApiError(
+                422, "rerank_unavailable",
+                "rerank was requested but the served bundle has no reranker; omit rerank or set it to false",
+                [{"loc": ["body", loc], "msg": "no reranker in the bundle"}],
+            )  # fmt: skip
+        return top_n or self.default_rerank_top_n
+
+    def reranker_info(self) -> dict[str, Any]:
+        if self.reranker is None:
+            return {"loaded": False}
+        spec = self.reranker.spec
+        return {"loaded": True, "layers": int(self.reranker.layers), "model": spec.model, "hidden_size": spec.hidden_size,
+                "patch_grid": list(spec.patch_grid), "patch_dim": spec.patch_dim,
+                "default_on": self.settings.rerank_default, "top_n": self.default_rerank_top_n}  # fmt: skip
+
+    def _rerank(self, text: str, outcome: SearchOutcome, top_n: int) -> None:
+        """Reorder the first `top_n` hits of `outcome` by the reranker's scores (stable on ties); the rest stay after them."""
+        from search.runtime.reranker import rerank_order
+
+        n = min(top_n, len(outcome.hits))
+        outcome.rerank_top_n = top_n
+        if n == 0:  # the filters left nothing
+            outcome.rerank_scores = []
+            return
+        head = outcome.hits[:n]
+        titles = [record.title if record is not None else "" for record in outcome.records[:n]]
+        patches = self.index.patches([h.id for h in head])
+        try:
+            scores = self.reranker.score(text, titles, patches)
+        except UserError as exc:  # e.g. a query the reranker's tokenizer cannot read
+            raise ApiError(422, "invalid_query", str(exc)) from exc
+        assert scores.shape == (n,), (scores.shape, n)
+        order = [int(i) for i in rerank_order(np.arange(n), scores)]
+        outcome.hits = [head[i] for i in order] + outcome.hits[n:]
+        outcome.records = [outcome.records[i] for i in order] + outcome.records[n:]
+        outcome.rerank_scores = [float(scores[i]) for i in order] + [None] * (len(outcome.hits) - n)
+
     # ------------------------------------------------------------------ search
 
-    def search_text(self, query: str, *, k: int, alpha: float | None, filters: dict | None) -> SearchOutcome:
+    def search_text(
+        self, query: str, *, k: int, alpha: float | None, filters: dict | None, rerank_top_n: int | None = None
+    ) -> SearchOutcome:
+        """Top k for a text query; with `rerank_top_n` (see rerank_plan) the first-stage top N are reranked."""
+        if rerank_top_n is not None and (self.reranker is None or not 1 <= rerank_top_n <= MAX_RERANK_TOP_N):
+            raise ValueError(f"rerank_top_n={rerank_top_n!r} needs a reranker and 1..{MAX_RERANK_TOP_N}; see rerank_plan")
         timings: dict[str, float] = {}
         with self.metrics.stage("text", "total", timings):
             with self.metrics.stage("text", "decode", timings):
@@ -213,7 +320,13 @@ class SearchEngine:
                     emb = self._encode_text(text)
                     self.cache.put(text, emb)
                 self.metrics.query_cache.labels(tier).inc()
-            outcome = self._search(emb, "text", k=k, alpha=alpha, filters=filters, timings=timings)
+            fetch = k if rerank_top_n is None else max(k, rerank_top_n)
+            outcome = self._search(emb, "text", k=fetch, alpha=alpha, filters=filters, timings=timings)
+            if rerank_top_n is not None:
+                with self.metrics.stage("text", "rerank", timings):
+                    self._rerank(text, outcome, rerank_top_n)
+                outcome.hits, outcome.records = outcome.hits[:k], outcome.records[:k]
+                outcome.rerank_scores = (outcome.rerank_scores or [])[:k]
         outcome.cache = tier
         outcome.timings_ms = timings
         return outcome

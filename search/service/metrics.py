@@ -2,7 +2,7 @@
 
     vitrine_requests_total{method, route, status}
     vitrine_request_seconds{method, route}              whole request, as the ASGI app saw it
-    vitrine_stage_seconds{kind, stage}                   kind: text | image; stage: decode, encode, search, fuse, total
+    vitrine_stage_seconds{kind, stage}                   kind: text | image; stage: decode, encode, search, fuse, rerank, total
     vitrine_query_cache_total{result}                    local | redis | miss
     vitrine_redis_up                                     1 when the last Redis call worked (absent without Redis)
     vitrine_index_products                               products in the served index
@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-STAGES = ("decode", "encode", "search", "fuse", "total")
+STAGES = ("decode", "encode", "search", "fuse", "rerank", "total")
 # Millisecond-scale work: buckets from 0.5 ms to 10 s.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
                    0.1, 0.2, 0.5, 1.0, 2.5, 10.0)  # fmt: skip

@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from search.service.settings import MAX_RERANK_TOP_N
+
 MAX_FILTER_VALUES = 100
 MAX_FILTER_CHARS = 200
 Filters = dict[str, str | list[str]]
@@ -16,6 +18,9 @@ K = Annotated[int, Field(strict=True, ge=1, description="number of products to r
 Alpha = Annotated[
     float,
     Field(strict=True, ge=0.0, le=1.0, allow_inf_nan=False, description="weight of the title score; default: the index's α"),
+]
+RerankTopN = Annotated[
+    int, Field(strict=True, ge=1, le=MAX_RERANK_TOP_N, description=f"first-stage hits to rerank (1..{MAX_RERANK_TOP_N})")
 ]
 
 
@@ -29,7 +34,13 @@ class SearchOptions(BaseModel):
         description="attribute -> value or values (case-insensitive); GET /filters lists them",
         examples=[{"gender": "Women", "baseColour": ["Red", "Maroon"]}],
     )
-    rerank: bool = Field(default=False, description="re-rank with the bundle's reranker (none is shipped yet: 422)")
+    rerank: bool | None = Field(
+        default=None,
+        description="rerank the first-stage top N with the bundle's cross-encoder (text queries only); "
+        "default: on when the bundle has a reranker (VITRINE_RERANK_DEFAULT); 422 rerank_unavailable when it has none",
+    )
+    rerank_top_n: RerankTopN | None = Field(default=None, description="N; default VITRINE_RERANK_TOP_N or the reranker's own")
+    timing: bool = Field(default=False, description="include timings_ms, the per-stage breakdown, in the response")
 
     @field_validator("filters", mode="before")
     @classmethod
@@ -85,7 +96,8 @@ class ProductOut(BaseModel):
 class SearchResult(BaseModel):
     id: str
     title: str
-    score: float = Field(description="fused score α·sim(q, title) + (1−α)·sim(q, image)")
+    score: float = Field(description="first-stage fused score α·sim(q, title) + (1−α)·sim(q, image)")
+    rerank_score: float | None = Field(default=None, description="the cross-encoder's logit; only on reranked results")
     parts: dict[str, float] = Field(description="{t2t, t2i} for text queries, {i2t, i2i} for image queries")
     category: str
     subcategory: str
@@ -98,8 +110,12 @@ class SearchResponse(BaseModel):
     k: int
     alpha: float
     took_ms: float
-    timings_ms: dict[str, float] = Field(default_factory=dict, description="per stage: decode, encode, search, fuse")
+    timings_ms: dict[str, float] | None = Field(
+        default=None, description="only when the request sets timing: ms per stage (decode, encode, search, fuse, rerank, total)"
+    )
     cache: str | None = Field(default=None, description="query-embedding cache: local, redis or miss (text only)")
+    reranked: bool = Field(default=False, description="the top rerank_top_n first-stage hits were reordered by the reranker")
+    rerank_top_n: int | None = Field(default=None, description="N reranked (null when not reranked)")
 
 
 class FiltersResponse(BaseModel):
@@ -130,6 +146,7 @@ class ReadyResponse(BaseModel):
     status: str = Field(description="ready | degraded (Redis configured but unreachable) | not_ready")
     index: dict[str, Any] | None = None
     redis: dict[str, Any] | None = None
+    reranker: dict[str, Any] | None = Field(default=None, description="{loaded, layers, model, default_on, top_n, ...}")
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -10,6 +10,7 @@ from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1 << 20
+MAX_RERANK_TOP_N = 100  # cross-encoder rows per query: the rerank cost grows linearly with N
 
 
 class Settings(BaseSettings):
@@ -40,6 +41,12 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(default=8 * MIB, ge=1, description="decoded upload size limit")
     max_body_bytes: int = Field(default=12 * MIB, ge=1, description="request body limit (base64 adds 4/3)")
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="decompression-bomb limit, width*height")
+
+    # Reranking text queries with the bundle's cross-encoder (when it has one).
+    rerank_default: bool = Field(default=True, description="rerank text queries that do not say, when the bundle has a reranker")
+    rerank_top_n: int | None = Field(
+        default=None, ge=1, le=MAX_RERANK_TOP_N, description="first-stage hits reranked by default; unset: the reranker's default_top_n"
+    )
 
     # Thumbnails served by GET /products/{id}/image.
     thumbnail_px: int = Field(default=256, ge=16, le=2048)

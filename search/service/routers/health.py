@@ -5,6 +5,7 @@
           200 {"status": "degraded"} when Redis is configured but unreachable: requests still
           succeed (cache misses, disk store), so a load balancer should keep routing here;
           503 {"status": "not_ready"} until the index is loaded.
+          `reranker` says whether the bundle's reranker is loaded, its layers, and the default N.
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ async def readyz(request: Request) -> JSONResponse:
         if not up:
             status = "degraded"
             redis["error"] = engine.link.last_error
-    return JSONResponse(ReadyResponse(status=status, index=index, redis=redis).model_dump())
+    ready = ReadyResponse(status=status, index=index, redis=redis, reranker=engine.reranker_info())
+    return JSONResponse(ready.model_dump())
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics")

@@ -30,56 +30,72 @@ from search.service.settings import Settings
 router = APIRouter(prefix="/search", tags=["search"], responses=ERROR_RESPONSES)
 
 IMAGE_FIELD = "image"
-FORM_FIELDS = frozenset({"k", "alpha", "filters", "rerank"})
+FORM_FIELDS = frozenset({"k", "alpha", "filters", "rerank", "rerank_top_n", "timing"})
+BOOLEAN_FORM_FIELDS = frozenset({"rerank", "timing"})
 FORM_FIELD_MAX_BYTES = 64 * 1024  # text fields of the multipart form (the file has its own limit)
 _DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 
 
 def check_options(options: SearchOptions, settings: Settings) -> int:
     """Settings-dependent checks; returns the k to use."""
-    if options.rerank:
-        raise ApiError(
-            422, "rerank_unavailable",
-            "rerank was requested but the served bundle has no reranker; omit rerank or set it to false",
-            [{"loc": ["body", "rerank"], "msg": "no reranker in the bundle"}],
-        )  # fmt: skip
     k = settings.default_k if options.k is None else options.k
     if k > settings.max_k:
         raise field_error(["body", "k"], f"k must be between 1 and {settings.max_k}, got {k}")
     return k
 
 
-def to_response(kind: str, outcome: SearchOutcome, k: int) -> SearchResponse:
+def refuse_image_rerank(options: SearchOptions) -> None:
+    """The reranker reads a text query: a photo query asking for it (rerank or rerank_top_n) is a 422."""
+    if options.rerank or (options.rerank is None and options.rerank_top_n is not None):
+        loc = "rerank" if options.rerank else "rerank_top_n"
+        raise ApiError(
+            422, "rerank_unsupported",
+            "photo queries cannot be reranked: the reranker reads a text query; omit rerank or set it to false",
+            [{"loc": ["body", loc], "msg": "rerank is for text queries only"}],
+        )  # fmt: skip
+
+
+def to_response(kind: str, outcome: SearchOutcome, k: int, *, timing: bool = False) -> SearchResponse:
+    """The response; fields left unset here (timings_ms without `timing`, rerank_score on hits that
+    were not reranked) are left out of the JSON (the routes use response_model_exclude_unset)."""
     results = []
-    for hit, record in zip(outcome.hits, outcome.records):
+    rerank_scores = outcome.rerank_scores or [None] * len(outcome.hits)
+    for hit, record, rerank_score in zip(outcome.hits, outcome.records, rerank_scores):
         if record is None:
             continue  # the index and its store disagree; never show a blank card
+        extra = {} if rerank_score is None else {"rerank_score": rerank_score}
         results.append(
             SearchResult(
                 id=hit.id, title=record.title, score=float(hit.score), parts=result_parts(kind, hit),
                 category=record.category, subcategory=record.subcategory, attributes=record.attributes,
-                image_url=product_image_url(hit.id),
+                image_url=product_image_url(hit.id), **extra,
             )
         )  # fmt: skip
     timings = {name: round(ms, 3) for name, ms in outcome.timings_ms.items()}
     return SearchResponse(
-        results=results, k=k, alpha=outcome.alpha, took_ms=timings.get("total", 0.0),
-        timings_ms=timings, cache=outcome.cache,
+        results=results, k=k, alpha=outcome.alpha, took_ms=timings.get("total", 0.0), cache=outcome.cache,
+        reranked=outcome.rerank_top_n is not None, rerank_top_n=outcome.rerank_top_n,
+        **({"timings_ms": timings} if timing else {}),
     )  # fmt: skip
 
 
-@router.post("/text", response_model=SearchResponse, summary="Search products by text", dependencies=[Depends(require_json)])
+@router.post(
+    "/text", response_model=SearchResponse, response_model_exclude_unset=True, summary="Search products by text",
+    dependencies=[Depends(require_json)],
+)  # fmt: skip
 def search_text(
     body: TextSearchRequest,
     engine: Annotated[SearchEngine, Depends(get_engine)],
     settings: Annotated[Settings, Depends(get_settings)],
 ) -> SearchResponse:
-    """Rank products by α·sim(query, title) + (1−α)·sim(query, image) (FashionKLIP §5)."""
+    """Rank products by α·sim(query, title) + (1−α)·sim(query, image) (FashionKLIP §5), then, when the
+    bundle has a reranker, reorder the top N by the cross-encoder (FashionBERT); see rerank, rerank_top_n."""
     k = check_options(body, settings)
     if len(body.query.strip()) > settings.max_query_chars:
         raise field_error(["body", "query"], f"query is longer than {settings.max_query_chars} characters")
-    outcome = engine.search_text(body.query, k=k, alpha=body.alpha, filters=body.filters)
-    return to_response("text", outcome, k)
+    top_n = engine.rerank_plan(body.rerank, body.rerank_top_n)
+    outcome = engine.search_text(body.query, k=k, alpha=body.alpha, filters=body.filters, rerank_top_n=top_n)
+    return to_response("text", outcome, k, timing=body.timing)
 
 
 IMAGE_OPENAPI: dict[str, Any] = {
@@ -95,7 +111,8 @@ IMAGE_OPENAPI: dict[str, Any] = {
                         "k": {"type": "integer", "minimum": 1},
                         "alpha": {"type": "number", "minimum": 0, "maximum": 1},
                         "filters": {"type": "string", "description": 'JSON object, e.g. {"gender": "Women"}'},
-                        "rerank": {"type": "boolean"},
+                        "rerank": {"type": "boolean", "description": "photo queries cannot be reranked: true is a 422"},
+                        "timing": {"type": "boolean", "description": "include timings_ms in the response"},
                     },
                 }
             },
@@ -105,14 +122,18 @@ IMAGE_OPENAPI: dict[str, Any] = {
 }
 
 
-@router.post("/image", response_model=SearchResponse, summary="Search products by photo", openapi_extra=IMAGE_OPENAPI)
+@router.post(
+    "/image", response_model=SearchResponse, response_model_exclude_unset=True, summary="Search products by photo",
+    openapi_extra=IMAGE_OPENAPI,
+)  # fmt: skip
 async def search_image(
     request: Request,
     engine: Annotated[SearchEngine, Depends(get_engine)],
     settings: Annotated[Settings, Depends(get_settings)],
 ) -> SearchResponse:
-    """Multipart upload (field `image`, optional form fields k, alpha, filters as JSON, rerank)
-    or JSON `{image_base64, k, alpha, filters}`. Ranks by α·sim(photo, title) + (1−α)·sim(photo, image)."""
+    """Multipart upload (field `image`, optional form fields k, alpha, filters as JSON, timing)
+    or JSON `{image_base64, k, alpha, filters, timing}`. Ranks by α·sim(photo, title) + (1−α)·sim(photo, image).
+    Never reranked (the reranker reads a text query): rerank true is a 422 rerank_unsupported."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     timings: dict[str, float] = {}
     if media_type == "multipart/form-data":
@@ -125,6 +146,7 @@ async def search_image(
             f"send multipart/form-data (field {IMAGE_FIELD!r}) or application/json with image_base64 "
             f"({f'not {media_type}' if media_type else 'the request has no Content-Type'})",
         )  # fmt: skip
+    refuse_image_rerank(options)
     k = check_options(options, settings)
 
     def run() -> SearchOutcome:
@@ -137,7 +159,7 @@ async def search_image(
         return engine.search_image(image, k=k, alpha=options.alpha, filters=options.filters, timings=timings)
 
     outcome = await run_in_threadpool(run)
-    return to_response("image", outcome, k)
+    return to_response("image", outcome, k, timing=options.timing)
 
 
 async def _read_multipart(request: Request, settings: Settings) -> tuple[bytes, SearchOptions]:
@@ -153,7 +175,8 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[bytes, 
     try:
         unknown = sorted(set(form.keys()) - FORM_FIELDS - {IMAGE_FIELD})
         if unknown:
-            raise field_error(["body", unknown[0]], f"unknown form field {unknown[0]!r}; expected {IMAGE_FIELD}, k, alpha, filters, rerank")
+            expected = ", ".join([IMAGE_FIELD, *sorted(FORM_FIELDS)])
+            raise field_error(["body", unknown[0]], f"unknown form field {unknown[0]!r}; expected {expected}")
         upload = form.get(IMAGE_FIELD)
         if upload is None:
             raise field_error(["body", IMAGE_FIELD], f"missing file field {IMAGE_FIELD!r}")
@@ -179,7 +202,7 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[bytes, 
 
 def _form_value(name: str, value: str) -> Any:
     """Form fields are text: JSON-decode them (k=5 -> 5, filters={...}); k=abc stays a string and fails validation."""
-    if name == "rerank" and value.strip().lower() in ("true", "false", "1", "0", "on", "off"):
+    if name in BOOLEAN_FORM_FIELDS and value.strip().lower() in ("true", "false", "1", "0", "on", "off"):
         return value.strip().lower() in ("true", "1", "on")
     try:
         return json.loads(value)
