@@ -343,3 +343,19 @@ def test_rerank_evaluator_counts_what_the_reranker_fixes():
     t2i = report["t2i_sample"]
     assert t2i["reranked"]["R@1"] == 1.0 and t2i["dual_encoder"]["R@1"] < 0.5
     assert report["tia"]["random"]["auc"] == 1.0
+
+
+def test_pretraining_match_rows_carry_no_masks():
+    """TIA rows are unmasked: [MASK] tokens or zeroed patches would give matched pairs away."""
+    from trainer.cross_encoder.data import PretrainSampler
+
+    products = _products()
+    patches = np.random.default_rng(0).normal(size=(40, 4, 8)).astype(np.float16) + 5  # no zero rows
+    encoder = get_pair_encoder(get_cross_encoder_config("tiny"))
+    batch = PretrainSampler(products, patches, encoder, SCHEMA, seed=0).batch(16)
+    tia = batch.extra["tia_rows"]
+    assert tia == 16 and batch.input_ids.shape[0] == 16 + int(batch.match[:16].sum())
+    assert not (batch.input_ids[:tia] == encoder.mask_id).any() and not (batch.patches[:tia] == 0).all(-1).any()
+    assert (batch.mlm_labels[:tia] == IGNORE_INDEX).all() and not batch.patch_mask[:tia].any()
+    assert (batch.mlm_labels[tia:] != IGNORE_INDEX).any(1).all() and batch.patch_mask[tia:].any(1).all()
+    assert set(batch.match[:tia].tolist()) == {0.0, 1.0}

@@ -117,7 +117,7 @@ def register(subparsers) -> None:
     train.add_argument("--init", help="checkpoint to start from (finetune: pretrained; distill: teacher)")
     train.add_argument("--no-knowledge", action="store_true", help="FashionBERT without KG-MLIM / KG-ITM (ablation)")
     train.add_argument("--steps", type=int, default=300)
-    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--batch-size", type=int, default=24)
     train.add_argument("--groups-per-step", type=int, default=4)
     train.add_argument("--negatives", type=int, default=7)
     train.add_argument("--student-layers", type=int, default=2)

@@ -84,42 +84,52 @@ class PretrainSampler:
                 return self.products[j].title
 
     def batch(self, size: int) -> Batch:
+        """`size` TIA rows (unmasked matched and mismatched pairs, as KG-ITM scores them), then a masked
+        copy of each matched pair carrying the MLM and MPM targets. Masked rows are kept out of TIA:
+        [MASK] tokens and zeroed patches would otherwise tell matched pairs apart, and masking a
+        swapped attribute word would hide the very word that makes a pair mismatched."""
         idx = self.rng.choice(len(self.products), size=size, replace=len(self.products) < size)
-        rows, labels, match = [], [], []
+        rows, labels, match, sources = [], [], [], []
+        masked_rows, masked_labels, masked_sources = [], [], []
         for i in idx:
             title = self.products[i].title
-            if self.rng.random() < self.negative_ratio:
-                row = self.encoder.row(self._negative_text(i))
-                rows.append(row)
-                labels.append(np.full_like(row.input_ids, IGNORE_INDEX))
-                match.append(0.0)
+            negative = self.rng.random() < self.negative_ratio
+            text = self._negative_text(i) if negative else title
+            row = self.encoder.row(text)
+            rows.append(row)
+            labels.append(np.full_like(row.input_ids, IGNORE_INDEX))
+            match.append(0.0 if negative else 1.0)
+            sources.append(i)
+            if negative:
                 self.stats["negatives"] += 1
                 continue
-            row = self.encoder.row(title)
             visible = sorted({int(w) for w in row.word_ids if w >= 0})  # words that survived truncation
-            priority = [w for w in self.schema.attribute_words(title) if w in visible] if self.knowledge else []
-            chosen = [visible[k] for k in choose_mask_words(len(visible), self.rng, priority_words=[visible.index(w) for w in priority])]
-            self.stats["masked_words"] += len(chosen)
-            self.stats["masked_attribute_words"] += len(set(chosen) & set(self.schema.attribute_words(title)))
+            attribute_words = self.schema.attribute_words(title)
+            priority = [visible.index(w) for w in attribute_words if w in visible] if self.knowledge else []
+            chosen = [visible[k] for k in choose_mask_words(len(visible), self.rng, priority_words=priority)]
             ids, lab = mask_words(row.input_ids, row.word_ids, chosen, self.rng, mask_id=self.encoder.mask_id, vocab_size=self.encoder.vocab_size)
-            rows.append(_replace_ids(row, ids))
-            labels.append(lab)
-            match.append(1.0)
+            masked_rows.append(_replace_ids(row, ids))
+            masked_labels.append(lab)
+            masked_sources.append(i)
+            self.stats["masked_words"] += len(chosen)
+            self.stats["masked_attribute_words"] += len(set(chosen) & set(attribute_words))
         self.stats["rows"] += size
-        t = _tensors(self.encoder, rows)
-        width = t["input_ids"].shape[1]
-        mlm = np.full((size, width), IGNORE_INDEX, np.int64)
-        for r, lab in enumerate(labels):
+        tia_rows = len(rows)
+        t = _tensors(self.encoder, rows + masked_rows)
+        total, width = t["input_ids"].shape
+        mlm = np.full((total, width), IGNORE_INDEX, np.int64)
+        for r, lab in enumerate(labels + masked_labels):
             mlm[r, : len(lab)] = lab
-        targets = torch.from_numpy(np.asarray(self.patches[idx], dtype=np.float32))
+        targets = torch.from_numpy(np.asarray(self.patches[np.asarray(sources + masked_sources)], dtype=np.float32))
         num_patches = targets.shape[1]
-        pmask = np.zeros((size, num_patches), bool)
-        for r in range(size):
-            if match[r] == 1.0:
-                pmask[r] = mask_patches(num_patches, self.rng)
-        patch_mask = torch.from_numpy(pmask)
+        patch_mask = torch.zeros(total, num_patches, dtype=torch.bool)
+        for r in range(tia_rows, total):
+            patch_mask[r] = torch.from_numpy(mask_patches(num_patches, self.rng))
         inputs = targets.masked_fill(patch_mask[..., None], 0.0)
-        return Batch(**t, patches=inputs, match=torch.tensor(match), mlm_labels=torch.from_numpy(mlm), patch_mask=patch_mask, patch_targets=targets)
+        return Batch(
+            **t, patches=inputs, match=torch.tensor(match + [1.0] * len(masked_rows)), mlm_labels=torch.from_numpy(mlm),
+            patch_mask=patch_mask, patch_targets=targets, extra={"tia_rows": tia_rows},
+        )
 
 
 class QueryMaker:

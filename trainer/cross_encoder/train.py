@@ -43,7 +43,7 @@ class RerankerTrainConfig:
     pretrained_backbone: bool = True
     knowledge: bool = True
     steps: int = 300
-    batch_size: int = 32  # pretraining rows per step
+    batch_size: int = 24  # pretraining TIA rows per step (plus a masked copy of each matched one)
     groups_per_step: int = 4  # reranking groups per step (each 1 + negatives rows, plus a KG-ITM row)
     negatives: int = 7
     negative_pool: int = 30
@@ -92,7 +92,8 @@ def _optimizer(model: CrossEncoder, cfg: RerankerTrainConfig) -> tuple[torch.opt
 def pretrain_losses(model: CrossEncoder, batch: Batch) -> dict[str, torch.Tensor]:
     hidden = model(**batch.inputs())
     t = batch.input_ids.shape[1]
-    losses = {"tia": F.binary_cross_entropy_with_logits(model.match_logits(hidden), batch.match)}
+    tia = batch.extra.get("tia_rows", hidden.shape[0])
+    losses = {"tia": F.binary_cross_entropy_with_logits(model.match_logits(hidden[:tia]), batch.match[:tia])}
     target = batch.mlm_labels != IGNORE_INDEX
     if bool(target.any()):
         logits = model.mlm_logits(hidden[:, :t][target])
