@@ -97,7 +97,7 @@ class RerankEvaluator:
         return report
 
     def sample_t2i(self, reranker, products, title_embs, image_embs, patches) -> dict[str, Any]:
-        titles = [p.title for p in products]
+        titles = [p.title.strip() for p in products]  # as `vitrine eval` reads them
         texts, text_of_product = index_distinct(titles)
         groups = [p.subcategory for p in products]
         queries = sample_query_products(n := len(products), self.num_queries, self.seed)

@@ -70,7 +70,7 @@ NEW_PARAM_PREFIXES = ("patch_embedding.", "segment_embeddings.", "match_head.", 
 
 
 def _optimizer(model: CrossEncoder, cfg: RerankerTrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    fresh = cfg.stage == "pretrain"
+    fresh = cfg.stage != "distill"  # after a short pretraining the new parts still need the larger rate
     groups: dict[str, list] = {"backbone": [], "new": []}
     for name, p in model.named_parameters():
         if p.requires_grad:
