@@ -328,6 +328,9 @@ class OracleScorer:
     def score(self, query, titles, patches):
         return -np.abs(patches[:, 0, 0] - self.markers.get(query, -99.0))
 
+    def score_pairs(self, queries, titles, patches):
+        return np.array([self.score(q, [t], patches[i : i + 1])[0] for i, (q, t) in enumerate(zip(queries, titles))])
+
 
 def test_rerank_evaluator_counts_what_the_reranker_fixes():
     products = _products(40)

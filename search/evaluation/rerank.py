@@ -24,6 +24,8 @@ from search.evaluation.ranking import ndcg_at_k, precision_at_k, rank_against_ne
 class PairScorer(Protocol):
     def score(self, query: str, titles: Sequence[str], patches: np.ndarray) -> np.ndarray: ...
 
+    def score_pairs(self, queries: Sequence[str], titles: Sequence[str], patches: np.ndarray) -> np.ndarray: ...
+
 
 def reranked_rank(first_scores: np.ndarray, rerank_scores: np.ndarray, top: np.ndarray, positive: int) -> int:
     """0-based rank of candidate `positive` once the `top` candidates are reordered by `rerank_scores`
@@ -100,7 +102,9 @@ class RerankEvaluator:
         titles = [p.title.strip() for p in products]  # as `vitrine eval` reads them
         texts, text_of_product = index_distinct(titles)
         groups = [p.subcategory for p in products]
-        queries = sample_query_products(n := len(products), self.num_queries, self.seed)
+        if len(products) < 2:
+            raise ValueError("the sample protocol needs at least 2 products")
+        queries = sample_query_products(len(products), self.num_queries, self.seed)
         sampled = sample_t2i_candidates(text_of_product, groups, queries, self.num_negatives, self.seed)
         before, after, seconds = [], [], []
         for q, pos, negs in tqdm(zip(queries, sampled.positives, sampled.negatives), total=len(queries), desc="rerank t2i", disable=not self.progress):
@@ -113,7 +117,6 @@ class RerankEvaluator:
             scores = reranker.score(titles[q], [""] * top.size, patches[cands[top]])
             seconds.append(time.perf_counter() - t0)
             after.append(reranked_rank(first, scores, top, 0))
-        assert n >= 2
         return {
             "dual_encoder": recall_metrics(np.array(before)),
             "reranked": recall_metrics(np.array(after)),
@@ -148,19 +151,27 @@ class RerankEvaluator:
         out.update(queries=len(queries), alpha=self.alpha_t2p)
         return out
 
+    @staticmethod
+    def _score_rows(reranker, texts: list[str], patches: np.ndarray, chunk: int = 64) -> np.ndarray:
+        """(text, no title, patches) rows scored in batches: each row is its own query."""
+        return np.concatenate([
+            reranker.score_pairs(texts[s : s + chunk], [""] * len(texts[s : s + chunk]), patches[s : s + chunk])
+            for s in range(0, len(texts), chunk)
+        ])
+
     def tia(self, reranker, products, patches, swap) -> dict[str, Any]:
         """Match accuracy (logit > 0) and AUC of (title, image) pairs against mismatched texts."""
         rng = np.random.default_rng([self.seed, 37])
         picks = rng.choice(len(products), size=min(self.tia_pairs, len(products)), replace=False)
         titles = [products[i].title for i in picks]
-        pos = np.concatenate([reranker.score(t, [""], patches[[i]]) for t, i in zip(titles, picks)])
+        pos = self._score_rows(reranker, titles, patches[picks])
         out: dict[str, Any] = {"pairs": int(picks.size)}
         kinds = {"random": [products[int(j)].title for j in rng.permutation(len(products))[: picks.size]]}
         if swap is not None:
             kinds["attribute_swap"] = [swap(t) for t in titles]
         for kind, texts in kinds.items():
             keep = [k for k, t in enumerate(texts) if t and t != titles[k]]
-            neg = np.concatenate([reranker.score(texts[k], [""], patches[[picks[k]]]) for k in keep])
+            neg = self._score_rows(reranker, [texts[k] for k in keep], patches[picks[keep]])
             p = pos[keep]
             out[kind] = {
                 "accuracy": float(((p > 0).sum() + (neg <= 0).sum()) / (2 * len(keep))),

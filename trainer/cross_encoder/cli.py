@@ -11,13 +11,16 @@ from search.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def _split(catalog: str, split: str):
+def _splits(catalog: str, *splits: str) -> list[list]:
+    """The products of each named split, reading the catalog once."""
     from search.catalog.registry import read_catalog
 
-    products = [p for p in read_catalog(catalog).products if p.split == split]
-    if not products:
-        raise UserError(f"{catalog}: no products in split {split!r}")
-    return products
+    products = read_catalog(catalog).products
+    out = [[p for p in products if p.split == split] for split in splits]
+    for split, chosen in zip(splits, out):
+        if not chosen:
+            raise UserError(f"{catalog}: no products in split {split!r}")
+    return out
 
 
 def _features(bundle: str, products, cache: str):
@@ -41,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, groups_per_step=args.groups_per_step, negatives=args.negatives,
         student_layers=args.student_layers, lr=args.lr, seed=args.seed, threads=args.threads,
     )
-    products = _split(args.catalog, "train")
+    (products,) = _splits(args.catalog, "train")
     feats = _features(args.bundle, products, args.cache)
     schema = AttributeSchema.from_products(products)
     groups = None
@@ -50,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         graph = ConceptGraph.build(products)
         visual = frozenset(w for c in graph.concepts for w in c.split())
         maker = QueryMaker(graph.brand_words, visual)
-        # Distillation reuses the fine-tuning seed's queries but draws its own order of groups.
+        # Groups are drawn from --seed: give distillation another seed than fine-tuning for fresh queries.
         groups = mine_groups(
             products, feats.text, feats.image, bundle.encode_texts, maker, schema,
             count=cfg.steps * cfg.groups_per_step, alpha_t2p=bundle.alpha_t2p, negatives=cfg.negatives,
@@ -85,13 +88,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from search.runtime.reranker import load_reranker
     from trainer.cross_encoder.knowledge import AttributeSchema
 
-    products = _split(args.catalog, args.split)
+    products, train = _splits(args.catalog, args.split, "train")
     feats = _features(args.features_bundle or args.bundle, products, args.cache)
     bundle = load_bundle(args.features_bundle or args.bundle)
     reranker = load_reranker(args.bundle, read_manifest(args.bundle), threads=args.threads)
     if reranker is None:
         raise UserError(f"bundle {args.bundle} carries no reranker; add one with `vitrine rerank export`")
-    schema = AttributeSchema.from_products(_split(args.catalog, "train"))
+    schema = AttributeSchema.from_products(train)
     rng = np.random.default_rng([args.seed, 31])
     evaluator = RerankEvaluator(top_n=args.top_n, num_queries=args.num_queries, alpha_t2p=bundle.alpha_t2p, seed=args.seed)
     swap = lambda title: schema.swap(title, rng)  # noqa: E731
