@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from search.catalog.product import BytesImage, Product
-from search.evaluation.rerank import RerankEvaluator, binary_auc, reranked_rank
+from search.evaluation.rerank import RerankEvaluator, best_prior_weight, binary_auc, reranked_rank
 from trainer.cross_encoder.factory import create_cross_encoder, get_pair_encoder, get_cross_encoder_config, load_cross_encoder
 from trainer.cross_encoder.knowledge import AttributeSchema, norm_word
 from trainer.cross_encoder.loss import AdaptiveLoss, adaptive_task_weights
@@ -249,6 +249,47 @@ def test_reranker_onnx_vsl_matches_padded_torch(tmp_path):
         export_reranker(save_cross_encoder(other, tmp_path / "other.pt"), with_reranker)
 
 
+def test_int8_reranker_export_ships_a_smaller_graph_with_close_scores(tmp_path):
+    from search.runtime.bundle import load_bundle, read_manifest
+    from search.runtime.reranker import load_reranker
+    from tests.fixtures_index import export_tiny_bundle
+    from trainer.cross_encoder.export import export_reranker_copy
+    from trainer.cross_encoder.factory import save_cross_encoder
+
+    bundle = export_tiny_bundle(tmp_path / "bundle")
+    torch.manual_seed(0)
+    model, _ = create_cross_encoder("tiny", pretrained=False)
+    ckpt = save_cross_encoder(model, tmp_path / "ce.pt")
+    float_spec = export_reranker_copy(ckpt, bundle, tmp_path / "float")
+    int8_spec = export_reranker_copy(ckpt, bundle, tmp_path / "int8", quantize="int8")
+    assert float_spec.precision == "float32" and int8_spec.precision == "int8"
+    assert int8_spec.parity["max_abs_diff"] <= 1e-4  # the float graph was checked before quantizing
+    assert 0 < int8_spec.parity["int8_max_abs_diff_vs_torch"] < 0.05
+    sizes = {name: (tmp_path / name / "reranker" / "reranker.onnx").stat().st_size for name in ("float", "int8")}
+    assert sizes["int8"] < 0.6 * sizes["float"]
+    load_bundle(tmp_path / "int8")  # hashes cover the quantized graph
+    rerankers = {name: load_reranker(tmp_path / name, read_manifest(tmp_path / name), threads=1) for name in ("float", "int8")}
+    rng = np.random.default_rng(1)
+    patches = rng.normal(size=(3, 1, 64)).astype(np.float32)
+    scores = {name: r.score("red dress", ["Nike Red Dress", "", "Puma Black Shoes"], patches) for name, r in rerankers.items()}
+    np.testing.assert_allclose(scores["int8"], scores["float"], atol=0.05)
+    with pytest.raises(ValueError):
+        export_reranker_copy(ckpt, bundle, tmp_path / "fp16", quantize="fp16")
+
+    # A prior weight tuned later rewrites only the manifest; the bundle still verifies.
+    from trainer.cross_encoder.export import set_reranker_prior_weight
+
+    set_reranker_prior_weight(tmp_path / "int8", 3.5, source={"split": "val"})
+    load_bundle(tmp_path / "int8")
+    tuned = load_reranker(tmp_path / "int8", read_manifest(tmp_path / "int8"), threads=1)
+    assert tuned.prior_weight == 3.5 and tuned.spec.model_extra["prior_source"] == {"split": "val"}
+    first = np.array([0.1, 0.2, 0.3], np.float32)
+    np.testing.assert_allclose(tuned.score("red dress", ["a", "b", "c"], patches, first_stage=first),
+                               tuned.score("red dress", ["a", "b", "c"], patches) + 3.5 * first, atol=1e-6)
+    with pytest.raises(ValueError):
+        set_reranker_prior_weight(tmp_path / "int8", -1.0)
+
+
 # ------------------------------------------------------------------ training stages
 
 
@@ -287,6 +328,9 @@ def test_tiny_training_stages_run_and_log(tmp_path):
     ft = RerankerTrainer(RerankerTrainConfig(stage="finetune", out_dir=str(tmp_path / "ft"), init=str(tmp_path / "pre" / "model.pt"),
                                              steps=2, groups_per_step=4, negatives=3), products, patches, groups=groups, progress=False).run()
     assert "listwise" in ft["final_losses"]
+    assert 0 < ft["prior_weight"] != 20.0  # started from prior_init and learned
+    tuned, encoder, _ = load_cross_encoder(tmp_path / "ft" / "model.pt")
+    assert float(tuned.prior_weight) == pytest.approx(ft["prior_weight"])
     st = RerankerTrainer(RerankerTrainConfig(stage="distill", out_dir=str(tmp_path / "st"), init=str(tmp_path / "ft" / "model.pt"),
                                              steps=2, groups_per_step=4, negatives=3, student_layers=1), products, patches, groups=groups, progress=False).run()
     assert st["layers"] == 1
@@ -295,6 +339,30 @@ def test_tiny_training_stages_run_and_log(tmp_path):
     with pytest.raises(ValueError):
         RerankerTrainer(RerankerTrainConfig(stage="finetune", out_dir=str(tmp_path / "x"), init=str(tmp_path / "pre" / "model.pt"), steps=5),
                         products, patches, groups=groups[:2], progress=False)
+
+
+def test_reranking_rows_carry_first_stage_scores_and_the_prior_is_added():
+    from trainer.cross_encoder.data import RerankGroup, rows_for_groups
+    from trainer.cross_encoder.train import group_scores
+
+    torch.manual_seed(0)
+    model, encoder = create_cross_encoder("tiny", pretrained=False)
+    products = _products(8)
+    patches = np.random.default_rng(0).normal(size=(8, 1, 64)).astype(np.float16)
+    groups = [RerankGroup("red tshirts", 0, (1, 2), True, "blue tshirts", (0.9, 0.5, 0.4)),
+              RerankGroup("black sandals", 3, (4, 5), False, None, (0.7, 0.6, 0.1))]
+    batch, width = rows_for_groups(groups, products, patches, encoder)
+    assert width == 3 and batch.extra["swaps"] == 1
+    assert batch.extra["first_stage"].tolist() == pytest.approx([0.9, 0.5, 0.4, 0.7, 0.6, 0.1, 0.9])  # the swap row: its positive's
+    with torch.no_grad():
+        model.prior_weight.fill_(7.0)
+        logits = model.eval().score(**batch.inputs())
+        scores, swaps = group_scores(model, batch, width)
+    expected = logits + 7.0 * batch.extra["first_stage"]
+    assert torch.allclose(scores.flatten(), expected[:6], atol=1e-5) and torch.allclose(swaps, expected[6:], atol=1e-5)
+    # Without first-stage scores on every group the batch carries none, and the logits rank alone.
+    bare, _ = rows_for_groups([groups[0], RerankGroup("bags", 6, (7, 1), True, None)], products, patches, encoder)
+    assert "first_stage" not in bare.extra
 
 
 def test_query_maker_drops_brand_and_non_visual_words():
@@ -322,8 +390,11 @@ def test_reranked_rank_and_auc():
 class OracleScorer:
     """Scores a candidate by whether its patch row carries the query's marker."""
 
-    def __init__(self, markers: dict[str, float]):
-        self.markers = markers
+    def __init__(self, markers: dict[str, float], prior_weight: float = 0.0):
+        self.markers, self.prior_weight = markers, prior_weight
+
+    def with_prior(self, logits, first_stage):
+        return logits + self.prior_weight * first_stage
 
     def score(self, query, titles, patches):
         return -np.abs(patches[:, 0, 0] - self.markers.get(query, -99.0))
@@ -345,7 +416,21 @@ def test_rerank_evaluator_counts_what_the_reranker_fixes():
     report = evaluator(scorer, products, titles, images, patches, lambda qs: rng.normal(size=(len(qs), 8)).astype(np.float32))
     t2i = report["t2i_sample"]
     assert t2i["reranked"]["R@1"] == 1.0 and t2i["dual_encoder"]["R@1"] < 0.5
+    assert t2i["cross_only"] == t2i["reranked"]
     assert report["tia"]["random"]["auc"] == 1.0
+
+    # A prior weight that swamps the logits gives back the first stage's order; cross_only does not change.
+    swamped = evaluator(OracleScorer(scorer.markers, prior_weight=1e6), products, titles, images, patches,
+                        lambda qs: rng.normal(size=(len(qs), 8)).astype(np.float32))["t2i_sample"]
+    assert swamped["reranked"] == t2i["dual_encoder"] and swamped["cross_only"]["R@1"] == 1.0
+
+    # The sweep scores each weight from the same logits; the best on this split is the logit alone.
+    sweeping = RerankEvaluator(top_n=40, num_queries=20, num_negatives=39, t2p_queries=5, tia_pairs=10, prior_grid=(0.0, 1e6), progress=False)
+    report = sweeping(scorer, products, titles, images, patches, lambda qs: rng.normal(size=(len(qs), 8)).astype(np.float32))
+    sweep = report["prior_sweep"]
+    assert sweep["weights"] == [0.0, 1e6] and sweep["t2i_R@1"] == [1.0, t2i["dual_encoder"]["R@1"]]
+    assert len(sweep["t2p_nDCG@10"]) == 2 and best_prior_weight(sweep) == 0.0
+    assert best_prior_weight({"weights": [0.0, 5.0], "t2i_R@1": [0.3, 0.3], "t2p_nDCG@10": [0.5, 0.5]}) == 5.0  # ties: the larger
 
 
 def test_pretraining_match_rows_carry_no_masks():

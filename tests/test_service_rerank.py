@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -18,11 +19,13 @@ from tests.service_fixtures import build_bundle_index, jpeg_bytes, tiny_bundle
 DEFAULT_TOP_N = 6  # the reranker's own default, written into the bundle
 LIMITS = dict(max_k=20, default_k=5)
 QUERY = "women red tshirts"
+PRIOR_WEIGHT = 0.01  # small enough that the cross-encoder still reorders the fixture's hits
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory):
-    """The tiny bundle plus an untrained tiny cross-encoder (seeded: its scores are fixed)."""
+    """The tiny bundle plus an untrained tiny cross-encoder (seeded: its scores are fixed), whose
+    rerank scores add a first-stage prior (the service must pass the hits' scores through)."""
     import torch
 
     from trainer.cross_encoder.export import export_reranker_copy
@@ -31,6 +34,8 @@ def bundle(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("rerank-bundle")
     torch.manual_seed(0)
     model, _ = create_cross_encoder("tiny", pretrained=False)
+    with torch.no_grad():
+        model.prior_weight.fill_(PRIOR_WEIGHT)
     ckpt = save_cross_encoder(model, root / "ce.pt")
     out = root / "with-reranker"
     export_reranker_copy(ckpt, tiny_bundle(tmp_path_factory), out, default_top_n=DEFAULT_TOP_N)
@@ -74,7 +79,11 @@ def expected_rerank(index, encoder, reranker, query: str, k: int, n: int, filter
     """(ids, rerank scores) as the service should answer: Reranker.score on the first-stage top N, sorted."""
     hits = first_stage(index, encoder, query, max(k, n), filters)
     head = hits[:n]
-    scores = reranker.score(normalise_query(query), [index.get(h.id).title for h in head], index.patches([h.id for h in head]))
+    assert reranker.spec.prior_weight == pytest.approx(PRIOR_WEIGHT)
+    titles, patches = [index.get(h.id).title for h in head], index.patches([h.id for h in head])
+    scores = reranker.score(normalise_query(query), titles, patches, first_stage=np.array([h.score for h in head]))
+    logits = reranker.score(normalise_query(query), titles, patches)
+    assert scores == pytest.approx(logits + PRIOR_WEIGHT * np.array([h.score for h in head]), abs=1e-5)
     order = sorted(range(len(head)), key=lambda i: (-float(scores[i]), i))
     ids = [head[i].id for i in order] + [h.id for h in hits[n:]]
     return ids[:k], [float(scores[i]) for i in order][:k]

@@ -5,6 +5,11 @@
 * T2P shopper queries over the split: candidates are products, ranked by the α-fused score, and the
   reranker reads (query, title, patches).
 * TIA: the match classifier on (title, image) pairs against random texts and attribute-swapped texts.
+
+"reranked" orders the top N as the service does (match logit + the reranker's prior weight x the
+first-stage score); "cross_only" by the match logit alone, to show what the cross-encoder adds.
+With a `prior_grid`, "prior_sweep" reports T2I R@1 and T2P nDCG@10 for each candidate weight, from
+the same logits: `best_prior_weight` picks one on a validation split.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ class PairScorer(Protocol):
     def score(self, query: str, titles: Sequence[str], patches: np.ndarray) -> np.ndarray: ...
 
     def score_pairs(self, queries: Sequence[str], titles: Sequence[str], patches: np.ndarray) -> np.ndarray: ...
+
+    def with_prior(self, logits: np.ndarray, first_stage: np.ndarray) -> np.ndarray: ...
 
 
 def reranked_rank(first_scores: np.ndarray, rerank_scores: np.ndarray, top: np.ndarray, positive: int) -> int:
@@ -58,6 +65,15 @@ def binary_auc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float(u / (positive.size * negative.size))
 
 
+def best_prior_weight(sweep: dict[str, Any]) -> float:
+    """The weight of a `prior_sweep` with the best T2I R@1 + T2P nDCG@10; ties go to the larger
+    weight (closer to the first stage's order)."""
+    weights = sweep["weights"]
+    t2i, t2p = sweep["t2i_R@1"], sweep.get("t2p_nDCG@10") or [0.0] * len(weights)
+    assert len(t2i) == len(weights) == len(t2p)
+    return max(zip(weights, t2i, t2p), key=lambda x: (x[1] + x[2], x[0]))[0]
+
+
 class RerankEvaluator:
     def __init__(
         self,
@@ -69,10 +85,14 @@ class RerankEvaluator:
         tia_pairs: int = 1000,
         alpha_t2p: float = 0.5,
         seed: int = 0,
+        prior_grid: Sequence[float] = (),
         progress: bool = True,
     ) -> None:
         if top_n < 1:
             raise ValueError("top_n must be >= 1")
+        if any(w < 0 for w in prior_grid):
+            raise ValueError("prior weights must be >= 0")
+        self.prior_grid = tuple(float(w) for w in prior_grid)
         self.top_n, self.num_queries, self.num_negatives = top_n, num_queries, num_negatives
         self.t2p_queries, self.tia_pairs, self.alpha_t2p = t2p_queries, tia_pairs, alpha_t2p
         self.seed, self.progress = seed, progress
@@ -95,6 +115,9 @@ class RerankEvaluator:
         report["t2i_sample"] = self.sample_t2i(reranker, products, title_embs, image_embs, patches)
         report["t2p"] = self.t2p(reranker, products, title_embs, image_embs, patches, encode_texts)
         report["tia"] = self.tia(reranker, products, patches, swap)
+        sweep = {"t2i_R@1": report["t2i_sample"].pop("prior_sweep"), "t2p_nDCG@10": report["t2p"].pop("prior_sweep", None)}
+        if self.prior_grid:
+            report["prior_sweep"] = {"weights": list(self.prior_grid), **sweep}
         report["seconds"] = round(time.perf_counter() - started, 1)
         return report
 
@@ -106,7 +129,8 @@ class RerankEvaluator:
             raise ValueError("the sample protocol needs at least 2 products")
         queries = sample_query_products(len(products), self.num_queries, self.seed)
         sampled = sample_t2i_candidates(text_of_product, groups, queries, self.num_negatives, self.seed)
-        before, after, seconds = [], [], []
+        before, after, alone, seconds = [], [], [], []
+        swept: list[list[int]] = [[] for _ in self.prior_grid]
         for q, pos, negs in tqdm(zip(queries, sampled.positives, sampled.negatives), total=len(queries), desc="rerank t2i", disable=not self.progress):
             negs = negs[negs >= 0]
             cands = np.concatenate([[pos], negs])
@@ -114,12 +138,18 @@ class RerankEvaluator:
             before.append(int(rank_against_negatives(first[:1], first[None, 1:])[0]))
             top = top_n(first, self.top_n)
             t0 = time.perf_counter()
-            scores = reranker.score(titles[q], [""] * top.size, patches[cands[top]])
+            logits = reranker.score(titles[q], [""] * top.size, patches[cands[top]])
+            scores = reranker.with_prior(logits, first[top])
             seconds.append(time.perf_counter() - t0)
             after.append(reranked_rank(first, scores, top, 0))
+            alone.append(reranked_rank(first, logits, top, 0))
+            for ranks, w in zip(swept, self.prior_grid):
+                ranks.append(reranked_rank(first, logits + np.float32(w) * first[top], top, 0))
         return {
+            "prior_sweep": [recall_metrics(np.array(r))["R@1"] for r in swept],
             "dual_encoder": recall_metrics(np.array(before)),
             "reranked": recall_metrics(np.array(after)),
+            "cross_only": recall_metrics(np.array(alone)),
             "queries": len(queries),
             "candidates_per_query": 1 + self.num_negatives,
             "rerank_ms_p50": round(1000 * float(np.median(seconds)), 2),
@@ -133,15 +163,20 @@ class RerankEvaluator:
         q_embs = encode_texts([q.text for q in queries])
         fused = product_search.blend_product_embs(title_embs, image_embs, self.alpha_t2p)
         first = q_embs @ fused.T
-        reranked = first.copy()
+        reranked, alone = first.copy(), first.copy()
+        swept = [first.copy() for _ in self.prior_grid]
         for i, query in enumerate(tqdm(queries, desc="rerank t2p", disable=not self.progress)):
             top = top_n(first[i], self.top_n)
-            scores = reranker.score(query.text, [products[j].title for j in top], patches[top])
-            # Reranked candidates stay above the rest, in rerank order.
-            reranked[i, top] = first[i].max() + 1.0 + (scores - scores.min())
+            logits = reranker.score(query.text, [products[j].title for j in top], patches[top])
+            tables = [(reranked, reranker.with_prior(logits, first[i, top])), (alone, logits)]
+            tables += [(table, logits + np.float32(w) * first[i, top]) for table, w in zip(swept, self.prior_grid)]
+            for table, scores in tables:  # reranked candidates stay above the rest, in rerank order
+                table[i, top] = first[i].max() + 1.0 + (scores - scores.min())
         n_rel = relevant.sum(1)
-        out = {}
-        for name, scores in (("dual_encoder", first), ("reranked", reranked)):
+        out: dict[str, Any] = {}
+        if self.prior_grid:
+            out["prior_sweep"] = [float(ndcg_at_k(ranked_relevance(t, relevant, 10), n_rel, 10).mean()) for t in swept]
+        for name, scores in (("dual_encoder", first), ("reranked", reranked), ("cross_only", alone)):
             hits = ranked_relevance(scores, relevant, 10)
             out[name] = {
                 "P@1": float(precision_at_k(hits, 1).mean()),
@@ -181,4 +216,4 @@ class RerankEvaluator:
         return out
 
 
-__all__ = ["RerankEvaluator", "binary_auc", "reranked_rank", "top_n"]
+__all__ = ["RerankEvaluator", "best_prior_weight", "binary_auc", "reranked_rank", "top_n"]

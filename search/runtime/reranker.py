@@ -36,6 +36,9 @@ class RerankerSpec(BaseModel):
     patch_grid: tuple[int, int]
     patch_dim: int = Field(ge=1)
     default_top_n: int = Field(default=20, ge=1)
+    # Rerank score = match logit + prior_weight x first-stage score (learned in fine-tuning; 0: logit alone).
+    prior_weight: float = 0.0
+    precision: str = "float32"  # or "int8": a dynamically quantized graph
     parity: dict[str, Any] = Field(default_factory=dict)
 
     @property
@@ -93,9 +96,26 @@ class Reranker:
         assert scores.shape == (k,)
         return scores.astype(np.float32)
 
-    def score(self, query: str, titles: Sequence[str], patches: np.ndarray, *, pad_to: int | None = None) -> np.ndarray:
-        """One query against K candidates (titles may be "" to score the image alone)."""
-        return self.score_pairs([query] * len(titles), titles, patches, pad_to=pad_to)
+    def score(
+        self, query: str, titles: Sequence[str], patches: np.ndarray, *, first_stage: np.ndarray | None = None,
+        pad_to: int | None = None,
+    ) -> np.ndarray:
+        """One query against K candidates (titles may be "" to score the image alone). With the
+        candidates' `first_stage` scores, the rerank scores (logit + prior_weight x first stage);
+        without, the cross-encoder's logits alone."""
+        logits = self.score_pairs([query] * len(titles), titles, patches, pad_to=pad_to)
+        return logits if first_stage is None else self.with_prior(logits, first_stage)
+
+    @property
+    def prior_weight(self) -> float:
+        return float(self.spec.prior_weight)
+
+    def with_prior(self, logits: np.ndarray, first_stage: np.ndarray) -> np.ndarray:
+        """Rerank scores from match logits and the same candidates' first-stage scores."""
+        first_stage = np.asarray(first_stage, dtype=np.float32)
+        if first_stage.shape != logits.shape:
+            raise UserError(f"first_stage must have one score per candidate ({logits.shape[0]}), got {first_stage.shape}")
+        return logits + np.float32(self.spec.prior_weight) * first_stage
 
 
 def load_reranker(bundle_dir: str | Path, manifest: Any, *, threads: int | None = None, device: str = "cpu") -> Reranker | None:

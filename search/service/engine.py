@@ -293,7 +293,7 @@ class SearchEngine:
         titles = [record.title if record is not None else "" for record in outcome.records[:n]]
         patches = self.index.patches([h.id for h in head])
         try:
-            scores = self.reranker.score(text, titles, patches)
+            scores = self.reranker.score(text, titles, patches, first_stage=np.array([h.score for h in head], np.float32))
         except UserError as exc:  # e.g. a query the reranker's tokenizer cannot read
             raise ApiError(422, "invalid_query", str(exc)) from exc
         assert scores.shape == (n,), (scores.shape, n)

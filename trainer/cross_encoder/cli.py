@@ -9,6 +9,8 @@ from pathlib import Path
 from search.errors import UserError
 
 log = logging.getLogger(__name__)
+# Prior weights to sweep: 0 is the cross-encoder alone, 1e4 the first stage's order in practice.
+PRIOR_GRID = (0.0, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0, 1e4)
 
 
 def _splits(catalog: str, *splits: str) -> list[list]:
@@ -42,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = RerankerTrainConfig(
         stage=args.stage, out_dir=args.out, model=args.model, init=args.init, knowledge=not args.no_knowledge,
         steps=args.steps, batch_size=args.batch_size, groups_per_step=args.groups_per_step, negatives=args.negatives,
-        student_layers=args.student_layers, lr=args.lr, seed=args.seed, threads=args.threads,
+        student_layers=args.student_layers, lr=args.lr, seed=args.seed, threads=args.threads, prior_init=args.prior_init,
     )
     (products,) = _splits(args.catalog, "train")
     feats = _features(args.bundle, products, args.cache)
@@ -73,9 +75,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from trainer.cross_encoder.export import export_reranker, export_reranker_copy
 
     if args.out:
-        spec = export_reranker_copy(args.checkpoint, args.bundle, args.out, default_top_n=args.top_n)
+        spec = export_reranker_copy(args.checkpoint, args.bundle, args.out, default_top_n=args.top_n, quantize=args.quantize)
     else:
-        spec = export_reranker(args.checkpoint, args.bundle, default_top_n=args.top_n)
+        spec = export_reranker(args.checkpoint, args.bundle, default_top_n=args.top_n, quantize=args.quantize)
     print(json.dumps(spec.model_dump(mode="json"), indent=2))
     return 0
 
@@ -88,6 +90,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from search.runtime.reranker import load_reranker
     from trainer.cross_encoder.knowledge import AttributeSchema
 
+    if args.write_prior and not args.tune_prior:
+        raise UserError("--write-prior needs --tune-prior")
+    if args.write_prior and args.split == "test":
+        raise UserError("tune the prior weight on val, not on test")
     products, train = _splits(args.catalog, args.split, "train")
     feats = _features(args.features_bundle or args.bundle, products, args.cache)
     bundle = load_bundle(args.features_bundle or args.bundle)
@@ -96,12 +102,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"bundle {args.bundle} carries no reranker; add one with `vitrine rerank export`")
     schema = AttributeSchema.from_products(train)
     rng = np.random.default_rng([args.seed, 31])
-    evaluator = RerankEvaluator(top_n=args.top_n, num_queries=args.num_queries, alpha_t2p=bundle.alpha_t2p, seed=args.seed)
+    grid = PRIOR_GRID if args.tune_prior else ()
+    evaluator = RerankEvaluator(top_n=args.top_n, num_queries=args.num_queries, t2p_queries=args.t2p_queries,
+                                alpha_t2p=bundle.alpha_t2p, seed=args.seed, prior_grid=grid)
     swap = lambda title: schema.swap(title, rng)  # noqa: E731
     report = evaluator(reranker, products, feats.text, feats.image, np.asarray(feats.patches), bundle.encode_texts, swap=swap)
     report["bundle"], report["split"] = str(args.bundle), args.split
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.tune_prior:
+        from search.evaluation.rerank import best_prior_weight
+        from trainer.cross_encoder.export import set_reranker_prior_weight
+
+        best = best_prior_weight(report["prior_sweep"])
+        report["prior_sweep"]["best"] = best
+        if args.write_prior:
+            set_reranker_prior_weight(args.bundle, best, source={"split": args.split, "objective": "t2i R@1 + t2p nDCG@10",
+                                                                 "queries": args.num_queries, "t2p_queries": args.t2p_queries})
+            report["prior_sweep"]["written_to"] = str(args.bundle)
     (out / "rerank.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=2))
     return 0
@@ -125,6 +143,8 @@ def register(subparsers) -> None:
     train.add_argument("--negatives", type=int, default=7)
     train.add_argument("--student-layers", type=int, default=2)
     train.add_argument("--lr", type=float, default=5e-5)
+    train.add_argument("--prior-init", type=float, default=20.0,
+                       help="finetune: starting weight of the first-stage score added to the match logit (0 with --prior-lr 0: cross-encoder alone)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int)
     train.add_argument("--cache", default="runs/cache")
@@ -135,6 +155,7 @@ def register(subparsers) -> None:
     export.add_argument("--bundle", required=True)
     export.add_argument("--out", help="write a copy of the bundle with the reranker here instead of changing --bundle")
     export.add_argument("--top-n", type=int, default=20, help="the service's default rerank depth")
+    export.add_argument("--quantize", choices=("int8",), help="ship a dynamically quantized graph (faster on CPU)")
     export.set_defaults(func=cmd_export)
 
     ev = sub.add_parser("eval", help="sample-protocol T2I and T2P with and without reranking; TIA accuracy/AUC")
@@ -144,6 +165,9 @@ def register(subparsers) -> None:
     ev.add_argument("--split", default="test")
     ev.add_argument("--top-n", type=int, default=20)
     ev.add_argument("--num-queries", type=int, default=1000)
+    ev.add_argument("--t2p-queries", type=int, default=500)
+    ev.add_argument("--tune-prior", action="store_true", help="also sweep the first-stage prior weight over a grid")
+    ev.add_argument("--write-prior", action="store_true", help="with --tune-prior: write the best weight into --bundle")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--threads", type=int, default=2)
     ev.add_argument("--cache", default="runs/cache")

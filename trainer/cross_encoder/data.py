@@ -178,6 +178,7 @@ class RerankGroup:
     negatives: tuple[int, ...]
     with_titles: bool
     swapped_query: str | None  # KG-ITM: the query with one attribute swapped, a negative for the positive
+    first_stage: tuple[float, ...] = ()  # the dual encoder's scores of (positive, *negatives); empty if unknown
 
 
 def is_relevant(query: str, filters: Sequence[tuple[str, str]], product: Product, maker: QueryMaker, kind: str) -> bool:
@@ -193,7 +194,8 @@ def rows_for_groups(
     groups: Sequence[RerankGroup], products: Sequence[Product], patches: np.ndarray, encoder: PairEncoder
 ) -> tuple[Batch, int]:
     """Rows for G groups: G * (1 + k) group rows (positive first in each group), then one row per
-    KG-ITM swap. Returns the batch and k + 1."""
+    KG-ITM swap. Returns the batch and k + 1. When every group carries first-stage scores they come
+    as `extra["first_stage"]` (a swap row gets its positive's, so the prior cancels in the KG-ITM loss)."""
     width = 1 + len(groups[0].negatives)
     rows, which = [], []
     for g in groups:
@@ -209,7 +211,11 @@ def rows_for_groups(
     feats = torch.from_numpy(np.asarray(patches[np.asarray(which)], dtype=np.float32))
     match = torch.zeros(len(rows))
     match[torch.arange(len(groups)) * width] = 1.0
-    return Batch(**t, patches=feats, match=match, extra={"groups": len(groups), "swaps": len(swaps)}), width
+    extra: dict = {"groups": len(groups), "swaps": len(swaps)}
+    if all(len(g.first_stage) == width for g in groups):
+        prior = [x for g in groups for x in g.first_stage] + [g.first_stage[0] for g in swaps]
+        extra["first_stage"] = torch.tensor(prior, dtype=torch.float32)
+    return Batch(**t, patches=feats, match=match, extra=extra), width
 
 
 __all__ = ["Batch", "PretrainSampler", "QUERY_KINDS", "QueryMaker", "RerankGroup", "is_relevant", "rows_for_groups"]

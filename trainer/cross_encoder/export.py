@@ -2,7 +2,9 @@
 
 Batch and text length are dynamic axes, so serving pads K candidates only to their longest row (VSL).
 Parity: ORT on VSL batches against torch on the same rows padded to the fixed maximum must agree
-within `tolerance`, else nothing is written.
+within `tolerance`, else nothing is written. With `quantize="int8"` the parity-checked graph is then
+quantized (onnxruntime dynamic quantization, per-channel int8 weights) and the bundle ships that; how far
+its scores move from the float graph's is recorded, and its ranking quality is `vitrine rerank eval`'s.
 """
 from __future__ import annotations
 
@@ -70,6 +72,15 @@ def measure_reranker_parity(model: CrossEncoder, reranker: Reranker, seed: int =
     }
 
 
+QUANTIZATIONS = ("int8",)
+
+
+def quantize_reranker_graph(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+
+
 def export_reranker(
     checkpoint: str | Path,
     bundle_dir: str | Path,
@@ -77,12 +88,15 @@ def export_reranker(
     opset: int = 17,
     tolerance: float = PARITY_TOLERANCE,
     default_top_n: int = 20,
+    quantize: str | None = None,
 ) -> RerankerSpec:
     """Add (or replace) the bundle's reranker. The bundle is rewritten in place, manifest last, so a
     reader sees either the old complete bundle or the new one."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     verify_files(bundle_dir, manifest)
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {QUANTIZATIONS} or None, got {quantize!r}")
     model, encoder, extra = load_cross_encoder(checkpoint)
     patches = getattr(manifest, "patches", None)
     if patches is None:
@@ -99,6 +113,7 @@ def export_reranker(
             model=model.config.name, layers=model.num_layers, hidden_size=model.hidden_size,
             max_query_tokens=encoder.max_query_tokens, max_title_tokens=encoder.max_title_tokens,
             patch_grid=model.config.patch_grid, patch_dim=model.config.patch_dim, default_top_n=default_top_n,
+            prior_weight=float(model.prior_weight.detach()),
         )
         staged_spec = spec.model_copy(update={"file": "reranker.onnx", "tokenizer": "tokenizer.json"})
         reranker = Reranker(make_session(staged / "reranker.onnx", threads=2), PairEncoder.from_file(
@@ -107,7 +122,17 @@ def export_reranker(
         if parity["max_abs_diff"] > tolerance:
             raise BundleError(f"reranker parity failed: ORT and torch differ by {parity['max_abs_diff']:.2e} > {tolerance:.0e}")
         parity["tolerance"] = tolerance
-        spec = spec.model_copy(update={"parity": parity, "training": {k: extra[k] for k in ("stage", "knowledge") if k in extra}})
+        if quantize == "int8":
+            float_graph = staged / "reranker.float.onnx"
+            (staged / "reranker.onnx").replace(float_graph)
+            quantize_reranker_graph(float_graph, staged / "reranker.onnx")
+            float_graph.unlink()
+            quantized = Reranker(make_session(staged / "reranker.onnx", threads=2), reranker.encoder, staged_spec)
+            parity["int8_max_abs_diff_vs_torch"] = measure_reranker_parity(model, quantized)["max_abs_diff"]
+        spec = spec.model_copy(update={
+            "parity": parity, "precision": quantize or "float32",
+            "training": {k: extra[k] for k in ("stage", "knowledge") if k in extra},
+        })
         target = bundle_dir / RERANKER_DIR
         if target.exists():
             shutil.rmtree(target)
@@ -117,6 +142,26 @@ def export_reranker(
     fields = manifest.model_dump(mode="json")
     fields[RERANKER_KEY] = spec.model_dump(mode="json")
     fields["files"] = hash_bundle_files(bundle_dir)
+    write_manifest(bundle_dir, type(manifest).model_validate(fields))
+    return spec
+
+
+def set_reranker_prior_weight(bundle_dir: str | Path, weight: float, *, source: dict[str, Any] | None = None) -> RerankerSpec:
+    """Rewrite the bundle's reranker prior weight (e.g. the one `vitrine rerank eval --tune-prior`
+    picked on val); `source` says where it came from. Only the manifest changes."""
+    if weight < 0:
+        raise ValueError("the prior weight must be >= 0")
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    fields = manifest.model_dump(mode="json")
+    if fields.get(RERANKER_KEY) is None:
+        raise BundleError(f"bundle {bundle_dir} carries no reranker")
+    spec = RerankerSpec.model_validate(fields[RERANKER_KEY])
+    update: dict[str, Any] = {"prior_weight": float(weight)}
+    if source is not None:
+        update["prior_source"] = source
+    spec = spec.model_copy(update=update)
+    fields[RERANKER_KEY] = spec.model_dump(mode="json")
     write_manifest(bundle_dir, type(manifest).model_validate(fields))
     return spec
 
@@ -134,4 +179,6 @@ def export_reranker_copy(checkpoint: str | Path, bundle_dir: str | Path, out_dir
         raise
 
 
-__all__ = ["export_reranker", "export_reranker_copy", "export_reranker_graph", "measure_reranker_parity"]
+__all__ = [
+    "export_reranker", "export_reranker_copy", "export_reranker_graph", "measure_reranker_parity", "set_reranker_prior_weight",
+]

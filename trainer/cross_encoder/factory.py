@@ -79,7 +79,9 @@ def load_cross_encoder(path: str | Path) -> tuple[CrossEncoder, PairEncoder, dic
         raise ValueError(f"{path} is not a Vitrine cross-encoder checkpoint")
     config = CrossEncoderConfig(**ckpt["config"])
     model = CrossEncoder(_backbone(config, pretrained=False), config)
-    model.load_state_dict(ckpt["state_dict"])
+    state = dict(ckpt["state_dict"])
+    state.setdefault("prior_weight", torch.zeros(()))  # checkpoints from before the first-stage prior
+    model.load_state_dict(state)
     extra = {k: v for k, v in ckpt.items() if k not in ("format", "config", "state_dict")}
     return model, get_pair_encoder(config), extra
 

@@ -62,7 +62,8 @@ def mine_groups(
                 wrong += [int(j) for j in others if j not in wrong]
             chosen = tuple(int(j) for j in rng.choice(wrong[:max(pool, negatives)], size=negatives, replace=False))
             swapped = schema.swap(query, rng) if knowledge else None
-            groups.append(RerankGroup(query, int(picks[g]), chosen, bool(with_titles[g]), swapped))
+            first = tuple(float(sims[j]) for j in (picks[g], *chosen))
+            groups.append(RerankGroup(query, int(picks[g]), chosen, bool(with_titles[g]), swapped, first))
     return groups
 
 

@@ -103,6 +103,10 @@ class CrossEncoder(nn.Module):
         self.mpm_head = nn.Sequential(
             nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden, eps=hf.layer_norm_eps), nn.Linear(hidden, config.patch_dim)
         )
+        # Reranking adds prior_weight x the first-stage score to the match logit, so the cross-encoder
+        # learns a correction of the dual encoder's ranking rather than a ranking from scratch.
+        # Fine-tuning sets and learns it; 0 means the cross-encoder ranks alone.
+        self.prior_weight = nn.Parameter(torch.zeros(()))
 
     @property
     def num_layers(self) -> int:
@@ -145,6 +149,13 @@ class CrossEncoder(nn.Module):
 
     def score(self, input_ids: Tensor, token_type_ids: Tensor, attention_mask: Tensor, patches: Tensor) -> Tensor:
         return self.match_logits(self.forward(input_ids, token_type_ids, attention_mask, patches))
+
+    def with_prior(self, logits: Tensor, first_stage: Tensor | None) -> Tensor:
+        """Rerank scores: match logits plus prior_weight x the candidates' first-stage scores."""
+        if first_stage is None:
+            return logits
+        assert first_stage.shape == logits.shape, (first_stage.shape, logits.shape)
+        return logits + self.prior_weight * first_stage
 
     def mlm_logits(self, hidden_at_masked: Tensor) -> Tensor:
         """[M, H] states at masked text positions -> [M, vocab] logits (decoder tied to word embeddings)."""

@@ -51,6 +51,8 @@ class RerankerTrainConfig:
     student_layers: int = 2
     lr: float = 5e-5
     new_params_lr: float = 5e-4  # patch embedding, segments and heads start from scratch
+    prior_init: float | None = 20.0  # finetune: the first-stage score's weight to start from (None: keep the checkpoint's)
+    prior_lr: float = 0.05  # the weight is one scalar of order 10: it needs its own, larger rate
     warmup: float = 0.1
     weight_decay: float = 0.01
     seed: int = 0
@@ -71,12 +73,17 @@ NEW_PARAM_PREFIXES = ("patch_embedding.", "segment_embeddings.", "match_head.", 
 
 def _optimizer(model: CrossEncoder, cfg: RerankerTrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     fresh = cfg.stage != "distill"  # after a short pretraining the new parts still need the larger rate
-    groups: dict[str, list] = {"backbone": [], "new": []}
+    groups: dict[str, list] = {"backbone": [], "new": [], "prior": []}
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if not p.requires_grad:
+            continue
+        if name == "prior_weight":
+            groups["prior"].append(p)
+        else:
             groups["new" if fresh and name.startswith(NEW_PARAM_PREFIXES) else "backbone"].append(p)
     opt = torch.optim.AdamW(
-        [{"params": groups["backbone"], "lr": cfg.lr}, {"params": groups["new"], "lr": cfg.new_params_lr}],
+        [{"params": groups["backbone"], "lr": cfg.lr}, {"params": groups["new"], "lr": cfg.new_params_lr},
+         {"params": groups["prior"], "lr": cfg.prior_lr, "weight_decay": 0.0}],
         weight_decay=cfg.weight_decay,
     )
     warm = max(1, int(cfg.warmup * cfg.steps))
@@ -105,8 +112,9 @@ def pretrain_losses(model: CrossEncoder, batch: Batch) -> dict[str, torch.Tensor
 
 
 def group_scores(model: CrossEncoder, batch: Batch, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """([G, width] group logits, [S] logits of the KG-ITM swap rows)."""
-    logits = model.score(**batch.inputs())
+    """([G, width] group scores, [S] scores of the KG-ITM swap rows): match logits plus the weighted
+    first-stage scores when the batch carries them."""
+    logits = model.with_prior(model.score(**batch.inputs()), batch.extra.get("first_stage"))
     g = batch.extra["groups"]
     return logits[: g * width].view(g, width), logits[g * width :]
 
@@ -159,6 +167,9 @@ class RerankerTrainer:
                     p.requires_grad_(True)
             else:
                 self.model = model
+                if cfg.prior_init is not None:
+                    with torch.no_grad():
+                        model.prior_weight.fill_(cfg.prior_init)
         if self.patches.shape[1:] != (self.model.config.num_patches, self.model.config.patch_dim):
             raise ValueError(
                 f"patch features {self.patches.shape[1:]} do not fit the model "
@@ -206,6 +217,8 @@ class RerankerTrainer:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 sched.step()
+                if sampler is None:
+                    record["prior_weight"] = float(model.prior_weight.detach())  # after the update: what gets saved
                 record["losses"] = {k: float(v.detach()) for k, v in losses.items()}
                 record["total"] = float(total.detach())
                 record["sec"] = round(time.perf_counter() - t0, 3)
@@ -238,6 +251,9 @@ class RerankerTrainer:
             summary["sampler"] = dict(sampler.stats)
         if "group_acc" in tail[-1]:
             summary["final_group_acc"] = float(np.mean([h["group_acc"] for h in tail]))
+            summary["first_group_acc"] = float(np.mean([h["group_acc"] for h in history[: len(tail)]]))
+        if "prior_weight" in tail[-1]:
+            summary["prior_weight"] = tail[-1]["prior_weight"]
         return summary
 
 
