@@ -214,6 +214,7 @@ def test_readiness_reports_the_loaded_reranker(client, reranker):
     info = client.get("/readyz").json()["reranker"]
     assert info["loaded"] is True and info["layers"] == reranker.layers >= 1
     assert info["top_n"] == DEFAULT_TOP_N and info["default_on"] is True
+    assert info["prior_weight"] == pytest.approx(PRIOR_WEIGHT) and info["precision"] == "float32"
 
 
 # ---------------------------------------------------------------- caching, timings

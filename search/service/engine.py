@@ -278,6 +278,7 @@ class SearchEngine:
         spec = self.reranker.spec
         return {"loaded": True, "layers": int(self.reranker.layers), "model": spec.model, "hidden_size": spec.hidden_size,
                 "patch_grid": list(spec.patch_grid), "patch_dim": spec.patch_dim,
+                "prior_weight": spec.prior_weight, "precision": spec.precision,
                 "default_on": self.settings.rerank_default, "top_n": self.default_rerank_top_n}  # fmt: skip
 
     def _rerank(self, text: str, outcome: SearchOutcome, top_n: int) -> None:
