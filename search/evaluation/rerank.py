@@ -24,6 +24,7 @@ from search.catalog.product import Product
 from search.evaluation import product_search
 from search.evaluation.protocols import index_distinct, recall_metrics, sample_query_products, sample_t2i_candidates
 from search.evaluation.ranking import ndcg_at_k, precision_at_k, rank_against_negatives, ranked_relevance
+from search.runtime.reranker import add_prior
 
 
 class PairScorer(Protocol):
@@ -144,7 +145,7 @@ class RerankEvaluator:
             after.append(reranked_rank(first, scores, top, 0))
             alone.append(reranked_rank(first, logits, top, 0))
             for ranks, w in zip(swept, self.prior_grid):
-                ranks.append(reranked_rank(first, logits + np.float32(w) * first[top], top, 0))
+                ranks.append(reranked_rank(first, add_prior(logits, first[top], w), top, 0))
         return {
             "prior_sweep": [recall_metrics(np.array(r))["R@1"] for r in swept],
             "dual_encoder": recall_metrics(np.array(before)),
@@ -169,7 +170,7 @@ class RerankEvaluator:
             top = top_n(first[i], self.top_n)
             logits = reranker.score(query.text, [products[j].title for j in top], patches[top])
             tables = [(reranked, reranker.with_prior(logits, first[i, top])), (alone, logits)]
-            tables += [(table, logits + np.float32(w) * first[i, top]) for table, w in zip(swept, self.prior_grid)]
+            tables += [(table, add_prior(logits, first[i, top], w)) for table, w in zip(swept, self.prior_grid)]
             for table, scores in tables:  # reranked candidates stay above the rest, in rerank order
                 table[i, top] = first[i].max() + 1.0 + (scores - scores.min())
         n_rel = relevant.sum(1)

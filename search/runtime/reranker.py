@@ -112,10 +112,15 @@ class Reranker:
 
     def with_prior(self, logits: np.ndarray, first_stage: np.ndarray) -> np.ndarray:
         """Rerank scores from match logits and the same candidates' first-stage scores."""
-        first_stage = np.asarray(first_stage, dtype=np.float32)
-        if first_stage.shape != logits.shape:
-            raise UserError(f"first_stage must have one score per candidate ({logits.shape[0]}), got {first_stage.shape}")
-        return logits + np.float32(self.spec.prior_weight) * first_stage
+        return add_prior(logits, first_stage, self.spec.prior_weight)
+
+
+def add_prior(logits: np.ndarray, first_stage: np.ndarray, weight: float) -> np.ndarray:
+    """Rerank scores: match logits + weight x the candidates' first-stage scores."""
+    first_stage = np.asarray(first_stage, dtype=np.float32)
+    if first_stage.shape != logits.shape:
+        raise UserError(f"first_stage must have one score per candidate ({logits.shape[0]}), got {first_stage.shape}")
+    return logits + np.float32(weight) * first_stage
 
 
 def load_reranker(bundle_dir: str | Path, manifest: Any, *, threads: int | None = None, device: str = "cpu") -> Reranker | None:
@@ -130,4 +135,4 @@ def rerank_order(first_stage: np.ndarray, rerank_scores: np.ndarray) -> np.ndarr
     return first_stage[np.argsort(-rerank_scores, kind="stable")]
 
 
-__all__ = ["Reranker", "RerankerSpec", "load_reranker", "rerank_order", "reranker_spec"]
+__all__ = ["Reranker", "RerankerSpec", "add_prior", "load_reranker", "rerank_order", "reranker_spec"]
