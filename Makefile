@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 # torchvision pins its torch; this pair is the regular PyPI build and runs on the CPU.
 TORCH_PAIR := torch==2.15.0 torchvision==0.29.2
 
-.PHONY: setup setup-system test test-fast integration bench demo clean
+.PHONY: setup setup-system test test-fast lint-layers integration bench demo clean
 
 setup: setup-system
 	$(PIP) install $(TORCH_PAIR)
@@ -16,13 +16,18 @@ setup-system:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server chromium >/dev/null; \
 	fi
 
-# Everything, real-data integration tests included (they need ../shared/data/fashion-products or $$VITRINE_DATA).
-test:
+# Everything: the layer contracts, then every test, real-data integration tests included
+# (they need ../shared/data/fashion-products or $$VITRINE_DATA).
+test: lint-layers
 	$(PYTHON) -m pytest -q
 
 # Unit tests only: tiny configs, no shared data.
-test-fast:
+test-fast: lint-layers
 	$(PYTHON) -m pytest -q -m "not integration"
+
+# search > trainer | indexer > vitrine, and no torch below the trainer (import-linter, pyproject.toml).
+lint-layers:
+	lint-imports
 
 bench:
 	$(PYTHON) bench/encode_speed.py --out bench/out

@@ -49,7 +49,7 @@ def main() -> int:
     ap.add_argument("--train-only", action="store_true", help="skip export and test evaluation")
     args = ap.parse_args()
 
-    vitrine = [sys.executable, "-m", "search.cli"]
+    vitrine = [sys.executable, "-m", "vitrine.cli"]
     table = []
     for row in args.rows.split(","):
         name, flags = ROWS[row]

@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from search.catalog.product import FileImage
-    from search.runtime import load_bundle, preprocess_images
     from trainer.factory import create_model, get_tokenizer
+    from vitrine.catalog.product import FileImage
+    from vitrine.runtime import load_bundle, preprocess_images
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

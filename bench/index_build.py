@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     import faiss
 
     from indexer.build import build_index
-    from search.catalog import read_catalog
-    from search.runtime import load_bundle
+    from vitrine.catalog import read_catalog
+    from vitrine.runtime import load_bundle
 
     faiss.omp_set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="vitrine-index-bench-") as tmp:

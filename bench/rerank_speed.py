@@ -37,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/out")
     args = parser.parse_args(argv)
 
-    from search.catalog.registry import read_catalog
-    from search.runtime.bundle import load_bundle, read_manifest
-    from search.runtime.reranker import load_reranker
     from trainer.patches import bundle_product_features
+    from vitrine.catalog.registry import read_catalog
+    from vitrine.runtime import load_bundle, read_manifest
+    from vitrine.runtime.reranker import load_reranker
 
     products = [p for p in read_catalog(args.catalog).products if p.split == "test"]
     feats = bundle_product_features(args.features_bundle, products, args.cache, progress=False)

@@ -61,14 +61,14 @@ def free_port() -> int:
 
 
 def serve_command(index: Path, bundle: Path | None, port: int) -> list[str]:
-    """`vitrine serve` through search.cli when the lead has wired it in, else the service's own CLI module."""
+    """`vitrine serve` through vitrine.cli when the lead has wired it in, else the service's own CLI module."""
     args = ["serve", "--index", str(index), "--port", str(port), "--host", "127.0.0.1", "--log-level", "warning"]
     if bundle is not None:
         args += ["--bundle", str(bundle)]
-    import search.cli
+    import vitrine.cli
 
-    if "search.service.cli" in search.cli.COMMAND_MODULES:
-        return [sys.executable, "-m", "search.cli", *args]
+    if "search.service.cli" in vitrine.cli.COMMAND_MODULES:
+        return [sys.executable, "-m", "vitrine.cli", *args]
     shim = (
         "import sys, argparse; from search.service.cli import register; "
         "p = argparse.ArgumentParser(prog='vitrine'); register(p.add_subparsers(dest='command', required=True)); "
@@ -225,7 +225,7 @@ class NaivePipeline:
     """Max-length padding + one query at a time + numpy brute force over every product."""
 
     def __init__(self, index: Any, bundle: Path, checkpoint: Path | None, mode: str, k: int) -> None:
-        from search.runtime import load_bundle
+        from vitrine.runtime import load_bundle
 
         self.index = index
         self.k = k
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     naive_rows: list[dict] = []
     naive_info: dict[str, Any] = {"description": "not run (--naive off)"}
     if args.naive != "off":
-        from search.runtime import read_manifest
+        from vitrine.runtime import read_manifest
 
         manifest = read_manifest(bundle).model_dump()
         checkpoint = args.checkpoint or (Path(manifest["training"]["checkpoint"]) if isinstance(manifest.get("training"), dict)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from search.lazy import lazy_exports
+from vitrine.lazy import lazy_exports
 
 _EXPORTS = {
     "Hit": "indexer.product_index",

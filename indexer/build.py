@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from indexer import faiss_index
-from indexer.embed import DEFAULT_BATCH_SIZE, PATCH_DTYPE, EmbeddingResult, ProductEmbedder
 from indexer.layout import DEFAULT_KEEP_VERSIONS, IndexLayout, IndexNotFoundError
 from indexer.manifest import (
     MAX_HISTORY,
@@ -36,9 +35,13 @@ from indexer.manifest import (
     write_manifest,
 )
 from indexer.store import STORE_FILE, ProductRecord, SqliteProductStore, StoredProduct
-from search.catalog.product import Product
-from search.errors import UserError
-from search.runtime.image import PatchSpec
+from vitrine.catalog.product import Product
+from vitrine.catalog.registry import Catalog
+from vitrine.embed import DEFAULT_BATCH_SIZE, PATCH_DTYPE, EmbeddingResult, ProductEmbedder
+from vitrine.errors import UserError
+from vitrine.protocols import ServingEncoder
+from vitrine.runtime.preprocess import PatchSpec
+from vitrine.scoring import Alphas
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,6 @@ FILES = {
     "image_index": "image.faiss",
 }
 PATCHES_FILE = "patches.npy"  # float16 (n, P, C) patch features, row i for labels[i]; only with a patch bundle
-DEFAULT_ALPHA = 0.5
 _PATCH_CHUNK = 2048  # rows copied at a time (~64 MB at 49 x 320)
 
 
@@ -87,28 +89,25 @@ class IndexBuildResult:
 # ---------------------------------------------------------------- helpers
 
 
-def bundle_info(encoder: Any, bundle_path: str | Path | None = None) -> BundleInfo:
-    path = bundle_path if bundle_path is not None else getattr(encoder, "path", None)
-    describe = getattr(encoder, "describe", None)
+def bundle_info(encoder: ServingEncoder, bundle_path: str | Path | None = None) -> BundleInfo:
+    path = bundle_path if bundle_path is not None else encoder.path
     return BundleInfo(
         path=str(Path(path).expanduser().absolute()) if path is not None else None,
-        fingerprint=getattr(encoder, "fingerprint", None),
-        model=getattr(encoder, "model_name", None),
-        encoder=describe() if callable(describe) else type(encoder).__name__,
+        fingerprint=encoder.fingerprint,
+        model=encoder.model_name,
+        encoder=encoder.describe(),
     )
 
 
-def catalog_info(catalog: Any) -> dict[str, Any] | None:
-    """Source, format and read report of a `search.catalog.Catalog` (None for a bare product list)."""
-    report = getattr(catalog, "report", None)
-    if report is None:
+def catalog_info(catalog: Catalog | Sequence[Product]) -> dict[str, Any] | None:
+    """Source, format and read report of a `vitrine.catalog.Catalog` (None for a bare product list)."""
+    if not isinstance(catalog, Catalog):
         return None
-    return {"source": str(getattr(catalog, "source", report.source)), "format": report.format, "report": report.to_dict()}
+    return {"source": str(catalog.source), "format": catalog.report.format, "report": catalog.report.to_dict()}
 
 
-def _products_of(catalog_or_products: Any) -> list[Product]:
-    products = getattr(catalog_or_products, "products", catalog_or_products)
-    return list(products)
+def _products_of(catalog: Catalog | Sequence[Product]) -> list[Product]:
+    return list(catalog.products if isinstance(catalog, Catalog) else catalog)
 
 
 def _dedupe(products: list[Product]) -> tuple[list[Product], list[ProductError]]:
@@ -207,14 +206,6 @@ def _write_indexes(folder: Path, indexes: dict[str, Any]) -> None:
         faiss_index.write(index, folder / FILES[f"{name}_index"])
 
 
-def encoder_alphas(encoder: Any) -> dict[str, float | None]:
-    """The bundle's α (joint, and tuned per query kind when it has them)."""
-    alpha = float(getattr(encoder, "alpha", DEFAULT_ALPHA))
-    return {"alpha": alpha, "alpha_t2p": getattr(encoder, "alpha_t2p", None), "alpha_i2p": getattr(encoder, "alpha_i2p", None)}
-
-
-def manifest_alphas(manifest: IndexManifest) -> dict[str, float | None]:
-    return {"alpha": manifest.alpha, "alpha_t2p": manifest.alpha_t2p, "alpha_i2p": manifest.alpha_i2p}
 
 
 def _manifest(
@@ -223,7 +214,7 @@ def _manifest(
     operation: Operation,
     errors: list[ProductError],
     bundle: BundleInfo,
-    alphas: dict[str, float | None],
+    alphas: Alphas,
     embed_dim: int,
     spec: faiss_index.IndexSpec,
     vectors: _Vectors,
@@ -235,7 +226,7 @@ def _manifest(
     return IndexManifest(
         created_at=_now(),
         bundle=bundle,
-        **alphas,
+        **alphas.as_dict(),
         embed_dim=embed_dim,
         counts=Counts(
             products=int(vectors.labels.shape[0]),
@@ -266,8 +257,8 @@ def _publish(layout: IndexLayout, staging: Path, keep_versions: int) -> Path:
 
 
 def build_index(
-    catalog: Any,
-    encoder: Any,
+    catalog: Catalog | Sequence[Product],
+    encoder: ServingEncoder,
     out: str | Path,
     *,
     index_type: str = "flat",
@@ -290,8 +281,7 @@ def build_index(
     if not products:
         raise UserError("the catalog has no products to index")
     embedder = ProductEmbedder(encoder, batch_size=batch_size, threads=threads, progress=progress)
-    if embedder.dim:  # a bad index type fails now, not after embedding the whole catalog
-        faiss_index.resolve_spec(index_type, len(products), embedder.dim)
+    faiss_index.resolve_spec(index_type, len(products), embedder.dim)  # a bad index type fails now, not after embedding
     with layout.lock(), layout.staging() as staging:
         result = embedder.embed(products)
         errors += result.errors
@@ -320,7 +310,7 @@ def build_index(
         )  # fmt: skip
         manifest = _manifest(
             previous=None, operation=operation, errors=errors, bundle=bundle_info(encoder, bundle_path),
-            alphas=encoder_alphas(encoder), embed_dim=dim, spec=spec,
+            alphas=encoder.alphas, embed_dim=dim, spec=spec,
             vectors=vectors, next_label=next_label, catalog=catalog_info(catalog), patches=embedder.patch_spec,
         )  # fmt: skip
         write_manifest(staging, manifest)
@@ -333,9 +323,8 @@ def _rate(result: EmbeddingResult) -> float | None:
     return None if rate is None else round(rate, 2)
 
 
-def _source(catalog: Any) -> str | None:
-    source = getattr(catalog, "source", None)
-    return None if source is None else str(source)
+def _source(catalog: Catalog | Sequence[Product]) -> str | None:
+    return str(catalog.source) if isinstance(catalog, Catalog) else None
 
 
 def _live(layout: IndexLayout) -> Path:
@@ -345,7 +334,7 @@ def _live(layout: IndexLayout) -> Path:
     return current
 
 
-def check_same_encoder(manifest: IndexManifest, encoder: Any) -> None:
+def check_same_encoder(manifest: IndexManifest, encoder: ServingEncoder) -> None:
     """Vectors from different models are not comparable: refuse to mix them in one index."""
     ours = bundle_info(encoder)
     theirs = manifest.bundle
@@ -359,8 +348,8 @@ def check_same_encoder(manifest: IndexManifest, encoder: Any) -> None:
 
 def upsert_index(
     out: str | Path,
-    catalog: Any,
-    encoder: Any,
+    catalog: Catalog | Sequence[Product],
+    encoder: ServingEncoder,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     threads: int | None = None,
@@ -433,7 +422,7 @@ def upsert_index(
                 operation.seconds = round(time.perf_counter() - start, 3)
                 manifest = _manifest(
                     previous=previous, operation=operation, errors=errors, bundle=previous.bundle,
-                    alphas=manifest_alphas(previous), embed_dim=previous.embed_dim, spec=spec, vectors=vectors,
+                    alphas=Alphas.of(previous), embed_dim=previous.embed_dim, spec=spec, vectors=vectors,
                     next_label=next_label, catalog=catalog_info(catalog), patches=previous.patches,
                 )  # fmt: skip
                 write_manifest(staging, manifest)
@@ -484,7 +473,7 @@ def delete_from_index(out: str | Path, ids: Iterable[str], *, keep_versions: int
                     deleted=len(ids),
                 )  # fmt: skip
                 manifest = _manifest(
-                    previous=previous, operation=operation, errors=[], bundle=previous.bundle, alphas=manifest_alphas(previous),
+                    previous=previous, operation=operation, errors=[], bundle=previous.bundle, alphas=Alphas.of(previous),
                     embed_dim=previous.embed_dim, spec=spec, vectors=vectors, next_label=next_label, catalog=None,
                     patches=previous.patches,
                 )  # fmt: skip

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from vitrine.cliargs import positive_int
+
 INDEX_TYPES_HELP = (
     "flat (exact inner product), hnsw, ivfpq, auto (flat up to 100k products, hnsw up to 2M, then ivfpq), "
     "or a Faiss factory string such as 'HNSW64,Flat'"
@@ -33,24 +35,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mode.add_argument("--upsert", action="store_true", help="add new and replace changed products of --catalog")
     mode.add_argument("--delete", nargs="+", metavar="ID", help="remove these product ids")
     parser.add_argument("--index-type", help=INDEX_TYPES_HELP + " (default: flat)")
-    parser.add_argument("--batch-size", type=int, default=64, help="products per encoder batch (default: 64)")
-    parser.add_argument("--threads", type=int, help="encoder and image-decoding threads (default: min(4, CPUs))")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="products per encoder batch (default: 64)")
+    parser.add_argument("--threads", type=positive_int, help="encoder and image-decoding threads (default: min(4, CPUs))")
     parser.add_argument("--split", help="index only this split of the catalog (train/val/test)")
-    parser.add_argument("--limit", type=int, help="index at most this many products")
+    parser.add_argument("--limit", type=positive_int, help="index at most this many products")
     parser.add_argument("--format", choices=("jsonl", "kaggle", "fashiongen"), help="catalog format (default: detect)")
     parser.add_argument("--image-root", type=Path, help="folder catalog image paths are relative to")
-    parser.add_argument("--keep-versions", type=int, default=2, help="index versions kept on disk (default: 2)")
+    parser.add_argument("--keep-versions", type=positive_int, default=2, help="index versions kept on disk (default: 2)")
     parser.add_argument("--json", action="store_true", help="print the operation's record as JSON")
     parser.set_defaults(func=main_index)
 
 
 def main_index(args: argparse.Namespace) -> int:
-    from search.errors import UserError
+    from vitrine.errors import UserError
 
-    for name in ("batch_size", "threads", "limit", "keep_versions"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     progress = sys.stderr.isatty()
     if args.delete:
         if args.catalog or args.bundle or args.index_type:
@@ -95,8 +93,8 @@ def _encoder(args: argparse.Namespace):
     """The bundle encoder; an upsert without --bundle uses the bundle the index was built with."""
     import faiss
 
-    from search.errors import UserError
-    from search.runtime import load_bundle
+    from vitrine.errors import UserError
+    from vitrine.runtime import load_bundle
 
     bundle = args.bundle
     if bundle is None:
@@ -118,7 +116,7 @@ def _encoder(args: argparse.Namespace):
 
 
 def _read_catalog(args: argparse.Namespace, progress: bool):
-    from search.catalog import read_catalog
+    from vitrine.catalog import read_catalog
 
     return read_catalog(
         args.catalog, format=args.format, split=args.split, limit=args.limit,

@@ -25,7 +25,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from search.errors import UserError
+from vitrine.errors import UserError
 
 INDEX_TYPES = ("flat", "hnsw", "ivfpq", "auto")
 AUTO_FLAT_MAX = 100_000  # exact search is fast enough below this many products

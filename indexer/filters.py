@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from search.errors import UserError
+from vitrine.errors import UserError
 
 CORE_FIELDS = ("category", "subcategory")
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from search.errors import UserError
+from vitrine.errors import UserError
 
 CURRENT_FILE = "CURRENT"
 VERSIONS_DIR = "versions"

@@ -7,24 +7,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from search.errors import UserError
-from search.runtime.image import PatchSpec
+from vitrine.embed import ProductError
+from vitrine.errors import UserError
+from vitrine.runtime.preprocess import PatchSpec
 
 INDEX_FORMAT = "vitrine-product-index"
 INDEX_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 MAX_LISTED_ERRORS = 10_000  # per-product errors kept in the manifest; the count is always exact
 MAX_HISTORY = 50
-
-
-class ProductError(BaseModel):
-    """One product that could not be indexed, and why."""
-
-    model_config = ConfigDict(frozen=True)
-
-    id: str
-    stage: str  # record | image | embedding
-    message: str
 
 
 class BundleInfo(BaseModel):

@@ -17,7 +17,6 @@ everything was fetched, and the filtered set is scored exactly).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,28 +25,19 @@ from PIL import Image
 
 from indexer import faiss_index
 from indexer.filters import FilterColumns, FilterError, UnknownFilterError
-from indexer.images import open_image_ref
 from indexer.layout import IndexLayout
 from indexer.manifest import IndexManifest, read_manifest
 from indexer.store import ProductRecord, ProductStore, SqliteProductStore
-from search.errors import UserError
-from search.runtime.image import PatchSpec
+from vitrine.errors import UserError
+from vitrine.images import open_image_ref
+from vitrine.runtime.preprocess import PatchSpec
+from vitrine.scoring import Alphas, Hit, QueryKind, fuse
 
 __all__ = ["FilterError", "Hit", "ProductIndex", "ProductRecord", "ProductStore", "UnknownFilterError"]
 
 MIN_FETCH_K = 100
 FETCH_K_PER_RESULT = 10
 _SIM_CHUNK = 8192  # rows per exact-similarity block
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One result: the fused score and its parts (t2t & t2i for text queries, i2t & i2i for image queries)."""
-
-    id: str
-    score: float
-    title_sim: float
-    image_sim: float
 
 
 def default_fetch_k(k: int) -> int:
@@ -148,13 +138,9 @@ class ProductIndex:
     # ------------------------------------------------------------ facts
 
     @property
-    def alpha(self) -> float:
-        return self._manifest.alpha
-
-    def alpha_for(self, kind: str) -> float:
-        """The bundle's α for "text" or "image" queries (its joint α when not tuned per kind)."""
-        tuned = {"text": self._manifest.alpha_t2p, "image": self._manifest.alpha_i2p}[kind]
-        return self._manifest.alpha if tuned is None else tuned
+    def alphas(self) -> Alphas:
+        """The bundle's α, per query kind (see `vitrine.scoring`)."""
+        return Alphas.of(self._manifest)
 
     @property
     def embed_dim(self) -> int:
@@ -238,17 +224,18 @@ class ProductIndex:
         query_emb: np.ndarray,
         *,
         k: int,
+        kind: QueryKind = "text",
         alpha: float | None = None,
         filters: Mapping[str, str | list[str]] | None = None,
         fetch_k: int | None = None,
     ) -> list[Hit]:
-        """Top-k products for one query embedding (D,), by fused score; see the module docstring."""
+        """Top-k products for one query embedding (D,), by fused score; see the module docstring.
+
+        `alpha` None: the bundle's α for this query `kind`."""
         query = self._query(query_emb)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
-        alpha = self.alpha if alpha is None else float(alpha)
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be within [0, 1], got {alpha}")
+        alpha = self.alphas.resolve(kind, alpha)
         if fetch_k is not None and (isinstance(fetch_k, bool) or not isinstance(fetch_k, (int, np.integer)) or fetch_k < 1):
             raise ValueError(f"fetch_k must be a positive integer, got {fetch_k!r}")
         mask = self._columns.mask(filters) if filters else None  # validates fields even on an empty index
@@ -328,7 +315,7 @@ class ProductIndex:
         rows = np.unique(rows)
         title = self._similarities(self._text, rows, query)
         image = self._similarities(self._image, rows, query)
-        score = alpha * title + (1.0 - alpha) * image
+        score = fuse(title, image, alpha)
         ids = self._ids[rows]
         order = np.lexsort((ids, -score))[:k]  # by score, then id
         return [Hit(str(ids[i]), float(score[i]), float(title[i]), float(image[i])) for i in order]

@@ -12,13 +12,14 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from search.errors import UserError
+from vitrine.catalog.record import ProductRecord
+from vitrine.errors import UserError
 
 STORE_FILE = "products.sqlite"
 _SQL_CHUNK = 500  # ids per IN (...) query, below SQLite's variable limit
@@ -40,30 +41,6 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT INTO meta VALUES ('next_label', '0');
 """
 _COLUMNS = "id, title, category, subcategory, description, attributes, image"
-
-
-@dataclass
-class ProductRecord:
-    """What the index keeps about a product for display and filtering."""
-
-    id: str
-    title: str
-    category: str
-    subcategory: str
-    description: str
-    attributes: dict[str, str]
-    image: str  # image location (a path, or "file.h5:input_image[row]")
-
-    def attribute(self, name: str) -> str:
-        """category/subcategory answer like attributes, as `Product.attribute` does."""
-        if name == "category":
-            return self.category
-        if name == "subcategory":
-            return self.subcategory
-        return self.attributes.get(name, "")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass

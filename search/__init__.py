@@ -1,5 +1,6 @@
-"""Vitrine's serving side: catalogs, runtime encoders, evaluation and the HTTP service.
+"""Vitrine's top layer: the HTTP service (FastAPI), its web page and `vitrine demo`.
 
-Imports nothing from torch: everything here runs on numpy, onnxruntime and faiss.
+Imports `indexer` and `vitrine`; the demo reaches `trainer` only lazily, for its quick training.
+Never imports torch.
 """
 __version__ = "0.1.0"

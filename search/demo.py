@@ -11,7 +11,8 @@ import logging
 import os
 from pathlib import Path
 
-from search.errors import UserError
+from vitrine.cliargs import port, positive_int
+from vitrine.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--catalog", default=None, help="catalog path (default $VITRINE_DATA or ../shared/data/fashion-products)")
     p.add_argument("--bundle", type=Path, default=None, help="use this model bundle instead of training one")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="where the run, bundle and index go")
-    p.add_argument("--epochs", type=int, default=3, help="epochs of the quick training")
+    p.add_argument("--epochs", type=positive_int, default=3, help="epochs of the quick training")
     p.add_argument("--model", default="fashion-lite", help="model config of the quick training")
     p.add_argument("--pretrained", default=None, help="pretrained weights of the quick training (default: the config's)")
-    p.add_argument("--train-limit", type=int, default=None, help="train on the first N products of each split (faster)")
+    p.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N products of each split (faster)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000)
     p.add_argument("--no-serve", action="store_true", help="stop after indexing (prints the serve command)")
     p.set_defaults(func=run_demo)
 
@@ -72,7 +73,7 @@ def ensure_index(catalog, bundle: Path, index_dir: Path) -> Path:
     """Index `catalog` (a read Catalog) with `bundle`, unless `index_dir` already holds that pairing."""
     from indexer.build import build_index
     from indexer.product_index import ProductIndex
-    from search.runtime import load_bundle
+    from vitrine.runtime import load_bundle
 
     encoder = load_bundle(bundle)
     if (index_dir / "CURRENT").is_file():
@@ -89,7 +90,7 @@ def ensure_index(catalog, bundle: Path, index_dir: Path) -> Path:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from search.catalog import read_catalog
+    from vitrine.catalog import read_catalog
 
     catalog = args.catalog or default_catalog()
     if not Path(catalog).exists():

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from search.catalog import read_catalog
 from trainer.export import export_bundle
 from trainer.factory import create_model_and_transforms, get_tokenizer
+from vitrine.catalog import read_catalog
 
 log = logging.getLogger(__name__)
 

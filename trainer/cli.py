@@ -5,7 +5,14 @@ import argparse
 import json
 from pathlib import Path
 
-from search.errors import UserError
+from vitrine.cliargs import (
+    layer_count,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+from vitrine.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,22 +29,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run directory (checkpoints, summary.json); resumes if present")
     p.add_argument("--model", default="fashion-lite", help="registry config (fashion-lite, tiny) or an open_clip model name")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag, or 'none' for random init")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3, help="lr of projection heads and logit scale")
-    p.add_argument("--text-lr", type=float, default=3e-5, help="lr of unlocked text-tower layers")
-    p.add_argument("--text-unlocked-layers", type=int, default=0, help="0 freezes the text tower, -1 trains all layers")
-    p.add_argument("--image-unlocked-groups", type=int, default=0, help="train the image tower's last N groups (disables the feature cache)")
+    p.add_argument("--epochs", type=positive_int, default=5)
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="lr of projection heads and logit scale")
+    p.add_argument("--text-lr", type=positive_float, default=3e-5, help="lr of unlocked text-tower layers")
+    p.add_argument("--text-unlocked-layers", type=layer_count, default=0, help="0 freezes the text tower, -1 trains all layers")
+    p.add_argument("--image-unlocked-groups", type=non_negative_int, default=0, help="train the image tower's last N groups (disables the feature cache)")
     p.add_argument("--cva", action="store_true", help="add FashionKLIP's concept-visual alignment loss")
-    p.add_argument("--cva-topk", type=int, default=32)
-    p.add_argument("--cva-prototypes", type=int, default=4, help="visual prototypes kept per concept by MMR")
-    p.add_argument("--concept-min-count", type=int, default=5)
+    p.add_argument("--cva-topk", type=positive_int, default=32)
+    p.add_argument("--cva-prototypes", type=positive_int, default=4, help="visual prototypes kept per concept by MMR")
+    p.add_argument("--concept-min-count", type=positive_int, default=5)
     p.add_argument("--prune", action="store_true", help="MML-TP token pruning in the text tower")
-    p.add_argument("--prune-weight", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prune-weight", type=non_negative_float, default=0.1)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N products of each split")
-    p.add_argument("--max-steps-per-epoch", type=int, default=None)
+    p.add_argument("--limit", type=positive_int, default=None, help="use only the first N products of each split")
+    p.add_argument("--max-steps-per-epoch", type=positive_int, default=None)
     p.add_argument("--cache-dir", default="runs/cache")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")

@@ -64,7 +64,7 @@ def _is_phrase_edge(word: str) -> bool:
 
 
 def _record(item: Any) -> tuple[str, dict[str, str]]:
-    """(title, attribute values) from a search.catalog Product or a products.jsonl-style mapping."""
+    """(title, attribute values) from a vitrine.catalog Product or a products.jsonl-style mapping."""
     if isinstance(item, Mapping):
         title = item.get("title")
         attrs = {f: item.get(f) for f in ATTRIBUTE_FIELDS}

@@ -1,6 +1,6 @@
 """Export a trained model to a model bundle: two ONNX graphs, the tokenizer and a manifest.
 
-The bundle is what serving loads (`search.runtime.load_bundle`, no torch). Export
+The bundle is what serving loads (`vitrine.runtime.load_bundle`, no torch). Export
 measures parity on the spot: the bundle, run through the torch-free runtime
 (tokenizers + numpy/Pillow preprocessing + onnxruntime), against the torch model
 with its own tokenizer and open_clip eval transform. A bundle whose parity exceeds
@@ -28,8 +28,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from search.errors import UserError
-from search.runtime.bundle import (
+from vitrine.errors import UserError
+from vitrine.runtime.bundle import load_bundle
+from vitrine.runtime.manifest import (
     BUNDLE_FORMAT,
     FORMAT_VERSION,
     IMAGE_ENCODER_FILE,
@@ -39,13 +40,11 @@ from search.runtime.bundle import (
     TOKENIZER_DIR,
     BundleManifest,
     ParityRecord,
-    PatchSpec,
     hash_bundle_files,
-    load_bundle,
     write_manifest,
 )
-from search.runtime.image import DEFAULT_CROP, PreprocessSettings, preprocess_images
-from search.runtime.tokenizer import TOKENIZER_FILE, TokenizerSettings
+from vitrine.runtime.preprocess import DEFAULT_CROP, PatchSpec, PreprocessSettings, preprocess_images
+from vitrine.runtime.tokenizer import TOKENIZER_FILE, TokenizerSettings
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +189,7 @@ def optimize_text_graph(path: Path, model: nn.Module, check_ids: Sequence[np.nda
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    from search.runtime.session import make_session
+    from vitrine.runtime.session import make_session
 
     plain = make_session(path, threads=1)
     expected = [plain.run([OUTPUT], {TEXT_INPUT: ids})[0] for ids in check_ids]

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from search.catalog.product import Product
+from vitrine.catalog.product import Product
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,16 @@ class OnnxTrunk:
         return torch.from_numpy(self.session.run(None, {"pixels": pixels.numpy()})[0])
 
 
+def choose_trunk(model, probe: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ONNX-run trunk when it matches torch on `probe` (CPU), else torch's own."""
+    onnx_trunk = OnnxTrunk(model, model.image_size)
+    diff = float((onnx_trunk(probe) - model.image_trunk_features(probe)).abs().max())
+    if diff <= PARITY_TOLERANCE:
+        return onnx_trunk
+    log.warning("ONNX trunk differs from torch by %.2e; using torch", diff)
+    return model.image_trunk_features
+
+
 @torch.no_grad()
 def compute_image_features(
     model,
@@ -90,13 +100,7 @@ def compute_image_features(
 
     trunk = model.image_trunk_features
     if torch.device(device).type == "cpu" and len(products) > batch_size:
-        onnx_trunk = OnnxTrunk(model, model.image_size)
-        probe = load(products[:4])
-        diff = float((onnx_trunk(probe) - model.image_trunk_features(probe)).abs().max())
-        if diff <= PARITY_TOLERANCE:
-            trunk = onnx_trunk
-        else:
-            log.warning("ONNX trunk differs from torch by %.2e; using torch", diff)
+        trunk = choose_trunk(model, load(products[:4]))
     feats: list[np.ndarray] = []
     batches = [products[i : i + batch_size] for i in range(0, len(products), batch_size)]
     # PIL decoding releases the GIL, so threads overlap loading with the forward pass;

@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from trainer.pruning import PruningGate, attach_pruning_gates
 
-
 # The timm CNN trunk parts `image_patch_features` and `encode_image_with_patches` run (EfficientNet family).
 _PATCH_TRUNK_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")
 

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.embed import PATCH_DTYPE, ProductEmbedder
-from search.catalog.product import Product
-from search.errors import UserError
-from search.runtime.bundle import BundleEncoder, BundleError, load_bundle
 from trainer.features import products_fingerprint
+from vitrine.catalog.product import Product
+from vitrine.embed import PATCH_DTYPE, ProductEmbedder
+from vitrine.errors import UserError
+from vitrine.runtime.bundle import BundleEncoder, load_bundle
+from vitrine.runtime.manifest import BundleError
 
 log = logging.getLogger(__name__)
 

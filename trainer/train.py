@@ -19,28 +19,26 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
-from search.catalog import read_catalog
-from search.catalog.product import Product
-from search.errors import UserError
-from search.evaluation.product_search import (
-    compose_shopper_queries,
-    i2p_metrics,
-    i2p_query_products,
-    relevance_matrix,
-    shopper_photo,
-    shopper_photo_rng,
-    t2p_metrics,
-)
-from search.evaluation.protocols import RetrievalSet, full_protocol, index_distinct, sample_protocol
 from trainer.concepts import ConceptGraph
+from trainer.encoder import ModelEncoder
 from trainer.factory import create_model_and_transforms, get_tokenizer
-from trainer.features import cached_image_features, compute_image_features, products_fingerprint
+from trainer.features import cached_image_features, products_fingerprint
 from trainer.loss import ConceptVisualAlignmentLoss, pruning_loss
 from trainer.prototypes import select_prototypes
+from vitrine.catalog import read_catalog
+from vitrine.catalog.product import Product
+from vitrine.errors import UserError
+from vitrine.evaluation.evaluator import (
+    FullRetrievalEvaluator,
+    ImageToProductEvaluator,
+    SampleRetrievalEvaluator,
+    TextToProductEvaluator,
+)
+from vitrine.evaluation.protocols import RetrievalSet, index_distinct
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +168,8 @@ class Trainer:
         self.visual_concepts = self._visual_concepts() if self.graph is not None else []
         self.optimizer = self._optimizer()
         steps = self.steps_per_epoch * config.epochs
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(1, steps)))
-        )
+        # Warm-up never takes more than half of a short run.
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, min(config.warmup_steps, steps // 2), max(1, steps))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.epoch = 0
         self.best_score = -1.0
@@ -327,10 +324,15 @@ class Trainer:
         data = RetrievalSet(texts, text_of_product, [p.subcategory for p in products], text_embs, image_embs)
         return data, image_embs
 
+    def encoder(self) -> ModelEncoder:
+        """The model being trained, as the evaluators' Encoder."""
+        return ModelEncoder(self.model, self.embed_texts, self.preprocess_val, self.device, self.config.model)
+
     def validate(self) -> dict:
         data, _ = self.embed_split("val")
-        sample = sample_protocol(data, num_queries=self.config.val_queries, seed=self.config.seed)
-        full = full_protocol(data)
+        encoder, products = self.encoder(), self.splits["val"]
+        sample = SampleRetrievalEvaluator(self.config.val_queries, seed=self.config.seed)(encoder, products, data)
+        full = FullRetrievalEvaluator()(encoder, products, data)
         metrics = {
             "sample_t2i_R@1": sample["t2i"]["R@1"], "sample_i2t_R@1": sample["i2t"]["R@1"],
             "sample_t2i_R@10": sample["t2i"]["R@10"], "sample_i2t_R@10": sample["i2t"]["R@10"],
@@ -343,26 +345,13 @@ class Trainer:
     @torch.no_grad()
     def tune_alpha(self, num_t2p: int = 500, num_i2p: int = 500) -> dict:
         """Pick α for weighted T2P/I2P scoring on val: best mean of T2P nDCG@10 and I2P R@1."""
-        products = self.splits["val"]
-        data, image_embs = self.embed_split("val")
-        title_embs = data.title_embs
-        queries = compose_shopper_queries(products, num_t2p, seed=self.config.seed)
-        relevant = relevance_matrix(queries, products)
-        q_text = self.embed_texts([q.text for q in queries]).cpu().numpy()
-        targets = i2p_query_products(len(products), num_i2p, self.config.seed)
-        seed = self.config.seed
-        photo_feats = compute_image_features(  # the ONNX-run trunk on CPU, as for the feature cache
-            self.model, self.preprocess_val, [int(i) for i in targets], device=self.device,
-            progress=self.config.progress, desc="val shopper photos",
-            open_image=lambda i: shopper_photo(products[i].image.open(), shopper_photo_rng(seed, i)),
-        )
-        q_img = self.model.encode_image_features(torch.from_numpy(photo_feats).to(self.device)).float().cpu().numpy()
-        sweep = []
-        for alpha in ALPHA_GRID:
-            t2p = t2p_metrics(q_text, relevant, title_embs, image_embs, alpha)
-            i2p = i2p_metrics(q_img, targets, title_embs, image_embs, alpha)
-            sweep.append({"alpha": alpha, "t2p_nDCG@10": t2p["nDCG@10"], "i2p_R@1": i2p["R@1"],
-                          "score": (t2p["nDCG@10"] + i2p["R@1"]) / 2})
+        data, _ = self.embed_split("val")
+        encoder, products, seed = self.encoder(), self.splits["val"], self.config.seed
+        progress = self.config.progress
+        t2p = TextToProductEvaluator(num_t2p, seed=seed, progress=progress).sweep(encoder, products, data, ALPHA_GRID)
+        i2p = ImageToProductEvaluator(num_i2p, seed=seed, progress=progress).sweep(encoder, products, data, ALPHA_GRID)
+        sweep = [{"alpha": alpha, "t2p_nDCG@10": t["nDCG@10"], "i2p_R@1": i["R@1"], "score": (t["nDCG@10"] + i["R@1"]) / 2}
+                 for alpha, t, i in zip(ALPHA_GRID, t2p, i2p)]  # fmt: skip
         best = max(sweep, key=lambda r: r["score"])
         return {"alpha": best["alpha"], "sweep": sweep,
                 "alpha_t2p": max(sweep, key=lambda r: r["t2p_nDCG@10"])["alpha"],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from search.lazy import lazy_exports
+from vitrine.lazy import lazy_exports
 
 _EXPORTS = {"create_app": "search.service.app", "Settings": "search.service.settings"}
 __all__ = sorted(_EXPORTS)

@@ -15,25 +15,25 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from search.errors import UserError
-from search.service.engine import SearchEngine, manifest_dict, open_reranker
+from search.service.engine import SearchEngine, open_reranker
 from search.service.errors import install_error_handlers
 from search.service.limits import BodySizeLimitMiddleware
 from search.service.metrics import MetricsMiddleware, ServiceMetrics
 from search.service.routers import health, products, search
 from search.service.settings import Settings
+from vitrine.errors import UserError
+from vitrine.protocols import Reranker, SearchIndex, ServingEncoder
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 
-def open_index(settings: Settings) -> Any:
+def open_index(settings: Settings) -> SearchIndex:
     from indexer.product_index import ProductIndex
 
     if settings.index is None:
@@ -41,15 +41,15 @@ def open_index(settings: Settings) -> Any:
     return ProductIndex.open(settings.index)
 
 
-def open_encoder(settings: Settings, index: Any) -> Any:
+def open_encoder(settings: Settings, index: SearchIndex) -> ServingEncoder:
     """The bundle the index was built with (or settings.bundle), checked against the index's fingerprint."""
-    from search.runtime import load_bundle
+    from vitrine.runtime import load_bundle
 
     bundle = settings.bundle or _manifest_bundle(index)
     if bundle is None:
         raise UserError("the index does not record its bundle: pass --bundle or set VITRINE_BUNDLE")
     encoder = load_bundle(bundle, threads=settings.threads)
-    expected = getattr(index, "bundle_fingerprint", None)
+    expected = index.bundle_fingerprint
     if expected and encoder.fingerprint != expected:
         raise UserError(
             f"bundle {bundle} (fingerprint {encoder.fingerprint}) is not the one index {index.index_dir} "
@@ -58,20 +58,23 @@ def open_encoder(settings: Settings, index: Any) -> Any:
     return encoder
 
 
-def _manifest_bundle(index: Any) -> Path | None:
-    manifest = manifest_dict(index)
-    value = manifest.get("bundle") or manifest.get("bundle_path") or manifest.get("bundle_dir")
-    if isinstance(value, dict):
-        value = value.get("path")
-    if not value:
+def _manifest_bundle(index: SearchIndex) -> Path | None:
+    """The bundle the index records (relative paths are relative to the index)."""
+    if not index.bundle_path:
         return None
-    path = Path(value).expanduser()
+    path = Path(index.bundle_path).expanduser()
     if path.is_absolute() or path.exists():
         return path
     return Path(index.index_dir) / path  # relative to the index
 
 
-def create_app(settings: Settings | None = None, *, index: Any = None, encoder: Any = None, reranker: Any = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    index: SearchIndex | None = None,
+    encoder: ServingEncoder | None = None,
+    reranker: Reranker | None = None,
+) -> FastAPI:
     """The service app. Without `index`/`encoder`, both are opened from settings at start-up;
     without `reranker`, the encoder's bundle's reranker is loaded when it has one."""
     settings = settings or Settings()
@@ -85,8 +88,8 @@ def create_app(settings: Settings | None = None, *, index: Any = None, encoder: 
         engine = SearchEngine(settings, served_index, served_encoder, metrics, reranker=served_reranker)
         engine.start()
         app.state.engine = engine
-        log.info("serving %d products (index %s, bundle %s, alpha %.2f, reranker %s, redis %s)", engine.size,
-                 engine.version, engine.fingerprint, engine.alpha,
+        log.info("serving %d products (index %s, bundle %s, alpha %s, reranker %s, redis %s)", engine.size,
+                 engine.version, engine.fingerprint, engine.alphas,
                  f"{served_reranker.layers} layers" if served_reranker else "none", "on" if engine.link else "off")  # fmt: skip
         try:
             yield

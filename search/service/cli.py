@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vitrine.cliargs import port, positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -15,9 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--index", type=Path, help="index directory (default $VITRINE_INDEX)")
     parser.add_argument("--bundle", type=Path, help="model bundle (default: the one the index was built with)")
     parser.add_argument("--host", default=None, help="listen address (default 127.0.0.1, $VITRINE_HOST)")
-    parser.add_argument("--port", type=int, default=None, help="listen port (default 8000, $VITRINE_PORT)")
+    parser.add_argument("--port", type=port, default=None, help="listen port (default 8000, $VITRINE_PORT)")
     parser.add_argument("--redis-url", default=None, help="Redis for the query cache and shared product store ($REDIS_URL)")
-    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads per session (default 1, $VITRINE_THREADS)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="onnxruntime intra-op threads per session (default 1, $VITRINE_THREADS)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(func=serve)
 
@@ -35,10 +37,10 @@ def run_server(overrides: dict, *, log_level: str = "info") -> int:
     """Open index and bundle, then serve until interrupted (also used by `vitrine demo`)."""
     import uvicorn
 
-    from search.errors import UserError
     from search.service.app import create_app, open_encoder, open_index
     from search.service.engine import open_reranker
     from search.service.settings import Settings
+    from vitrine.errors import UserError
 
     try:
         settings = Settings(**overrides)

@@ -6,8 +6,6 @@ everything here raises ApiError for expected failures.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 import time
@@ -19,13 +17,17 @@ import numpy as np
 from PIL import Image
 
 from indexer.filters import FilterError, UnknownFilterError
-from search.errors import UserError
 from search.service.cache import LRU, LRUEmbeddingCache, RedisEmbeddingCache, TieredEmbeddingCache, normalise_query
 from search.service.errors import ApiError
 from search.service.images import jpeg_thumbnail
 from search.service.metrics import ServiceMetrics
 from search.service.redis_store import REDIS_ERRORS, RedisLink, RedisStore
 from search.service.settings import MAX_RERANK_TOP_N, Settings
+from vitrine.catalog.record import ProductRecord
+from vitrine.errors import UserError
+from vitrine.protocols import Reranker, SearchIndex, ServingEncoder
+from vitrine.runtime.reranker import RerankerSpec
+from vitrine.scoring import Hit, QueryKind
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +38,8 @@ SYNC_CHUNK = 2000
 
 @dataclass
 class SearchOutcome:
-    hits: list[Any]  # indexer Hit: id, score, title_sim, image_sim
-    records: list[Any]  # ProductRecord per hit (None only if the store lost it)
+    hits: list[Hit]
+    records: list[ProductRecord | None]  # per hit (None only if the store lost it)
     alpha: float
     timings_ms: dict[str, float] = field(default_factory=dict)
     cache: str | None = None
@@ -45,10 +47,9 @@ class SearchOutcome:
     rerank_scores: list[float | None] | None = None  # per hit; None for hits after the top N
 
 
-def check_reranker_fits_index(spec: Any, index: Any) -> None:
-    """UserError unless the index stores the patch features the reranker reads (a RerankerSpec)."""
-    stored = getattr(index, "patch_spec", None)
-    where = getattr(index, "index_dir", "the served index")
+def check_reranker_fits_index(spec: RerankerSpec, index: SearchIndex) -> None:
+    """UserError unless the index stores the patch features the reranker reads."""
+    stored, where = index.patch_spec, index.index_dir
     if stored is None:
         raise UserError(
             f"the bundle has a reranker but index {where} stores no image patch features: "
@@ -66,40 +67,17 @@ def _patches_text(grid: tuple[int, ...], dim: int) -> str:
     return f"a {grid[0]}x{grid[1]} grid of {dim}-d patches"
 
 
-def open_reranker(settings: Settings, index: Any, encoder: Any) -> Any:
+def open_reranker(settings: Settings, index: SearchIndex, encoder: ServingEncoder) -> Reranker | None:
     """The served bundle's Reranker (checked against the index's patches), or None when it has none."""
-    from search.runtime.reranker import Reranker, reranker_spec
+    from vitrine.runtime.reranker import Reranker as BundleReranker
 
-    spec = reranker_spec(getattr(encoder, "manifest", None) or {})
+    spec = encoder.reranker_spec
     if spec is None:
         return None
     check_reranker_fits_index(spec, index)  # before loading: a mismatch fails fast
-    bundle_dir = getattr(encoder, "path", None)
-    if bundle_dir is None:
+    if encoder.path is None:
         raise UserError("the encoder lists a reranker but has no bundle directory to load it from")
-    return Reranker.load(bundle_dir, spec, threads=settings.threads)
-
-
-def index_version(index: Any) -> str:
-    """A string that changes whenever the served index content does (keys the Redis product store)."""
-    version = getattr(index, "version", None)
-    if isinstance(version, str) and version:
-        return version
-    manifest = manifest_dict(index)
-    for key in ("version", "index_version", "fingerprint"):
-        value = manifest.get(key) if isinstance(manifest, dict) else None
-        if value:
-            return str(value)
-    blob = json.dumps(manifest, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def manifest_dict(index: Any) -> dict[str, Any]:
-    """The index manifest as a dict (ProductIndex may hold a pydantic model)."""
-    manifest = getattr(index, "manifest", None)
-    if hasattr(manifest, "model_dump"):
-        return manifest.model_dump(mode="json")
-    return dict(manifest or {})
+    return BundleReranker.load(encoder.path, spec, threads=settings.threads)
 
 
 def product_image_url(product_id: str) -> str:
@@ -108,7 +86,12 @@ def product_image_url(product_id: str) -> str:
 
 class SearchEngine:
     def __init__(
-        self, settings: Settings, index: Any, encoder: Any, metrics: ServiceMetrics, reranker: Any = None
+        self,
+        settings: Settings,
+        index: SearchIndex,
+        encoder: ServingEncoder,
+        metrics: ServiceMetrics,
+        reranker: Reranker | None = None,
     ) -> None:
         if reranker is not None:
             check_reranker_fits_index(reranker.spec, index)
@@ -118,10 +101,10 @@ class SearchEngine:
         self.encoder = encoder
         self.metrics = metrics
         self.reranker = reranker
-        self.alpha = float(index.alpha)
+        self.alphas = index.alphas
         self.embed_dim = int(index.embed_dim)
-        self.fingerprint = str(getattr(index, "bundle_fingerprint", "") or getattr(encoder, "fingerprint", "") or "unknown")
-        self.version = index_version(index)
+        self.fingerprint = index.bundle_fingerprint or encoder.fingerprint or "unknown"
+        self.version = index.version
         self.size = len(index)
         self.filter_fields: dict[str, list[str]] = index.filter_fields()
         metrics.index_products.set(self.size)
@@ -142,7 +125,7 @@ class SearchEngine:
         self.cache = TieredEmbeddingCache(LRUEmbeddingCache(settings.cache_size, self.embed_dim), remote)
         self._thumbs: LRU[bytes] = LRU(settings.thumbnail_cache)
         # Records of the on-disk store, kept in memory (an index version never changes); Redis reads are not.
-        self._disk_records: LRU[Any] = LRU(settings.record_cache)
+        self._disk_records: LRU[ProductRecord] = LRU(settings.record_cache)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -203,9 +186,9 @@ class SearchEngine:
 
     # ------------------------------------------------------------------ products
 
-    def records(self, ids: list[str]) -> list[Any]:
+    def records(self, ids: list[str]) -> list[ProductRecord | None]:
         """Records for ids from the shared Redis store when it is usable, else (or for misses) the disk store."""
-        found: list[Any] = [None] * len(ids)
+        found: list[ProductRecord | None] = [None] * len(ids)
         if self.redis_store is not None and self.link is not None and self.store_synced and ids:
             store = self.redis_store
             found = self.link.call(lambda c: store.get_many(ids), [None] * len(ids))
@@ -222,7 +205,7 @@ class SearchEngine:
                     self._disk_records.put(ids[i], record)
         return found
 
-    def product(self, product_id: str) -> Any:
+    def product(self, product_id: str) -> ProductRecord:
         record = self.records([product_id])[0]
         if record is None:
             raise ApiError(404, "product_not_found", f"no product with id {product_id!r}")
@@ -283,7 +266,7 @@ class SearchEngine:
 
     def _rerank(self, text: str, outcome: SearchOutcome, top_n: int) -> None:
         """Reorder the first `top_n` hits of `outcome` by the reranker's scores (stable on ties); the rest stay after them."""
-        from search.runtime.reranker import rerank_order
+        from vitrine.runtime.reranker import rerank_order
 
         n = min(top_n, len(outcome.hits))
         outcome.rerank_top_n = top_n
@@ -359,17 +342,12 @@ class SearchEngine:
             raise RuntimeError(f"{what} encoder returned non-finite values")
         return emb
 
-    def default_alpha(self, kind: str) -> float:
-        """α from the index's bundle for this query kind; plain index objects have one α."""
-        alpha_for = getattr(self.index, "alpha_for", None)
-        return float(alpha_for(kind)) if alpha_for else self.alpha
-
-    def _search(self, emb: np.ndarray, kind: str, *, k: int, alpha: float | None, filters: dict | None,
+    def _search(self, emb: np.ndarray, kind: QueryKind, *, k: int, alpha: float | None, filters: dict | None,
                 timings: dict[str, float]) -> SearchOutcome:  # fmt: skip
-        used_alpha = self.default_alpha(kind) if alpha is None else float(alpha)
+        used_alpha = self.alphas.resolve(kind, alpha)
         with self.metrics.stage(kind, "search", timings):
             try:
-                hits = self.index.search(emb, k=k, alpha=used_alpha, filters=filters or None)
+                hits = self.index.search(emb, k=k, kind=kind, alpha=used_alpha, filters=filters or None)
             except UnknownFilterError as exc:
                 raise ApiError(422, "unknown_filter", str(exc), [{"loc": ["body", "filters", exc.field], "msg": str(exc)}]) from exc
             except FilterError as exc:
@@ -379,6 +357,6 @@ class SearchEngine:
         return SearchOutcome(hits=hits, records=records, alpha=used_alpha)
 
 
-def result_parts(kind: str, hit: Any) -> dict[str, float]:
+def result_parts(kind: QueryKind, hit: Hit) -> dict[str, float]:
     names = TEXT_PARTS if kind == "text" else IMAGE_PARTS
     return {names[0]: float(hit.title_sim), names[1]: float(hit.image_sim)}

@@ -6,7 +6,8 @@ import json
 import logging
 from pathlib import Path
 
-from search.errors import UserError
+from vitrine.cliargs import non_negative_int, positive_float, positive_int
+from vitrine.errors import UserError
 
 log = logging.getLogger(__name__)
 # Prior weights to sweep: 0 is the cross-encoder alone, 1e4 the first stage's order in practice.
@@ -15,7 +16,7 @@ PRIOR_GRID = (0.0, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0, 1e4)
 
 def _splits(catalog: str, *splits: str) -> list[list]:
     """The products of each named split, reading the catalog once."""
-    from search.catalog.registry import read_catalog
+    from vitrine.catalog.registry import read_catalog
 
     products = read_catalog(catalog).products
     out = [[p for p in products if p.split == split] for split in splits]
@@ -34,12 +35,12 @@ def _features(bundle: str, products, cache: str):
 def cmd_train(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from search.runtime.bundle import load_bundle
     from trainer.concepts import ConceptGraph
     from trainer.cross_encoder.data import QueryMaker
     from trainer.cross_encoder.knowledge import AttributeSchema
     from trainer.cross_encoder.mining import mine_groups
     from trainer.cross_encoder.train import RerankerTrainConfig, RerankerTrainer
+    from vitrine.runtime.bundle import load_bundle
 
     cfg = RerankerTrainConfig(
         stage=args.stage, out_dir=args.out, model=args.model, init=args.init, knowledge=not args.no_knowledge,
@@ -58,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         # Groups are drawn from --seed: give distillation another seed than fine-tuning for fresh queries.
         groups = mine_groups(
             products, feats.text, feats.image, bundle.encode_texts, maker, schema,
-            count=cfg.steps * cfg.groups_per_step, alpha_t2p=bundle.alpha_t2p, negatives=cfg.negatives,
+            count=cfg.steps * cfg.groups_per_step, alpha_t2p=bundle.alphas.for_kind("text"), negatives=cfg.negatives,
             pool=cfg.negative_pool, title_drop=cfg.title_drop, knowledge=cfg.knowledge, seed=cfg.seed,
         )
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
@@ -85,10 +86,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from search.evaluation.rerank import RerankEvaluator
-    from search.runtime.bundle import load_bundle, read_manifest
-    from search.runtime.reranker import load_reranker
     from trainer.cross_encoder.knowledge import AttributeSchema
+    from vitrine.evaluation.rerank import RerankEvaluator
+    from vitrine.runtime.bundle import load_bundle
+    from vitrine.runtime.manifest import read_manifest
+    from vitrine.runtime.reranker import load_reranker
 
     if args.write_prior and not args.tune_prior:
         raise UserError("--write-prior needs --tune-prior")
@@ -104,15 +106,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rng = np.random.default_rng([args.seed, 31])
     grid = PRIOR_GRID if args.tune_prior else ()
     evaluator = RerankEvaluator(top_n=args.top_n, num_queries=args.num_queries, t2p_queries=args.t2p_queries,
-                                alpha_t2p=bundle.alpha_t2p, seed=args.seed, prior_grid=grid)
+                                alpha_t2p=bundle.alphas.for_kind("text"), seed=args.seed, prior_grid=grid)
     swap = lambda title: schema.swap(title, rng)  # noqa: E731
     report = evaluator(reranker, products, feats.text, feats.image, np.asarray(feats.patches), bundle.encode_texts, swap=swap)
     report["bundle"], report["split"] = str(args.bundle), args.split
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.tune_prior:
-        from search.evaluation.rerank import best_prior_weight
         from trainer.cross_encoder.export import set_reranker_prior_weight
+        from vitrine.evaluation.rerank import best_prior_weight
 
         best = best_prior_weight(report["prior_sweep"])
         report["prior_sweep"]["best"] = best
@@ -137,16 +139,16 @@ def register(subparsers) -> None:
     train.add_argument("--model", default="minilm-l6", help="cross-encoder config (pretrain)")
     train.add_argument("--init", help="checkpoint to start from (finetune: pretrained; distill: teacher)")
     train.add_argument("--no-knowledge", action="store_true", help="FashionBERT without KG-MLIM / KG-ITM (ablation)")
-    train.add_argument("--steps", type=int, default=300)
-    train.add_argument("--batch-size", type=int, default=24)
-    train.add_argument("--groups-per-step", type=int, default=4)
-    train.add_argument("--negatives", type=int, default=7)
-    train.add_argument("--student-layers", type=int, default=2)
-    train.add_argument("--lr", type=float, default=5e-5)
+    train.add_argument("--steps", type=positive_int, default=300)
+    train.add_argument("--batch-size", type=positive_int, default=24)
+    train.add_argument("--groups-per-step", type=positive_int, default=4)
+    train.add_argument("--negatives", type=positive_int, default=7)
+    train.add_argument("--student-layers", type=positive_int, default=2)
+    train.add_argument("--lr", type=positive_float, default=5e-5)
     train.add_argument("--prior-init", type=float, default=20.0,
                        help="finetune: starting weight of the first-stage score added to the match logit (0 with --prior-lr 0: cross-encoder alone)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--threads", type=int)
+    train.add_argument("--seed", type=non_negative_int, default=0)
+    train.add_argument("--threads", type=positive_int)
     train.add_argument("--cache", default="runs/cache")
     train.set_defaults(func=cmd_train)
 
@@ -154,7 +156,7 @@ def register(subparsers) -> None:
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--bundle", required=True)
     export.add_argument("--out", help="write a copy of the bundle with the reranker here instead of changing --bundle")
-    export.add_argument("--top-n", type=int, default=20, help="the service's default rerank depth")
+    export.add_argument("--top-n", type=positive_int, default=20, help="the service's default rerank depth")
     export.add_argument("--quantize", choices=("int8",), help="ship a dynamically quantized graph (faster on CPU)")
     export.set_defaults(func=cmd_export)
 
@@ -163,13 +165,13 @@ def register(subparsers) -> None:
     ev.add_argument("--features-bundle", help="bundle whose cached features to use (default: --bundle)")
     ev.add_argument("--catalog", required=True)
     ev.add_argument("--split", default="test")
-    ev.add_argument("--top-n", type=int, default=20)
-    ev.add_argument("--num-queries", type=int, default=1000)
-    ev.add_argument("--t2p-queries", type=int, default=500)
+    ev.add_argument("--top-n", type=positive_int, default=20)
+    ev.add_argument("--num-queries", type=positive_int, default=1000)
+    ev.add_argument("--t2p-queries", type=positive_int, default=500)
     ev.add_argument("--tune-prior", action="store_true", help="also sweep the first-stage prior weight over a grid")
     ev.add_argument("--write-prior", action="store_true", help="with --tune-prior: write the best weight into --bundle")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--threads", type=int, default=2)
+    ev.add_argument("--seed", type=non_negative_int, default=0)
+    ev.add_argument("--threads", type=positive_int, default=2)
     ev.add_argument("--cache", default="runs/cache")
     ev.add_argument("--out", required=True)
     ev.set_defaults(func=cmd_eval)

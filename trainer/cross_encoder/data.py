@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from search.catalog.product import Product
-from search.evaluation.product_search import SHOPPER_TEMPLATES, _usable, product_attribute
-from search.runtime.rerank_inputs import PairEncoder, PairRow
 from trainer.concepts import GENDER_WORDS, _is_number, words
 from trainer.cross_encoder.knowledge import AttributeSchema
 from trainer.cross_encoder.masking import IGNORE_INDEX, choose_mask_words, mask_patches, mask_words
+from vitrine.catalog.product import Product
+from vitrine.evaluation.queries import SHOPPER_TEMPLATES, product_attribute, usable_combination
+from vitrine.runtime.rerank_inputs import PairEncoder, PairRow
 
 QUERY_KINDS = ("title", "visual", "shopper")
 
@@ -153,7 +153,7 @@ class QueryMaker:
         for k in order:
             template = SHOPPER_TEMPLATES[k]
             values = tuple(product_attribute(product, a).lower() for a in template)
-            if _usable(template, values):
+            if usable_combination(template, values):
                 return " ".join(values), tuple(zip(template, values))
         return None
 

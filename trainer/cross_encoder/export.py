@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from search.runtime.bundle import BundleError, hash_bundle_files, read_manifest, verify_files, write_manifest
-from search.runtime.rerank_inputs import PairEncoder
-from search.runtime.reranker import INPUT_NAMES, OUTPUT_NAME, RERANKER_KEY, Reranker, RerankerSpec
-from search.runtime.session import make_session
 from trainer.cross_encoder.factory import load_cross_encoder
 from trainer.cross_encoder.model import CrossEncoder
+from vitrine.runtime.manifest import BundleError, hash_bundle_files, read_manifest, verify_files, write_manifest
+from vitrine.runtime.rerank_inputs import PairEncoder
+from vitrine.runtime.reranker import INPUT_NAMES, OUTPUT_NAME, RERANKER_KEY, Reranker, RerankerSpec
+from vitrine.runtime.session import make_session
 
 RERANKER_DIR = "reranker"
 PARITY_TOLERANCE = 1e-4

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from search.runtime.rerank_inputs import PairEncoder
 from trainer.cross_encoder.model import CrossEncoder, CrossEncoderConfig
 from trainer.pretrained import MODEL_CONFIGS_DIR, resolve_hf_name
+from vitrine.runtime.rerank_inputs import PairEncoder
 
 CROSS_CONFIGS_DIR = MODEL_CONFIGS_DIR / "cross"
 CHECKPOINT_FORMAT = "vitrine-cross-encoder"

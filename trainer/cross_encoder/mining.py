@@ -6,9 +6,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from search.catalog.product import Product
 from trainer.cross_encoder.data import QUERY_KINDS, QueryMaker, RerankGroup, is_relevant
 from trainer.cross_encoder.knowledge import AttributeSchema
+from vitrine.catalog.product import Product
+from vitrine.scoring import blend_product_vectors
 
 BLOCK = 1024
 
@@ -44,7 +45,7 @@ def mine_groups(
     queries = [q for q, _ in made]
     q_embs = np.concatenate([encode_texts(queries[s : s + 256]) for s in range(0, count, 256)])
     assert q_embs.shape == (count, text_embs.shape[1])
-    fused = (alpha_t2p * text_embs + (1 - alpha_t2p) * image_embs).astype(np.float32)
+    fused = blend_product_vectors(text_embs, image_embs, alpha_t2p)
     depth = min(n, pool * 3 + 10)
     groups: list[RerankGroup] = []
     for start in tqdm(range(0, count, BLOCK), desc="hard negatives", disable=not progress):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from search.runtime.rerank_inputs import IMAGE_SEGMENT, NUM_SEGMENTS
+from vitrine.runtime.rerank_inputs import IMAGE_SEGMENT, NUM_SEGMENTS
 
 MASK_FILL = -1e4  # additive attention mask; finite so fully-masked rows cannot produce NaN
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -21,14 +20,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
-from search.catalog.product import Product
-from trainer.cross_encoder.data import Batch, PretrainSampler, QueryMaker, RerankGroup, rows_for_groups
+from trainer.cross_encoder.data import Batch, PretrainSampler, RerankGroup, rows_for_groups
 from trainer.cross_encoder.factory import create_cross_encoder, load_cross_encoder, save_cross_encoder
 from trainer.cross_encoder.knowledge import AttributeSchema
 from trainer.cross_encoder.loss import AdaptiveLoss, distillation_loss, listwise_rerank_loss, masked_patch_kl
 from trainer.cross_encoder.masking import IGNORE_INDEX
 from trainer.cross_encoder.model import CrossEncoder
+from vitrine.catalog.product import Product
 
 log = logging.getLogger(__name__)
 STAGES = ("pretrain", "finetune", "distill")
@@ -86,14 +86,7 @@ def _optimizer(model: CrossEncoder, cfg: RerankerTrainConfig) -> tuple[torch.opt
          {"params": groups["prior"], "lr": cfg.prior_lr, "weight_decay": 0.0}],
         weight_decay=cfg.weight_decay,
     )
-    warm = max(1, int(cfg.warmup * cfg.steps))
-
-    def schedule(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm))))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    return opt, get_cosine_schedule_with_warmup(opt, max(1, int(cfg.warmup * cfg.steps)), cfg.steps)
 
 
 def pretrain_losses(model: CrossEncoder, batch: Batch) -> dict[str, torch.Tensor]:

@@ -38,8 +38,8 @@ async def readyz(request: Request) -> JSONResponse:
     if engine is None:
         return JSONResponse(ReadyResponse(status="not_ready").model_dump(), status_code=503)
     index = {"products": engine.size, "version": engine.version, "bundle_fingerprint": engine.fingerprint,
-             "alpha": engine.alpha, "alpha_text": engine.default_alpha("text"),
-             "alpha_image": engine.default_alpha("image")}  # fmt: skip
+             "alpha": engine.alphas.alpha, "alpha_text": engine.alphas.for_kind("text"),
+             "alpha_image": engine.alphas.for_kind("image")}  # fmt: skip
     redis = None
     status = "ready"
     if engine.link is not None:

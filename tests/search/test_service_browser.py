@@ -1,0 +1,97 @@
+"""The web page in headless Debian Chromium (playwright): type a query, upload a photo, see the grid."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from search.service import Settings, create_app
+from tests.support.indexes import IndexFixture
+from tests.support.service import LiveServer, build_bundle_index, jpeg_bytes
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-gpu"]
+
+pytestmark = [pytest.mark.browser, pytest.mark.torch]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> IndexFixture:
+    return build_bundle_index(tmp_path_factory.mktemp("browser"), tiny_bundle, n=24)
+
+
+@pytest.fixture(scope="module")
+def server(built: IndexFixture):
+    with LiveServer(create_app(Settings(index=built.index_dir))) as live:
+        yield live
+
+
+@pytest.fixture()
+def page(server: LiveServer):
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} not found (apt-get install chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(server.url + "/")
+        yield page
+        browser.close()
+        assert not errors, errors
+
+
+def wait_for_grid(page) -> dict:
+    """Cards rendered and every thumbnail decoded (naturalWidth > 0)."""
+    page.wait_for_selector("#results .card", timeout=15_000)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#results .card img.thumb')].every(i => i.complete && i.naturalWidth > 0)",
+        timeout=15_000,
+    )
+    return page.evaluate(
+        """() => ({
+            cards: document.querySelectorAll('#results .card').length,
+            loaded: [...document.querySelectorAll('#results .card img.thumb')].filter(i => i.naturalWidth > 0).length,
+            scores: [...document.querySelectorAll('#results .card .fused')].map(e => Number(e.textContent)),
+            parts: document.querySelector('#results .card .parts').textContent,
+            status: document.querySelector('#status').textContent,
+        })"""
+    )
+
+
+def test_text_search_renders_a_grid_of_loaded_thumbnails(page, tmp_path):
+    page.wait_for_selector("#filters select[name=gender]")  # filters loaded from /filters
+    page.fill("#query", "red tshirts")
+    page.click("#text-form button[type=submit]")
+    grid = wait_for_grid(page)
+    page.screenshot(path=str(tmp_path / "text-search.png"), full_page=True)
+    assert grid["cards"] > 0 and grid["loaded"] == grid["cards"]
+    assert grid["scores"] == sorted(grid["scores"], reverse=True)
+    assert "t2t" in grid["parts"] and "t2i" in grid["parts"] and "results in" in grid["status"]
+    assert not page.is_visible("#query-photo") and not page.is_visible("#error")
+    assert (tmp_path / "text-search.png").stat().st_size > 0
+
+    page.select_option("#filters select[name=gender]", "Women")  # re-runs the search, filtered
+    page.wait_for_function("() => document.querySelectorAll('#results .card').length > 0 && "
+                           "[...document.querySelectorAll('#results .card .meta')].every(e => e.textContent.startsWith('Women'))")  # fmt: skip
+
+
+def test_photo_upload_renders_results(page, tmp_path):
+    photo = tmp_path / "my-photo.jpg"
+    photo.write_bytes(jpeg_bytes((40, 140, 60)))
+    page.set_input_files("#photo", str(photo))
+    grid = wait_for_grid(page)
+    page.screenshot(path=str(tmp_path / "photo-search.png"), full_page=True)
+    assert grid["cards"] > 0 and grid["loaded"] == grid["cards"]
+    assert "i2t" in grid["parts"] and "i2i" in grid["parts"]
+    assert page.is_visible("#query-photo")
+
+
+def test_errors_are_shown_not_swallowed(page, tmp_path):
+    not_a_photo = tmp_path / "notes.jpg"
+    not_a_photo.write_bytes(b"this is not an image")
+    page.set_input_files("#photo", str(not_a_photo))
+    page.wait_for_selector("#error:not([hidden])", timeout=15_000)
+    assert "not an image" in page.inner_text("#error")
