@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from vitrine.catalog.registry import read_catalog
     from vitrine.runtime import load_bundle, read_manifest
     from vitrine.runtime.reranker import load_reranker
+    from vitrine.scoring import blend_product_vectors
 
     products = [p for p in read_catalog(args.catalog).products if p.split == "test"]
     feats = bundle_product_features(args.features_bundle, products, args.cache, progress=False)
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     picks = rng.choice(len(products), size=min(args.queries, len(products)), replace=False)
     queries = [products[i].title for i in picks]
     q = encoder.encode_texts(queries)
-    fused = encoder.alpha_t2p * feats.text + (1 - encoder.alpha_t2p) * feats.image
+    fused = blend_product_vectors(feats.text, feats.image, encoder.alphas.for_kind("text"))
     tops = np.argsort(-(q @ fused.T), axis=1)[:, : args.top_n]
     patches = np.asarray(feats.patches)
     inputs = [(queries[i], [products[j].title for j in tops[i]], patches[tops[i]].astype(np.float32)) for i in range(len(queries))]

@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import environment, latency_stats, markdown_table, write_json  # noqa: E402
+from vitrine.scoring import fuse  # noqa: E402
 
 TARGETS = {"text_p50_ms": 10.0, "text_qps_8": 150.0, "speedup_vs_naive": 5.0, "image_p50_ms": 30.0}
 
@@ -230,7 +231,7 @@ class NaivePipeline:
         self.index = index
         self.k = k
         # The α the service uses for each query kind (the bundle's tuned α_T2P / α_I2P).
-        self.alpha = {kind: float(index.alpha_for(kind)) for kind in ("text", "image")}
+        self.alpha = {kind: index.alphas.for_kind(kind) for kind in ("text", "image")}
         self.ids = np.array(index.ids())
         self.title, self.image = index.vectors(list(self.ids))  # (n, D) float32 each
         self.bundle = load_bundle(bundle)
@@ -274,7 +275,7 @@ class NaivePipeline:
     def search(self, query: np.ndarray, kind: str) -> list[str]:
         q = query.astype(np.float64)
         alpha = self.alpha[kind]
-        score = alpha * (self.title @ q) + (1.0 - alpha) * (self.image @ q)
+        score = fuse(self.title @ q, self.image @ q, alpha)
         order = np.lexsort((self.ids, -score))[: self.k]  # full sort, ties by id as the index does
         ids = [str(i) for i in self.ids[order]]
         self.index.get_many(ids)  # the records a response shows

@@ -39,7 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, library messages included")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for entry in command_entry_points():
-        entry.load()(sub)
+        try:
+            register = entry.load()
+        except ModuleNotFoundError as exc:
+            # An image built without a layer (the serving image has no trainer/) lacks its commands.
+            package = entry.module.split(".")[0]
+            if exc.name is None or exc.name.split(".")[0] != package:
+                raise
+            logging.getLogger(__name__).debug("command %s unavailable: package %s not installed", entry.name, package)
+            continue
+        register(sub)
     return parser
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from PIL import Image
 
+from vitrine.catalog.fashiongen import H5Image
 from vitrine.catalog.product import BytesImage, FileImage, ImageRef
 
 
@@ -20,9 +21,8 @@ def read_image(ref: ImageRef) -> tuple[Image.Image, str, dict[str, Any]]:
         return ref.open(), hashlib.sha256(ref.data).hexdigest(), {"kind": "none"}
     image = ref.open()
     digest = hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()
-    path, row = getattr(ref, "path", None), getattr(ref, "row", None)
-    if type(ref).__name__ == "H5Image" and path is not None and row is not None:
-        return image, digest, {"kind": "h5", "path": str(Path(path).absolute()), "row": int(row)}
+    if isinstance(ref, H5Image):
+        return image, digest, {"kind": "h5", "path": str(Path(ref.path).absolute()), "row": int(ref.row)}
     return image, digest, {"kind": "none"}
 
 
@@ -32,7 +32,5 @@ def open_image_ref(ref: dict[str, Any], description: str = "") -> Image.Image:
     if kind == "file":
         return FileImage(Path(ref["path"])).open()
     if kind == "h5":
-        from vitrine.catalog.fashiongen import H5Image
-
         return H5Image(Path(ref["path"]), int(ref["row"])).open()
     raise LookupError(f"the image of this product ({description or 'in-memory'}) was not stored by location and cannot be reopened")

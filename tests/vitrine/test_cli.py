@@ -50,3 +50,16 @@ def test_value_types_refuse_bad_numbers_with_one_message() -> None:
     ]:
         with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
             parse(bad)
+
+
+def test_a_layer_left_out_of_the_install_only_removes_its_commands(tmp_path: Path) -> None:
+    # The serving image has no trainer/: its entry points stay in the metadata but must not break the host.
+    code = (
+        "import sys; sys.modules['trainer'] = None\n"
+        "from vitrine.cli import build_parser\n"
+        "sub = next(a for a in build_parser()._actions if a.dest == 'command')\n"
+        "print(sorted(sub.choices))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "'serve'" in result.stdout and "'index'" in result.stdout and "'train'" not in result.stdout
