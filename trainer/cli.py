@@ -11,6 +11,7 @@ from vitrine.cliargs import (
     non_negative_int,
     positive_float,
     positive_int,
+    unit_interval,
 )
 from vitrine.errors import UserError
 
@@ -29,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run directory (checkpoints, summary.json); resumes if present")
     p.add_argument("--model", default="fashion-lite", help="registry config (fashion-lite, tiny) or an open_clip model name")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag, or 'none' for random init")
-    p.add_argument("--epochs", type=positive_int, default=5)
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="epochs (default: 30 for attention-head models, whose towers are cached; else 5)")
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--lr", type=positive_float, default=1e-3, help="lr of projection heads and logit scale")
     p.add_argument("--text-lr", type=positive_float, default=3e-5, help="lr of unlocked text-tower layers")
@@ -41,6 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concept-min-count", type=positive_int, default=5)
     p.add_argument("--prune", action="store_true", help="MML-TP token pruning in the text tower")
     p.add_argument("--prune-weight", type=non_negative_float, default=0.1)
+    p.add_argument("--no-multi-positive", action="store_true",
+                   help="attention-head recipe: plain InfoNCE instead of identical titles as positives")
+    p.add_argument("--attr-weight", type=non_negative_float, default=0.0,
+                   help="attention-head recipe: weight of the attribute heads (baseColour, articleType, gender, usage, season)")
+    p.add_argument("--hard-negatives", type=unit_interval, default=0.0,
+                   help="attention-head recipe: share of each batch drawn in same-article-type groups")
+    p.add_argument("--val-every", type=positive_int, default=5, help="attention-head recipe: epochs between validations")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--limit", type=positive_int, default=None, help="use only the first N products of each split")
@@ -66,13 +75,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from trainer.train import TrainConfig, train
 
+    from trainer.factory import has_token_heads
+
+    epochs = args.epochs or (30 if has_token_heads(args.model) else 5)
     config = TrainConfig(
-        catalog=args.catalog, out=args.out, model=args.model, pretrained=args.pretrained, epochs=args.epochs,
+        catalog=args.catalog, out=args.out, model=args.model, pretrained=args.pretrained, epochs=epochs,
         batch_size=args.batch_size, lr=args.lr, text_lr=args.text_lr, text_unlocked_layers=args.text_unlocked_layers,
         image_unlocked_groups=args.image_unlocked_groups, cva=args.cva, cva_topk=args.cva_topk,
         cva_prototypes=args.cva_prototypes, concept_min_count=args.concept_min_count, prune=args.prune,
         prune_weight=args.prune_weight, seed=args.seed, device=args.device, limit=args.limit,
         max_steps_per_epoch=args.max_steps_per_epoch, cache_dir=args.cache_dir, resume=not args.no_resume,
+        multi_positive=not args.no_multi_positive, attr_weight=args.attr_weight, hard_negatives=args.hard_negatives,
+        val_every=args.val_every,
         progress=not args.no_progress,
     )
     summary = train(config)

@@ -30,7 +30,7 @@ from trainer.pretrained import (
 )
 
 # Config sections Vitrine reads itself; the rest goes to open_clip's CustomTextCLIP.
-_VITRINE_KEYS = ("preprocess_cfg", "pretrained", "pruning_cfg")
+_VITRINE_KEYS = ("preprocess_cfg", "pretrained", "pruning_cfg", "heads_cfg")
 _RANDOM_INIT = ("none", "random")
 _OFFLINE = "offline"
 
@@ -49,6 +49,11 @@ def _configs() -> dict[str, dict]:
 def list_models() -> list[str]:
     """Vitrine's own model configs (any open_clip name works too)."""
     return sorted(_configs())
+
+
+def has_token_heads(name: str) -> bool:
+    """Whether a Vitrine config pools token states with attention heads (and trains with trainer.recipe)."""
+    return name in _configs() and (_configs()[name].get("heads_cfg") or {}).get("type") == "attention"
 
 
 def get_model_config(name: str) -> dict:

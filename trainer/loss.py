@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch import Tensor, nn
 
-__all__ = ["ClipLoss", "ConceptVisualAlignmentLoss", "concept_image_embeddings", "pruning_loss"]
+__all__ = [
+    "ClipLoss",
+    "ConceptVisualAlignmentLoss",
+    "attribute_loss",
+    "concept_image_embeddings",
+    "multi_positive_info_nce",
+    "pruning_loss",
+]
 
 
 def concept_image_embeddings(
@@ -111,3 +118,27 @@ def pruning_loss(masks: Sequence[Tensor], attention_mask: Tensor) -> Tensor:
             raise ValueError(f"mask of layer {layer} is {tuple(mask.shape)}, attention mask {tuple(attention_mask.shape)}")
         total = total + ((mask * real).sum(dim=1) / lengths).mean()
     return total
+
+
+def multi_positive_info_nce(image: Tensor, text: Tensor, groups: Tensor, logit_scale: Tensor) -> Tensor:
+    """Symmetric InfoNCE where every pair in the batch with the same `groups` id is a positive.
+
+    image, text [B, D] L2-normalised; groups [B] int (here: the title's id, so products with an
+    identical title are positives of each other, as the evaluation counts them relevant). Each row's
+    loss is -log(sum of softmax over its positives); with distinct groups this is open_clip's ClipLoss.
+    """
+    if image.shape != text.shape or groups.shape != image.shape[:1]:
+        raise ValueError(f"image {tuple(image.shape)}, text {tuple(text.shape)}, groups {tuple(groups.shape)} do not match")
+    logits = logit_scale * image @ text.t()
+    positive = groups[:, None] == groups[None, :]
+    i2t = -(logits.log_softmax(dim=1).masked_fill(~positive, float("-inf")).logsumexp(dim=1))
+    t2i = -(logits.t().log_softmax(dim=1).masked_fill(~positive, float("-inf")).logsumexp(dim=1))
+    return (i2t.mean() + t2i.mean()) / 2
+
+
+def attribute_loss(logits: dict[str, Tensor], targets: dict[str, Tensor]) -> Tensor:
+    """Mean cross-entropy over the attribute heads; target -1 (value missing or too rare) is ignored."""
+    losses = [F.cross_entropy(logits[name], targets[name], ignore_index=-1) for name in logits if (targets[name] >= 0).any()]
+    if not losses:
+        return next(iter(logits.values())).sum() * 0.0
+    return torch.stack(losses).mean()

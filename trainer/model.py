@@ -9,6 +9,10 @@ Image tower split, so a locked image tower can be run once and cached:
     (`[B, 1280]` for efficientnet_lite0), head = open_clip's projection (dropout + linear).
   * any other open_clip visual tower (ViT, ModifiedResNet, ...): the whole tower is the trunk
     (its output is already the embedding) and the head is the identity.
+
+With `heads_cfg: {"type": "attention"}` (config `fashion-lite-ap`) the towers' token states are the
+trunk features instead: the image trunk gives the 7x7 block map as [B, 49, C] tokens and the text
+trunk MiniLM's last-layer token states, and `trainer.heads.AttentionPoolHead`s pool and project them.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainer.heads import AttentionPoolHead
 from trainer.pruning import PruningGate, attach_pruning_gates
 
 # The timm CNN trunk parts `image_patch_features` and `encode_image_with_patches` run (EfficientNet family).
@@ -65,6 +70,15 @@ class VitrineModel(nn.Module):
             )
         else:
             self.pruning_gates = nn.ModuleList()
+        heads = config.get("heads_cfg") or {}
+        self.token_heads = heads.get("type") == "attention"
+        if self.token_heads:
+            if not (self.has_image_patches and self._hf_text is not None):
+                raise ValueError("attention heads need a timm CNN image trunk and an HF text tower")
+            options = {"num_heads": int(heads.get("num_heads", 4)), "mlp_hidden": int(heads.get("mlp_hidden", 1024))}
+            grid = self.image_patch_grid
+            self.image_head = AttentionPoolHead(self.image_patch_dim, self.embed_dim, num_positions=grid[0] * grid[1], **options)
+            self.text_head = AttentionPoolHead(int(self._hf_text.config.hidden_size), self.embed_dim, **options)
 
     # -- parameters ---------------------------------------------------------------------------------
     @property
@@ -75,6 +89,8 @@ class VitrineModel(nn.Module):
     @property
     def image_trunk_dim(self) -> int:
         """Width of `image_trunk_features` (embed_dim when the whole visual tower is the trunk)."""
+        if self.token_heads:
+            return self.image_patch_dim
         if self._visual_split:
             return int(self.clip.visual.trunk.num_features)
         return self.embed_dim
@@ -86,13 +102,18 @@ class VitrineModel(nn.Module):
             raise ValueError(f"pixels must be a [B, 3, H, W] tensor, got {shape}")
 
     def image_trunk_features(self, pixels: Tensor) -> Tensor:
-        """[B, 3, H, W] -> pooled trunk features [B, image_trunk_dim]."""
+        """[B, 3, H, W] -> pooled trunk features [B, image_trunk_dim] (with token heads: grid tokens [B, P, C])."""
         self._check_pixels(pixels)
+        if self.token_heads:
+            return self.image_patch_features(pixels)
         visual = self.clip.visual
         return visual.trunk(pixels) if self._visual_split else visual(pixels)
 
     def encode_image_features(self, feats: Tensor, normalize: bool = True) -> Tensor:
         """Trunk features [B, image_trunk_dim] -> embeddings [B, D] (the projection head)."""
+        if self.token_heads:
+            out = self.image_head(feats)
+            return F.normalize(out, dim=-1) if normalize else out
         if feats.dim() != 2 or feats.shape[1] != self.image_trunk_dim:
             raise ValueError(f"trunk features must be [B, {self.image_trunk_dim}], got {tuple(feats.shape)}")
         out = self.clip.visual.head(feats) if self._visual_split else feats
@@ -137,8 +158,11 @@ class VitrineModel(nn.Module):
         trunk = self._patch_trunk()
         feature_map = self._patch_map(pixels)
         # The rest of timm's forward_features (conv_head, bn2) then forward_head: what trunk(pixels) does.
+        patches = self._flatten_patches(feature_map)
+        if self.token_heads:
+            return self.encode_image_features(patches, normalize=normalize), patches
         pooled = trunk.forward_head(trunk.bn2(trunk.conv_head(feature_map)))
-        return self.encode_image_features(pooled, normalize=normalize), self._flatten_patches(feature_map)
+        return self.encode_image_features(pooled, normalize=normalize), patches
 
     @property
     def image_patch_dim(self) -> int:
@@ -178,7 +202,22 @@ class VitrineModel(nn.Module):
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
             shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be an integer [B, L] tensor, got {shape}")
+        if self.token_heads:
+            return self.encode_text_tokens(*self.text_token_states(input_ids), normalize=normalize)
         out = self.clip.encode_text(input_ids.long(), normalize=False)
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def text_token_states(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """([B, L, H] last-layer token states, [B, L] attention mask): what the text head pools."""
+        if not self.text_split:
+            raise ValueError("text token states need an HF text tower")
+        mask = self.text_attention_mask(input_ids)
+        out = self.clip.text.transformer(input_ids=input_ids.long(), attention_mask=mask)
+        return out.last_hidden_state, mask
+
+    def encode_text_tokens(self, states: Tensor, mask: Tensor, normalize: bool = True) -> Tensor:
+        """Token states [B, L, H] and their mask -> [B, D] (the attention head)."""
+        out = self.text_head(states, mask)
         return F.normalize(out, dim=-1) if normalize else out
 
     @property

@@ -72,6 +72,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     val_queries: int = 1000
+    # The cached-token recipe (models with attention heads, trainer.recipe):
+    multi_positive: bool = True  # identical titles are positives of each other
+    attr_weight: float = 0.0  # weight of the attribute heads' loss (0: off)
+    hard_negatives: float = 0.0  # share of each batch drawn in same-article-type groups
+    val_every: int = 5  # epochs between validations
     limit: int | None = None  # products per split (tests, smoke runs)
     max_steps_per_epoch: int | None = None
     cache_dir: str = "runs/cache"
@@ -444,4 +449,11 @@ class Trainer:
 
 
 def train(config: TrainConfig) -> dict:
+    """Train with the recipe the model calls for: the cached-token recipe for attention-head models."""
+    from trainer.factory import has_token_heads
+
+    if has_token_heads(config.model):
+        from trainer.recipe import train_cached_tokens
+
+        return train_cached_tokens(config)
     return Trainer(config).fit()

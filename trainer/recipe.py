@@ -1,0 +1,341 @@
+"""The cached-token recipe: frozen towers run once, attention-pooling heads train for many epochs.
+
+Built for two CPU cores. The towers are frozen, so their token states never change:
+
+1. cache, once per (model, catalog): the image trunk's 7x7 block map of every train/val photo
+   ([N, 49, C] float16, through the ONNX-run trunk) and the text tower's last-layer token states of
+   every distinct title ([T, L, H] float16 + mask);
+2. train the heads (`trainer.heads.AttentionPoolHead` on both sides) for `epochs` epochs over the
+   cache: multi-positive InfoNCE (identical titles are positives), optional attribute heads on both
+   embeddings and attribute-aware hard negatives in the batch; photos are augmented in feature space
+   (a horizontal flip of the block map);
+3. keep the best epoch on val (the same evaluators `vitrine eval` runs), tune α per query kind on
+   val, write best.pt in the checkpoint format `vitrine export` reads.
+
+Every stage's wall time is recorded in summary.json["stage_seconds"].
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from trainer.batches import CatalogBatchSampler
+from trainer.encoder import ModelEncoder
+from trainer.factory import create_model_and_transforms, get_tokenizer
+from trainer.features import cached_image_features, products_fingerprint
+from trainer.heads import AttributeHeads
+from trainer.loss import ClipLoss, attribute_loss, multi_positive_info_nce
+from trainer.train import ALPHA_GRID, TrainConfig, load_splits, resolve_device, seed_everything
+from vitrine.catalog.product import Product
+from vitrine.evaluation.evaluator import (
+    FullRetrievalEvaluator,
+    ImageToProductEvaluator,
+    SampleRetrievalEvaluator,
+    TextToProductEvaluator,
+)
+from vitrine.evaluation.protocols import RetrievalSet, index_distinct
+
+log = logging.getLogger(__name__)
+
+ATTRIBUTES = ("baseColour", "articleType", "gender", "usage", "season")
+MIN_ATTRIBUTE_COUNT = 5  # rarer values are not a class (target ignored)
+TEXT_BATCH = 256
+
+
+@dataclass
+class TextStates:
+    """Token states of distinct texts: row `index[text]` of `states` [T, L, H] and `mask` [T, L]."""
+
+    texts: list[str]
+    states: np.ndarray
+    mask: np.ndarray
+
+    def __post_init__(self) -> None:
+        assert self.states.shape[:2] == self.mask.shape and len(self.texts) == self.states.shape[0]
+        self.index = {t: i for i, t in enumerate(self.texts)}
+
+    def rows(self, texts: list[str]) -> np.ndarray:
+        return np.array([self.index[t] for t in texts], dtype=np.int64)
+
+
+@torch.no_grad()
+def compute_text_states(model, tokenizer, texts: list[str], device: torch.device, progress: bool = False) -> TextStates:
+    """Last-layer token states of `texts`, padded to the tokenizer's max length, as float16."""
+    model.eval()
+    states, masks = [], []
+    for start in tqdm(range(0, len(texts), TEXT_BATCH), desc="text token states", disable=not progress):
+        ids = tokenizer(texts[start : start + TEXT_BATCH], padding="max_length").to(device)
+        hidden, mask = model.text_token_states(ids)
+        states.append(hidden.to(torch.float16).cpu().numpy())
+        masks.append(mask.to(torch.uint8).cpu().numpy())
+    return TextStates(list(texts), np.concatenate(states), np.concatenate(masks))
+
+
+def cached_text_states(model, tokenizer, texts: list[str], cache_dir: Path, key: str, device: torch.device,
+                       progress: bool = False) -> TextStates:  # fmt: skip
+    """`compute_text_states`, reusing `cache_dir/text-states-<key>.npz` when it holds the same texts."""
+    digest = hashlib.sha256(json.dumps([key, texts]).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"text-states-{digest}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            log.info("text token states from cache %s", path)
+            return TextStates(list(texts), z["states"], z["mask"])
+    out = compute_text_states(model, tokenizer, texts, device, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, states=out.states, mask=out.mask)
+    tmp.replace(path)
+    return out
+
+
+def attribute_vocab(products: list[Product]) -> dict[str, list[str]]:
+    """Per attribute, the values seen at least MIN_ATTRIBUTE_COUNT times in training (the classes)."""
+    vocab = {}
+    for name in ATTRIBUTES:
+        values, counts = np.unique([p.attribute(name).strip().lower() for p in products], return_counts=True)
+        vocab[name] = sorted(v for v, c in zip(values, counts) if v and c >= MIN_ATTRIBUTE_COUNT)
+    return vocab
+
+
+def attribute_targets(products: list[Product], vocab: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """Per attribute, each product's class index, -1 when missing or rare."""
+    out = {}
+    for name, values in vocab.items():
+        lookup = {v: i for i, v in enumerate(values)}
+        out[name] = np.array([lookup.get(p.attribute(name).strip().lower(), -1) for p in products], dtype=np.int64)
+    return out
+
+
+class TokenRecipeTrainer:
+    """Trains a token-head model (`heads_cfg.type == "attention"`, e.g. fashion-lite-ap) over cached token states."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.out = Path(config.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        seed_everything(config.seed)
+        self.device = resolve_device(config.device)
+        self.stage_seconds: dict[str, float] = {}
+        started = time.perf_counter()
+        self.splits = load_splits(config)
+        self.model, _, self.preprocess_val = create_model_and_transforms(
+            config.model, config.pretrained, device=self.device, **config.model_overrides
+        )
+        if not getattr(self.model, "token_heads", False):
+            raise ValueError(f"model {config.model!r} has no attention heads; use the standard trainer")
+        self.tokenizer = get_tokenizer(config.model)
+        self.model.requires_grad_(False)
+        trainable = [self.model.image_head, self.model.text_head]
+        for module in trainable:
+            module.requires_grad_(True)
+        self.model.clip.logit_scale.requires_grad_(True)
+        self.stage_seconds["load"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        key = f"{config.model}|{config.pretrained}|{self.model.image_size}|grid|{json.dumps(config.model_overrides, sort_keys=True)}"
+        self.grids = {
+            name: cached_image_features(
+                self.model, self.preprocess_val, products, Path(config.cache_dir), key,
+                device=self.device, progress=config.progress, desc=f"{name} image grids",
+            ).astype(np.float16)
+            for name, products in self.splits.items()
+        }  # fmt: skip
+        self.stage_seconds["cache_images"] = time.perf_counter() - started
+        started = time.perf_counter()
+        texts = sorted({p.title for products in self.splits.values() for p in products})
+        self.text = cached_text_states(self.model, self.tokenizer, texts, Path(config.cache_dir), f"{key}|text",
+                                       self.device, config.progress)  # fmt: skip
+        self.stage_seconds["cache_texts"] = time.perf_counter() - started
+
+        train = self.splits["train"]
+        self.train_text_rows = torch.from_numpy(self.text.rows([p.title for p in train]))
+        _, title_ids = index_distinct([p.title for p in train])
+        self.title_ids = torch.as_tensor(np.asarray(title_ids), dtype=torch.long)
+        self.vocab = attribute_vocab(train) if config.attr_weight > 0 else {}
+        self.attr_targets = {k: torch.from_numpy(v) for k, v in attribute_targets(train, self.vocab).items()}
+        if self.vocab:
+            classes = {name: len(values) for name, values in self.vocab.items() if values}
+            self.image_attributes = AttributeHeads(self.model.embed_dim, classes).to(self.device)
+            self.text_attributes = AttributeHeads(self.model.embed_dim, classes).to(self.device)
+            trainable += [self.image_attributes, self.text_attributes]
+        self.sampler = CatalogBatchSampler(
+            [p.attribute("articleType") or p.subcategory for p in train], config.batch_size,
+            hard_fraction=config.hard_negatives, seed=config.seed,
+        )  # fmt: skip
+        params = [p for m in trainable for p in m.parameters()] + [self.model.clip.logit_scale]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        steps = len(self.sampler) * config.epochs
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, min(config.warmup_steps, steps // 2), max(1, steps))
+        self.itc = ClipLoss()
+        self.epoch, self.best_score, self.history = 0, -1.0, []
+
+    # ------------------------------------------------------------------ steps
+
+    def _image_tokens(self, split: str, rows: np.ndarray, augment: bool) -> torch.Tensor:
+        tokens = torch.from_numpy(self.grids[split][rows].astype(np.float32))
+        if augment:  # horizontal flip of the block map for a random half of the batch
+            h, w = self.model.image_patch_grid
+            flip = torch.rand(tokens.shape[0]) < 0.5
+            grid = tokens[flip].view(-1, h, w, tokens.shape[-1]).flip(2)
+            tokens[flip] = grid.reshape(-1, h * w, tokens.shape[-1])
+        return tokens.to(self.device)
+
+    def _text_tokens(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        states = torch.from_numpy(self.text.states[rows].astype(np.float32)).to(self.device)
+        return states, torch.from_numpy(self.text.mask[rows]).to(self.device)
+
+    def train_epoch(self) -> dict[str, float]:
+        self.model.image_head.train()
+        self.model.text_head.train()
+        sums: dict[str, float] = {}
+        batches = list(self.sampler.epoch(self.epoch))
+        for step, rows in enumerate(tqdm(batches, desc=f"epoch {self.epoch + 1}", disable=not self.config.progress)):
+            image = self.model.encode_image_features(self._image_tokens("train", rows, augment=True))
+            text = self.model.encode_text_tokens(*self._text_tokens(self.train_text_rows[rows].numpy()))
+            scale = self.model.logit_scale.exp()
+            if self.config.multi_positive:
+                itc = multi_positive_info_nce(image, text, self.title_ids[rows].to(self.device), scale)
+            else:
+                itc = self.itc(image, text, scale)
+            losses = {"itc": itc}
+            if self.vocab:
+                targets = {k: v[rows].to(self.device) for k, v in self.attr_targets.items() if k in self.image_attributes.names}
+                losses["attr"] = (attribute_loss(self.image_attributes(image), targets)
+                                  + attribute_loss(self.text_attributes(text), targets)) / 2  # fmt: skip
+            total = losses["itc"] + self.config.attr_weight * losses.get("attr", 0.0)
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            with torch.no_grad():
+                self.model.logit_scale.clamp_(0, float(np.log(100)))
+            for k, v in {"total": total, **losses}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        return {f"loss_{k}": v / max(1, len(batches)) for k, v in sums.items()}
+
+    # ------------------------------------------------------------------ validation
+
+    @torch.no_grad()
+    def embed_split(self, split: str) -> RetrievalSet:
+        self.model.eval()
+        products = self.splits[split]
+        texts, text_of_product = index_distinct([p.title for p in products])
+        rows = self.text.rows(texts)
+        text_embs, image_embs = [], []
+        for start in range(0, len(texts), TEXT_BATCH):
+            text_embs.append(self.model.encode_text_tokens(*self._text_tokens(rows[start : start + TEXT_BATCH])).cpu())
+        for start in range(0, len(products), TEXT_BATCH):
+            block = np.arange(start, min(start + TEXT_BATCH, len(products)))
+            image_embs.append(self.model.encode_image_features(self._image_tokens(split, block, augment=False)).cpu())
+        return RetrievalSet(texts, text_of_product, [p.subcategory for p in products],
+                            torch.cat(text_embs).float().numpy(), torch.cat(image_embs).float().numpy())  # fmt: skip
+
+    def encoder(self) -> ModelEncoder:
+        return ModelEncoder(self.model, lambda texts: self.model.encode_text(self.tokenizer(texts).to(self.device)),
+                            self.preprocess_val, self.device, self.config.model)  # fmt: skip
+
+    def validate(self) -> dict:
+        data, products = self.embed_split("val"), self.splits["val"]
+        sample = SampleRetrievalEvaluator(self.config.val_queries, seed=self.config.seed)(self.encoder(), products, data)
+        full = FullRetrievalEvaluator()(self.encoder(), products, data)
+        metrics = {
+            "sample_t2i_R@1": sample["t2i"]["R@1"], "sample_i2t_R@1": sample["i2t"]["R@1"],
+            "sample_t2i_R@10": sample["t2i"]["R@10"], "sample_i2t_R@10": sample["i2t"]["R@10"],
+            "full_t2i_R@10": full["t2i"]["R@10"], "full_i2t_R@10": full["i2t"]["R@10"],
+        }  # fmt: skip
+        metrics["score"] = (metrics["sample_t2i_R@1"] + metrics["sample_i2t_R@1"] + metrics["full_t2i_R@10"]) / 3
+        return metrics
+
+    @torch.no_grad()
+    def tune_alpha(self, num_t2p: int = 500, num_i2p: int = 500) -> dict:
+        """α per query kind on val, as the standard trainer does (same evaluators)."""
+        data, products, seed, encoder = self.embed_split("val"), self.splits["val"], self.config.seed, self.encoder()
+        t2p = TextToProductEvaluator(num_t2p, seed=seed).sweep(encoder, products, data, ALPHA_GRID)
+        i2p = ImageToProductEvaluator(num_i2p, seed=seed).sweep(encoder, products, data, ALPHA_GRID)
+        sweep = [{"alpha": a, "t2p_nDCG@10": t["nDCG@10"], "i2p_R@1": i["R@1"], "score": (t["nDCG@10"] + i["R@1"]) / 2}
+                 for a, t, i in zip(ALPHA_GRID, t2p, i2p)]  # fmt: skip
+        return {"alpha": max(sweep, key=lambda r: r["score"])["alpha"], "sweep": sweep,
+                "alpha_t2p": max(sweep, key=lambda r: r["t2p_nDCG@10"])["alpha"],
+                "alpha_i2p": max(sweep, key=lambda r: r["i2p_R@1"])["alpha"]}  # fmt: skip
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state(self) -> dict:
+        return {
+            "config": self.config.to_dict(), "model_name": self.config.model, "pretrained": self.config.pretrained,
+            "model_overrides": self.config.model_overrides, "pruning": False, "recipe": "cached-token",
+            "state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "best_score": self.best_score,
+            "history": self.history, "data_fingerprint": products_fingerprint(self.splits["train"]),
+        }  # fmt: skip
+
+    def save(self, name: str, extra: dict | None = None) -> Path:
+        path = self.out / name
+        tmp = path.with_suffix(".tmp")
+        torch.save({**self.state(), **(extra or {})}, tmp)
+        tmp.replace(path)
+        return path
+
+    def maybe_resume(self) -> None:
+        path = self.out / "last.pt"
+        if not (self.config.resume and path.is_file()):
+            return
+        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(ckpt["state_dict"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.epoch, self.best_score, self.history = ckpt["epoch"], ckpt["best_score"], ckpt["history"]
+        log.info("resumed from %s at epoch %d", path, self.epoch)
+
+    # ------------------------------------------------------------------ run
+
+    def fit(self) -> dict:
+        self.maybe_resume()
+        started = time.perf_counter()
+        while self.epoch < self.config.epochs:
+            t0 = time.perf_counter()
+            losses = self.train_epoch()
+            self.epoch += 1
+            record: dict = {"epoch": self.epoch, **losses, "seconds": time.perf_counter() - t0}
+            self.history.append(record)
+            if self.epoch % self.config.val_every == 0 or self.epoch == self.config.epochs:
+                record["val"] = self.validate()
+                log.info("epoch %d val %s", self.epoch, json.dumps(record["val"]))
+                if record["val"]["score"] > self.best_score:
+                    self.best_score = record["val"]["score"]
+                    self.save("best.pt", {"val": record["val"]})
+            self.save("last.pt")
+        self.stage_seconds["train"] = time.perf_counter() - started
+        return self.finish()
+
+    def finish(self) -> dict:
+        started = time.perf_counter()
+        best = torch.load(self.out / "best.pt", map_location=self.device, weights_only=False)
+        self.model.load_state_dict(best["state_dict"])
+        alpha = self.tune_alpha()
+        self.stage_seconds["tune_alpha"] = time.perf_counter() - started
+        summary = {"config": self.config.to_dict(), "recipe": "cached-token", "history": self.history,
+                   "val": best["val"], "device": str(self.device), "threads": torch.get_num_threads(),
+                   "train_seconds": sum(r["seconds"] for r in self.history), "alpha": alpha,
+                   "stage_seconds": {k: round(v, 1) for k, v in self.stage_seconds.items()},
+                   "attribute_classes": {k: len(v) for k, v in self.vocab.items()}}  # fmt: skip
+        extra = {"val": best["val"], "alpha": alpha["alpha"], "alpha_t2p": alpha["alpha_t2p"],
+                 "alpha_i2p": alpha["alpha_i2p"], "prune_at_inference": False, "history": self.history}  # fmt: skip
+        self.epoch = best["epoch"]
+        self.save("best.pt", extra)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        return summary
+
+
+def train_cached_tokens(config: TrainConfig) -> dict:
+    return TokenRecipeTrainer(config).fit()
