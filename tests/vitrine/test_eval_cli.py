@@ -297,3 +297,24 @@ def test_per_task_alphas_are_used_for_t2p_and_i2p(tmp_path, monkeypatch):
     report = load_metrics(tmp_path / "a")
     assert report["product_search"]["t2p"]["alpha"] == 0.9 and report["product_search"]["i2p"]["alpha"] == 0.1
     assert report["config"]["alpha"] == {"t2p": 0.9, "i2p": 0.1}
+
+
+def test_kagl_protocol_on_the_split_and_on_a_gallery_catalog(tmp_path, monkeypatch):
+    module = fake_encoders(monkeypatch, Plain=ColourHashEncoder)
+    catalog = make_catalog(tmp_path / "catalog")
+    run_eval("--catalog", catalog, "--encoder", f"{module}:Plain", "--out", tmp_path / "a", "--protocols", "kagl")
+    report = load_metrics(tmp_path / "a")
+    kagl = report["kagl"]
+    assert kagl["gallery_source"] == "split" and kagl["queries"] >= 1 and 0.0 <= kagl["MRR@10"] <= 1.0
+    assert kagl["R@1"] <= kagl["R@10"] and "KAGL protocol" in (tmp_path / "a" / "metrics.md").read_text()
+    run_eval("--catalog", catalog, "--encoder", f"{module}:Plain", "--out", tmp_path / "b", "--protocols", "kagl",
+             "--gallery-catalog", catalog)
+    other = load_metrics(tmp_path / "b")
+    assert other["kagl"]["gallery_source"] == "gallery catalog" and other["kagl"]["gallery"] >= kagl["gallery"]
+    assert other["config"]["gallery_catalog"] == str(catalog)
+
+
+def test_cli_protocol_names_match_the_harness():
+    from vitrine.evaluation import cli, evaluator
+
+    assert cli.PROTOCOLS == evaluator.PROTOCOLS

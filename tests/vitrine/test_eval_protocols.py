@@ -244,3 +244,25 @@ def test_retrieval_set_checks_shapes():
         RetrievalSet(["a"], np.array([0, 0]), ["g", "g"], unit([[1, 0]]), unit([[1, 0]]))
     with pytest.raises(ValueError):
         sample_protocol(perfect_set(1, ["g"]))
+
+
+def test_kagl_metrics_are_beir_recall_and_mrr_on_hand_made_rankings():
+    from vitrine.evaluation.kagl import kagl_metrics, kagl_query_texts
+
+    # Gallery: 4 products; titles A, A, B, C. Query A's relevant: rows 0 and 1; query B's: row 2.
+    gallery = np.eye(4, dtype=np.float32)
+    titles = ["A", "A", "B", "C"]
+    queries = np.array([[0.1, 0.9, 0.5, 0.0],  # A: ranks row 1 first (relevant), row 2, then row 0
+                        [0.0, 0.0, 0.2, 0.9]], dtype=np.float32)  # B: row 3 first (wrong), row 2 second
+    m = kagl_metrics(queries, ["A", "B"], gallery, titles)
+    assert m["R@1"] == pytest.approx((0.5 + 0.0) / 2)  # A finds 1 of its 2 relevant at rank 1
+    assert m["R@10"] == pytest.approx(1.0)
+    assert m["MRR@10"] == pytest.approx((1.0 + 0.5) / 2)
+    assert m["queries"] == 2 and m["gallery"] == 4
+    # A query without any relevant product in the gallery is counted, not scored.
+    assert kagl_metrics(queries[:1], ["Z"], gallery, titles) == {"queries": 0, "skipped_no_relevant": 1}
+    # Ties count against the model: an all-equal score row puts the relevant last.
+    tied = kagl_metrics(np.zeros((1, 4), np.float32), ["B"], gallery, titles)
+    assert tied["R@1"] == 0.0 and tied["MRR@10"] == pytest.approx(1 / 4)
+    picks = kagl_query_texts(["x", "y", "y", "z"], 2, seed=3)
+    assert picks == sorted(picks) and len(set(picks)) == 2 and picks == kagl_query_texts(["z", "y", "x"], 2, seed=3)

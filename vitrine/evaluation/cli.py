@@ -11,7 +11,7 @@ from vitrine.cliargs import non_negative_int, positive_int, unit_interval
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("sample", "full", "t2p", "i2p")  # kept here so --help needs no numpy
+PROTOCOLS = ("sample", "full", "kagl", "t2p", "i2p")  # kept here so --help needs no numpy
 
 DESCRIPTION = """\
 Evaluate an encoder (any object with encode_texts/encode_images returning L2-normalised
@@ -29,6 +29,10 @@ Protocols (--protocols, default all):
           queries are the distinct texts, and every product carrying exactly that text is
           a correct image; I2T queries are all product images against all distinct texts,
           the product's own text correct. R@1/5/10.
+  kagl    Marqo's KAGL protocol (the public fashion-embedding leaderboard): up to
+          --kagl-queries seeded distinct titles rank every image of the split (or of
+          --gallery-catalog); relevant = every gallery product with exactly that title.
+          BEIR-style R@1 and R@10 (share of the relevant found) and MRR@10.
   t2p     Text-to-product search (FashionKLIP sec. 5) with shopper queries composed from
           attributes ("women red handbags", "men sports shoes"), --t2p-queries of them;
           relevant = every product matching all named attributes. Products are ranked by
@@ -64,7 +68,7 @@ def _protocol_list(value: str) -> tuple[str, ...]:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="evaluate an encoder: sample/full cross-modal retrieval, T2P and I2P product search",
+        help="evaluate an encoder: sample/full/KAGL cross-modal retrieval, T2P and I2P product search",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -109,6 +113,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=100,
         help="sample protocol: negatives per query (default: 100)",
+    )
+    parser.add_argument(
+        "--kagl-queries", type=positive_int, default=2000, help="KAGL: distinct titles as queries (default: 2000)"
+    )
+    parser.add_argument(
+        "--gallery-catalog",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="KAGL: rank this catalog's images (all of its products) instead of the split's",
     )
     parser.add_argument(
         "--t2p-queries", type=positive_int, default=500, help="T2P: shopper queries (default: 500)"
@@ -169,6 +183,7 @@ def main_eval(args: argparse.Namespace) -> int:
     config = EvalConfig(
         protocols=tuple(args.protocols),
         queries=args.queries,
+        kagl_queries=args.kagl_queries,
         candidates=args.candidates,
         t2p_queries=args.t2p_queries,
         i2p_queries=args.i2p_queries,
@@ -185,7 +200,13 @@ def main_eval(args: argparse.Namespace) -> int:
         "limit": args.limit,
         "encoder_spec": args.encoder if args.bundle is None else f"bundle:{args.bundle}",
     }
-    report = run_evaluation(encoder, products, config, context=context)
+    gallery = None
+    if args.gallery_catalog is not None:
+        from vitrine.catalog import read_catalog
+
+        gallery = read_catalog(args.gallery_catalog, progress=sys.stderr.isatty()).products
+        context["gallery_catalog"] = str(args.gallery_catalog)
+    report = run_evaluation(encoder, products, config, context=context, gallery=gallery)
     report["counts"].update(read_counts)
     paths = write_report(report, args.out)
     print(render_markdown(report))

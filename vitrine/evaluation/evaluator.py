@@ -21,6 +21,7 @@ from vitrine.catalog.product import Product
 from vitrine.errors import UserError
 from vitrine.evaluation import product_search
 from vitrine.evaluation.encoder import encode_images, encode_texts
+from vitrine.evaluation.kagl import KAGL_QUERIES, kagl_metrics, kagl_query_texts
 from vitrine.evaluation.photos import i2p_query_products, shopper_photo, shopper_photo_rng
 from vitrine.evaluation.protocols import RetrievalSet, full_protocol, index_distinct, sample_protocol
 from vitrine.evaluation.queries import compose_shopper_queries, relevance_matrix
@@ -29,7 +30,9 @@ from vitrine.scoring import DEFAULT_ALPHA, TASK_KINDS, Alphas, check_alpha
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("sample", "full", "t2p", "i2p")
+PROTOCOLS = ("sample", "full", "kagl", "t2p", "i2p")
+# The report section of each protocol.
+SECTIONS = {"sample": "retrieval", "full": "retrieval", "kagl": "kagl", "t2p": "product_search", "i2p": "product_search"}
 TEXT_FIELDS = ("title", "description")
 REPORT_FORMAT = "vitrine-eval/1"
 
@@ -38,6 +41,7 @@ REPORT_FORMAT = "vitrine-eval/1"
 class EvalConfig:
     protocols: tuple[str, ...] = PROTOCOLS
     queries: int = 1000  # sample protocol queries per direction
+    kagl_queries: int = 2000  # KAGL protocol: distinct titles as queries
     candidates: int = 100  # sample protocol negatives per query
     t2p_queries: int = 500
     i2p_queries: int = 1000
@@ -56,7 +60,7 @@ class EvalConfig:
             )
         if self.text_field not in TEXT_FIELDS:
             raise UserError(f"text field must be one of {', '.join(TEXT_FIELDS)}, got {self.text_field!r}")
-        for name in ("queries", "candidates", "t2p_queries", "i2p_queries", "batch_size"):
+        for name in ("queries", "candidates", "kagl_queries", "t2p_queries", "i2p_queries", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
@@ -163,6 +167,41 @@ class FullRetrievalEvaluator:
         return full_protocol(data)
 
 
+class KaglEvaluator:
+    """Marqo's KAGL protocol: distinct titles rank a gallery (the split, or a second catalog) of images."""
+
+    name = "kagl"
+    primary_metric = "MRR@10"
+
+    def __init__(
+        self,
+        num_queries: int = KAGL_QUERIES,
+        seed: int = 0,
+        gallery: Sequence[Product] | None = None,
+        batch_size: int = 64,
+        progress: bool | None = None,
+    ):
+        self.num_queries, self.seed, self.gallery = num_queries, seed, gallery
+        self.batch_size, self.progress = batch_size, progress
+
+    def __call__(self, encoder: Encoder, products: Sequence[Product], data: RetrievalSet) -> dict:
+        queries = kagl_query_texts([p.title for p in products], self.num_queries, self.seed)
+        text_row = {t: i for i, t in enumerate(data.texts)}
+        if all(q in text_row for q in queries):  # the split's titles are already encoded
+            query_embs = data.text_embs[[text_row[q] for q in queries]]
+        else:
+            query_embs = encode_texts(encoder, queries, batch_size=self.batch_size, progress=self.progress)
+        if self.gallery is None:
+            gallery_embs, gallery_titles = data.image_embs, [p.title for p in products]
+        else:
+            gallery_embs = encode_images(encoder, [p.image for p in self.gallery], batch_size=self.batch_size,
+                                         progress=self.progress)  # fmt: skip
+            gallery_titles = [p.title for p in self.gallery]
+        metrics = kagl_metrics(query_embs, queries, gallery_embs, gallery_titles)
+        metrics["gallery_source"] = "split" if self.gallery is None else "gallery catalog"
+        return metrics
+
+
 class TextToProductEvaluator:
     """Shopper queries ("women red handbags") ranking products by the weighted T2P score."""
 
@@ -250,12 +289,15 @@ class ImageToProductEvaluator:
         return out
 
 
-def build_evaluators(config: EvalConfig, alphas: dict[str, float]) -> list[Evaluator]:
+def build_evaluators(
+    config: EvalConfig, alphas: dict[str, float], gallery: Sequence[Product] | None = None
+) -> list[Evaluator]:
     """The evaluators `config.protocols` asks for, in canonical order; `alphas` by task (t2p, i2p)."""
     common = dict(seed=config.seed, batch_size=config.batch_size, progress=config.progress)
     make = {
         "sample": lambda: SampleRetrievalEvaluator(config.queries, config.candidates, config.seed),
         "full": FullRetrievalEvaluator,
+        "kagl": lambda: KaglEvaluator(config.kagl_queries, gallery=gallery, **common),
         "t2p": lambda: TextToProductEvaluator(config.t2p_queries, alpha=alphas["t2p"], **common),
         "i2p": lambda: ImageToProductEvaluator(config.i2p_queries, alpha=alphas["i2p"], **common),
     }
@@ -263,7 +305,12 @@ def build_evaluators(config: EvalConfig, alphas: dict[str, float]) -> list[Evalu
 
 
 def run_evaluation(
-    encoder: Encoder, products: Sequence[Product], config: EvalConfig, *, context: dict | None = None
+    encoder: Encoder,
+    products: Sequence[Product],
+    config: EvalConfig,
+    *,
+    context: dict | None = None,
+    gallery: Sequence[Product] | None = None,
 ) -> dict:
     """Encode the split once, run the configured protocols, return the whole report as a dict.
 
@@ -282,14 +329,13 @@ def run_evaluation(
     )
     timings["encode_split"] = time.perf_counter() - started
 
-    retrieval: dict[str, dict] = {}
-    search: dict[str, dict] = {}
-    for evaluator in build_evaluators(config, alphas):
+    sections: dict[str, dict[str, dict]] = {"retrieval": {}, "product_search": {}}
+    for evaluator in build_evaluators(config, alphas, gallery):
         log.info("running %s", evaluator.name)
         t0 = time.perf_counter()
         result = evaluator(encoder, products, data)
         timings[evaluator.name] = time.perf_counter() - t0
-        (retrieval if evaluator.name in ("sample", "full") else search)[evaluator.name] = result
+        sections.setdefault(SECTIONS[evaluator.name], {})[evaluator.name] = result
     timings["total"] = time.perf_counter() - started
 
     settings = asdict(config)
@@ -305,7 +351,8 @@ def run_evaluation(
             "distinct_texts": len(data.texts),
             "subcategories": len(set(data.groups)),
         },
-        "retrieval": retrieval,
-        "product_search": search,
+        "retrieval": sections["retrieval"],
+        **({"kagl": sections["kagl"]["kagl"]} if "kagl" in sections else {}),
+        "product_search": sections["product_search"],
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }

@@ -72,6 +72,21 @@ def render_markdown(report: dict) -> str:
             ]
         lines.append("")
 
+    kagl = report.get("kagl")
+    if kagl and kagl.get("queries"):
+        lines += [
+            "## KAGL protocol (Marqo's text-to-image leaderboard protocol)",
+            "",
+            "Distinct titles as queries; relevant = every gallery product with exactly that title. "
+            "R@k = share of the relevant found in the top k. Values in %.",
+            "",
+            "| Queries | Gallery | R@1 | R@10 | MRR@10 |",
+            "|---:|---:|---:|---:|---:|",
+            f"| {kagl['queries']} | {kagl['gallery']} ({kagl['gallery_source']}) | {_pct(kagl['R@1'])} "
+            f"| {_pct(kagl['R@10'])} | {_pct(kagl['MRR@10'])} |",
+            "",
+        ]
+
     search = report.get("product_search", {})
     if search:
         alphas = config["alpha"]
