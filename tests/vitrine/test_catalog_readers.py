@@ -1,6 +1,7 @@
 """Catalog readers: mapping to Product, the report of skipped rows, and non-catalog errors."""
 from __future__ import annotations
 
+import collections
 import json
 import pickle
 
@@ -300,3 +301,20 @@ def test_full_shared_catalog(fashion_products):
     assert report.splits == {"train": 16_237, "val": 2_371, "test": 2_492}
     assert len({p.id for p in catalog}) == 21_100
     assert all(p.category and p.subcategory for p in catalog)
+
+
+def test_a_catalog_without_splits_gets_deterministic_hashed_splits(tmp_path):
+    from vitrine.catalog.splits import HASHED_SPLITS_NOTE, hashed_split
+
+    root = make_kaggle_catalog(tmp_path / "kaggle").path
+    catalog = read_catalog(root)
+    assert catalog.products and all(p.split in ("train", "val", "test") for p in catalog.products)
+    assert all(p.split == hashed_split(p.id) for p in catalog.products)
+    assert catalog.report.hashed_splits >= len(catalog.products)  # rows: skipped ones count too
+    assert HASHED_SPLITS_NOTE in catalog.report.format_text()
+    assert {p.id for p in catalog.by_split("train")} == {p.id for p in catalog.products if hashed_split(p.id) == "train"}
+    shares = collections.Counter(hashed_split(str(i)) for i in range(20_000))
+    assert abs(shares["train"] / 20_000 - 0.8) < 0.01 and abs(shares["val"] / 20_000 - 0.1) < 0.01
+    # A labelled catalog keeps its own splits.
+    labelled = read_catalog(make_jsonl_catalog(tmp_path / "jsonl"))
+    assert labelled.report.hashed_splits == 0

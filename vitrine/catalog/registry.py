@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 
@@ -11,6 +11,7 @@ from tqdm import tqdm
 from vitrine.catalog import fashiongen, jsonl, kaggle
 from vitrine.catalog.images import ImageDecoder, missing_image
 from vitrine.catalog.product import Product
+from vitrine.catalog.splits import hashed_split
 from vitrine.catalog.report import DUPLICATE_ID, CatalogReport, Problem, SourceRow, normalize_split
 from vitrine.errors import CatalogFormatError
 
@@ -124,6 +125,9 @@ def _pipeline(
                 reject(row, row.problem)
                 continue
             product = row.product
+            if product.split is None:  # no split in the catalog: a deterministic one from the id
+                product = replace(product, split=hashed_split(product.id))
+                report.hashed_splits += 1
             if product.id in seen_ids:
                 reject(row, Problem(DUPLICATE_ID, "duplicate id (the first occurrence is kept)", product.id))
                 continue

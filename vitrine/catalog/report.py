@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vitrine.catalog.product import Product
+from vitrine.catalog.splits import HASHED_SPLITS_NOTE
 
 # Problem kinds, in the order reports list them.
 MALFORMED_ROW = "malformed_row"  # bad JSON, wrong field count, missing required field
@@ -104,6 +105,7 @@ class CatalogReport:
     products: int = 0
     rows_merged: int = 0  # extra rows that added an image to an earlier product
     rows_excluded: int = 0  # rows of other splits when a split was asked for
+    hashed_splits: int = 0  # rows without a split label, given one by hashed product id
     images_decoded: bool = False
     files: list[str] = field(default_factory=list)
     problems: dict[str, ProblemTally] = field(default_factory=dict)
@@ -149,6 +151,7 @@ class CatalogReport:
             "rows_excluded": self.rows_excluded,
             "images_decoded": self.images_decoded,
             "splits": dict(self.splits),
+            "hashed_splits": self.hashed_splits,
             "categories": dict(self.categories.most_common()),
             "problems": {
                 kind: {
@@ -173,6 +176,8 @@ class CatalogReport:
         lines.append("  " + "; ".join(details))
         if self.splits:
             lines.append("Splits: " + ", ".join(f"{k} {v:,}" for k, v in sorted(self.splits.items())))
+        if self.hashed_splits:
+            lines.append(f"  {self.hashed_splits:,} rows had no split: {HASHED_SPLITS_NOTE}")
         if self.categories:
             common = self.categories.most_common(top_categories)
             more = len(self.categories) - len(common)
