@@ -100,3 +100,46 @@ def test_capped_recall_divides_by_min_of_k_and_relevant():
     hits[:, [0, 4, 9]] = True
     got = capped_recall_at_k(hits, np.array([100, 4, 3]), k=10)
     assert got.tolist() == [0.3, 0.75, 1.0]
+
+
+# ---------------------------------------------------------------- library oracles (untied scores)
+# The hand-written metrics count ties against the model on purpose; on untied scores they must
+# agree with scikit-learn's.
+
+
+def untied(seed: int, shape: tuple[int, int]) -> np.ndarray:
+    scores = np.random.default_rng(seed).permutation(shape[0] * shape[1]).reshape(shape).astype(np.float64)
+    return scores / scores.size
+
+
+def test_recall_matches_sklearn_top_k_accuracy_on_untied_scores():
+    from sklearn.metrics import top_k_accuracy_score
+
+    scores = untied(0, (200, 30))
+    positive = np.random.default_rng(1).integers(0, 30, size=200)
+    ranks = rank_of_positive(scores, positive)
+    for k in (1, 5, 10):
+        assert recall_at_k(ranks, k) == pytest.approx(top_k_accuracy_score(positive, scores, k=k, labels=np.arange(30)))
+
+
+def test_ndcg_matches_sklearn_ndcg_score_on_untied_scores():
+    from sklearn.metrics import ndcg_score
+
+    scores = untied(2, (50, 40))
+    relevant = np.random.default_rng(3).random((50, 40)) < 0.2
+    relevant[:, 0] = True  # every query has a relevant item
+    ours = ndcg_at_k(ranked_relevance(scores, relevant, 10), relevant.sum(axis=1), 10)
+    theirs = [ndcg_score(relevant[i : i + 1].astype(float), scores[i : i + 1], k=10) for i in range(50)]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-9)
+
+
+def test_binary_auc_matches_sklearn_roc_auc_with_and_without_ties():
+    from sklearn.metrics import roc_auc_score
+
+    from vitrine.evaluation.rerank import binary_auc
+
+    rng = np.random.default_rng(4)
+    for positive, negative in [(rng.normal(1, 1, 300), rng.normal(0, 1, 500)),
+                               (rng.integers(0, 4, 300).astype(float), rng.integers(0, 3, 200).astype(float))]:
+        labels = np.r_[np.ones(positive.size), np.zeros(negative.size)]
+        assert binary_auc(positive, negative) == pytest.approx(roc_auc_score(labels, np.r_[positive, negative]))
