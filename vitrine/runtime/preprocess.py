@@ -22,6 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from vitrine.errors import UserError
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+# The resize is bounded before it runs: with "shortest", a 1x10000 image at 224 px would become
+# 224x2,240,000 px (GBs). At most this many crops' worth of pixels (a 64:1 aspect ratio) is resized.
+MAX_RESIZED_CROPS = 64
 # The crop open_clip's image_transform pairs with each resize mode.
 DEFAULT_CROP = {"shortest": "center", "longest": "center_or_pad", "squash": "none"}
 
@@ -89,6 +92,18 @@ def _resized_size(width: int, height: int, s: PreprocessSettings) -> tuple[int, 
     return round(width / ratio), round(height / ratio)
 
 
+def checked_resized_size(width: int, height: int, settings: PreprocessSettings) -> tuple[int, int]:
+    """`_resized_size`, or UserError when the resize would be degenerate or too large to do."""
+    new_width, new_height = _resized_size(width, height, settings)
+    if new_width < 1 or new_height < 1:
+        raise UserError(f"image of {width}x{height} px is too thin to resize to {settings.image_size} px")
+    if new_width * new_height > MAX_RESIZED_CROPS * settings.image_size**2:
+        raise UserError(
+            f"image of {width}x{height} px is too elongated: its aspect ratio is over {MAX_RESIZED_CROPS}:1"
+        )
+    return new_width, new_height
+
+
 def _center_crop_or_pad(pixels: np.ndarray, size: int, *, pad: bool, fill: int) -> np.ndarray:
     """Center crop an (H, W, 3) uint8 array to (size, size), padding first when `pad` and it is smaller."""
     height, width = pixels.shape[:2]
@@ -113,9 +128,9 @@ def preprocess_image(image: Image.Image, settings: PreprocessSettings) -> np.nda
         raise UserError(f"expected a PIL image, got {type(image).__name__}")
     if image.width < 1 or image.height < 1:
         raise UserError(f"image has no pixels ({image.width}x{image.height})")
+    new_size = checked_resized_size(image.width, image.height, settings)  # before any pixel work
     if image.mode != settings.convert:
         image = image.convert(settings.convert)
-    new_size = _resized_size(image.width, image.height, settings)
     if new_size != image.size:
         image = image.resize(new_size, _RESAMPLE[settings.interpolation])
     pixels = np.asarray(image, dtype=np.uint8)
