@@ -17,14 +17,16 @@ INDEX_TYPES_HELP = (
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "index",
-        help="build, update or prune a product search index",
+        help="build, update or clean up a product search index",
         description=(
             "Embed a catalog's titles and images with a model bundle into an index directory "
             "(vectors, Faiss indexes, product store, manifest). Every change writes a new version "
             "and switches to it atomically, so a failed run leaves the previous index live.\n\n"
             "  build:   vitrine index --bundle B --catalog C --out I\n"
             "  upsert:  vitrine index --upsert --catalog C2 --out I   (add new, replace changed products)\n"
-            "  delete:  vitrine index --delete ID [ID ...] --out I"
+            "  delete:  vitrine index --delete ID [ID ...] --out I\n"
+            "  gc:      vitrine index --gc --out I   (remove partial folders of killed builds and old versions\n"
+            "           no server is reading; prints what it removed)"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -34,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--upsert", action="store_true", help="add new and replace changed products of --catalog")
     mode.add_argument("--delete", nargs="+", metavar="ID", help="remove these product ids")
+    mode.add_argument("--gc", action="store_true",
+                      help="remove partial folders left by killed builds and all but the newest --keep-versions "
+                           "versions, except the live one and versions a running server is reading")  # fmt: skip
     parser.add_argument("--index-type", help=INDEX_TYPES_HELP + " (default: flat)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="products per encoder batch (default: 64)")
     parser.add_argument("--threads", type=positive_int, help="encoder and image-decoding threads (default: min(4, CPUs))")
@@ -50,6 +55,8 @@ def main_index(args: argparse.Namespace) -> int:
     from vitrine.errors import UserError
 
     progress = sys.stderr.isatty()
+    if args.gc:
+        return main_gc(args)
     if args.delete:
         if args.catalog or args.bundle or args.index_type:
             raise UserError("--delete takes only ids and --out (no --catalog, --bundle or --index-type)")
@@ -87,6 +94,35 @@ def main_index(args: argparse.Namespace) -> int:
     else:
         print(result.summary())
     return 0
+
+
+def main_gc(args: argparse.Namespace) -> int:
+    from indexer.layout import IndexLayout
+    from vitrine.errors import UserError
+
+    if args.catalog or args.bundle or args.index_type:
+        raise UserError("--gc takes only --out and --keep-versions (no --catalog, --bundle or --index-type)")
+    layout = IndexLayout(args.out)
+    cleanup = layout.gc(keep=args.keep_versions)
+    if args.json:
+        record = {
+            "removed": [{"path": str(path), "bytes": size} for path, size in cleanup.removed],
+            "removed_bytes": cleanup.removed_bytes,
+            "kept_leased": [str(path) for path in cleanup.leased],
+        }
+        print(json.dumps(record, indent=2))
+        return 0
+    for path, size in cleanup.removed:
+        print(f"removed {path} ({_megabytes(size)})")
+    for path in cleanup.leased:
+        print(f"kept {path}: a running server is reading it")
+    print(f"gc: removed {len(cleanup.removed)} folder(s) and file(s), {_megabytes(cleanup.removed_bytes)}; "
+          f"live version {layout.current().name}")  # fmt: skip
+    return 0
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
 
 
 def _encoder(args: argparse.Namespace):

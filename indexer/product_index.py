@@ -25,7 +25,7 @@ from PIL import Image
 
 from indexer import faiss_index
 from indexer.filters import FilterColumns, FilterError, UnknownFilterError
-from indexer.layout import IndexLayout
+from indexer.layout import IndexLayout, VersionLease
 from indexer.manifest import IndexManifest, read_manifest
 from indexer.store import ProductRecord, ProductStore, SqliteProductStore
 from vitrine.errors import UserError
@@ -63,6 +63,7 @@ class ProductIndex:
         text_index: Any,
         image_index: Any,
         patches: np.ndarray | None = None,
+        lease: VersionLease | None = None,
     ) -> None:
         n = labels.shape[0]
         d = manifest.embed_dim
@@ -79,6 +80,7 @@ class ProductIndex:
             raise UserError(f"index version {version_dir} is inconsistent: the product store and labels.npy disagree")
         self.index_dir = index_dir
         self.version_dir = version_dir
+        self._lease = lease
         self._manifest = manifest
         self.manifest: dict[str, Any] = manifest.model_dump(mode="json")
         self._store = store
@@ -97,29 +99,36 @@ class ProductIndex:
         """Open the live version of `index_dir` (or a bare version folder).
 
         CURRENT is read once, so the whole object comes from one version even while a
-        build switches to another. `mmap` maps the stored vectors instead of reading them;
-        patch features, when stored, are always mapped (they are ~30 KB a product).
+        build switches to another. The version is leased until `close()` (or the process
+        exits): pruning keeps it however many builds follow. `mmap` maps the stored vectors
+        instead of reading them; patch features, when stored, are always mapped (they are
+        ~30 KB a product).
         """
         layout = IndexLayout(index_dir)
-        version = layout.resolve()
-        manifest = read_manifest(version)
-        paths = {name: version / file for name, file in manifest.files.items()}
-        missing = [str(p.name) for p in paths.values() if not p.is_file()]
-        if missing:
-            raise UserError(f"index version {version} is incomplete: {', '.join(missing)} missing")
-        mode = "r" if mmap else None
-        return cls(
-            index_dir=layout.root,
-            version_dir=version,
-            manifest=manifest,
-            store=SqliteProductStore(paths["store"]),
-            labels=np.load(paths["labels"]),
-            text_vectors=np.load(paths["text_vectors"], mmap_mode=mode),
-            image_vectors=np.load(paths["image_vectors"], mmap_mode=mode),
-            text_index=faiss_index.read(paths["text_index"]),
-            image_index=faiss_index.read(paths["image_index"]),
-            patches=np.load(paths["patches"], mmap_mode="r") if "patches" in paths else None,
-        )
+        version, lease = layout.open_version()
+        try:
+            manifest = read_manifest(version)
+            paths = {name: version / file for name, file in manifest.files.items()}
+            missing = [str(p.name) for p in paths.values() if not p.is_file()]
+            if missing:
+                raise UserError(f"index version {version} is incomplete: {', '.join(missing)} missing")
+            mode = "r" if mmap else None
+            return cls(
+                index_dir=layout.root,
+                version_dir=version,
+                manifest=manifest,
+                store=SqliteProductStore(paths["store"]),
+                labels=np.load(paths["labels"]),
+                text_vectors=np.load(paths["text_vectors"], mmap_mode=mode),
+                image_vectors=np.load(paths["image_vectors"], mmap_mode=mode),
+                text_index=faiss_index.read(paths["text_index"]),
+                image_index=faiss_index.read(paths["image_index"]),
+                patches=np.load(paths["patches"], mmap_mode="r") if "patches" in paths else None,
+                lease=lease,
+            )
+        except BaseException:
+            lease.release()
+            raise
 
     @staticmethod
     def live_version(index_dir: str | Path) -> Path:
@@ -127,7 +136,10 @@ class ProductIndex:
         return IndexLayout(index_dir).resolve()
 
     def close(self) -> None:
+        """Close the store and release the lease: from now on pruning may delete this version."""
         self._store.close()
+        if self._lease is not None:
+            self._lease.release()
 
     def __enter__(self) -> ProductIndex:
         return self
