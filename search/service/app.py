@@ -7,7 +7,9 @@ The bundle's reranker, when it has one, is loaded too (or injected with `reranke
 refuses an index whose stored patch features are not the ones the reranker reads.
 
 Routers: search (/search/text, /search/image), products (/products/{id}[/image], /filters),
-health (/healthz, /readyz, /metrics); the web page at / and /static. OpenAPI docs at /docs.
+health (/healthz, /readyz, /metrics); the web page at / and /static. OpenAPI docs at /docs
+(Swagger UI served from this app, `search.service.openapi`). Every response carries security
+headers (`search.service.headers`); bodies are limited in size and read time (`search.service.limits`).
 """
 from __future__ import annotations
 
@@ -22,8 +24,11 @@ from fastapi.staticfiles import StaticFiles
 
 from search.service.engine import SearchEngine, open_reranker
 from search.service.errors import install_error_handlers
-from search.service.limits import BodySizeLimitMiddleware
+from search.service.headers import SecurityHeadersMiddleware
+from search.service.limits import BodySizeLimitMiddleware, BodyTimeoutMiddleware
 from search.service.metrics import MetricsMiddleware, ServiceMetrics
+from search.service.openapi import install_docs
+from search.service.redis_store import masked_url
 from search.service.routers import health, products, search
 from search.service.settings import Settings
 from vitrine.errors import UserError
@@ -90,19 +95,22 @@ def create_app(
         app.state.engine = engine
         log.info("serving %d products (index %s, bundle %s, alpha %s, reranker %s, redis %s)", engine.size,
                  engine.version, engine.fingerprint, engine.alphas,
-                 f"{served_reranker.layers} layers" if served_reranker else "none", "on" if engine.link else "off")  # fmt: skip
+                 f"{served_reranker.layers} layers" if served_reranker else "none",
+                 masked_url(settings.redis_url) if engine.link else "off")  # fmt: skip
         try:
             yield
         finally:
             app.state.engine = None
             engine.close()
+            if index is None and hasattr(served_index, "close"):
+                served_index.close()  # opened here: release its version lease (pruning may delete it now)
 
     app = FastAPI(
         title="Vitrine",
         summary="Cross-modal product search: text and photo queries over a fashion catalog.",
         version="0.1.0",
         lifespan=lifespan,
-        docs_url="/docs" if settings.docs else None,
+        docs_url=None,  # served by install_docs, from local assets
         redoc_url=None,
         openapi_url="/openapi.json" if settings.docs else None,
     )
@@ -110,8 +118,10 @@ def create_app(
     app.state.metrics = metrics
     app.state.engine = None
     install_error_handlers(app)
-    # Outermost last: metrics see every response, 413s included.
+    # Outermost last: metrics see every response, 413s and 408s included.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyTimeoutMiddleware, idle_s=settings.body_idle_timeout_s, total_s=settings.body_timeout_s)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(search.router)
     app.include_router(products.router)
@@ -122,4 +132,6 @@ def create_app(
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    if settings.docs:
+        install_docs(app, settings, app.openapi_url or "/openapi.json")
     return app

@@ -38,6 +38,7 @@ def run_server(overrides: dict, *, log_level: str = "info") -> int:
     import uvicorn
 
     from search.service.app import create_app, open_encoder, open_index
+    from search.service.connections import server_options
     from search.service.engine import open_reranker
     from search.service.settings import Settings
     from vitrine.errors import UserError
@@ -53,5 +54,6 @@ def run_server(overrides: dict, *, log_level: str = "info") -> int:
     reranker = open_reranker(settings, index, encoder)
     app = create_app(settings, index=index, encoder=encoder, reranker=reranker)
     print(f"Vitrine is serving {len(index):,} products at http://{settings.host}:{settings.port}/ (API docs at /docs)", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False, server_header=False)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False, server_header=False,
+                **server_options(settings))  # fmt: skip
     return 0

@@ -187,11 +187,16 @@ class SearchEngine:
     # ------------------------------------------------------------------ products
 
     def records(self, ids: list[str]) -> list[ProductRecord | None]:
-        """Records for ids from the shared Redis store when it is usable, else (or for misses) the disk store."""
+        """Records for ids from the shared Redis store when it is usable, else (or for misses) the disk store.
+
+        A miss in a synced Redis store (a record deleted, or damaged: not JSON, fields missing) is
+        served from disk and written back, so the store repairs itself."""
         found: list[ProductRecord | None] = [None] * len(ids)
-        if self.redis_store is not None and self.link is not None and self.store_synced and ids:
+        use_redis = self.redis_store is not None and self.link is not None and self.store_synced and bool(ids)
+        if use_redis:
             store = self.redis_store
             found = self.link.call(lambda c: store.get_many(ids), [None] * len(ids))
+        redis_misses = [i for i, record in enumerate(found) if record is None] if use_redis and self.link.up else []
         missing = []
         for i, record in enumerate(found):
             if record is None:
@@ -203,6 +208,9 @@ class SearchEngine:
                 found[i] = record
                 if record is not None:
                     self._disk_records.put(ids[i], record)
+        repairs = [found[i] for i in redis_misses if found[i] is not None]
+        if repairs:
+            self.link.call(lambda c: store.put_many(repairs), 0)
         return found
 
     def product(self, product_id: str) -> ProductRecord:
@@ -320,7 +328,11 @@ class SearchEngine:
         """`timings` may already hold the decode stage, measured by the router."""
         start = time.perf_counter()
         with self.metrics.stage("image", "encode", timings):
-            emb = self._check_emb(self.encoder.encode_images([image]), "image")
+            try:
+                embs = self.encoder.encode_images([image])
+            except UserError as exc:  # e.g. an image the preprocessing refuses to resize
+                raise ApiError(422, "invalid_image", str(exc)) from exc
+            emb = self._check_emb(embs, "image")
         outcome = self._search(emb, "image", k=k, alpha=alpha, filters=filters, timings=timings)
         total = (time.perf_counter() - start) * 1000.0 + timings.get("decode", 0.0)
         timings["total"] = total

@@ -8,7 +8,9 @@ unreadable bodies 400, oversized 413, wrong media types 415; 500 only for genuin
 """
 from __future__ import annotations
 
+import json
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,6 +25,7 @@ _STATUS_CODES = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "validation_error",
@@ -41,6 +44,23 @@ class ApiError(Exception):
         self.details = details
 
 
+# A lone surrogate ("\ud800" in a JSON string) is a str Python can hold but UTF-8 cannot encode.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """`text` with lone surrogates replaced by U+FFFD, so it can be written as UTF-8."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
+class ErrorJSONResponse(JSONResponse):
+    """JSON that can always be written: an error message may quote the client's own (invalid) text."""
+
+    def render(self, content: Any) -> bytes:
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return printable(text).encode("utf-8")
+
+
 def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     error: dict[str, Any] = {"code": code, "message": message}
     if details:
@@ -50,7 +70,7 @@ def error_body(code: str, message: str, details: list[dict[str, Any]] | None = N
 
 def error_response(status: int, code: str, message: str, details: list[dict[str, Any]] | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
-    return JSONResponse(error_body(code, message, details), status_code=status, headers=headers)
+    return ErrorJSONResponse(error_body(code, message, details), status_code=status, headers=headers)
 
 
 def field_error(loc: list[str | int], msg: str, status: int = 422, code: str = "validation_error") -> ApiError:

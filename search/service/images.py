@@ -1,8 +1,10 @@
 """Decoding untrusted uploads safely, and product thumbnails.
 
-Uploads are limited in bytes before decoding and in pixels before pixel data is
-read (decompression bombs), and only common photo formats are opened: Pillow's
-rarer plugins (EPS, PSD, ...) are attack surface a shop's search box does not need.
+Uploads are limited in bytes before decoding, and in pixels and aspect ratio before
+pixel data is read: decompression bombs, and thin images that the encoder's resize
+(short side to its input size) would blow up to gigabytes. Only common photo formats
+are opened: Pillow's rarer plugins (EPS, PSD, ...) are attack surface a shop's search
+box does not need.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 WHITE = (255, 255, 255)
 
 
-def decode_upload(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+def decode_upload(data: bytes, *, max_bytes: int, max_pixels: int, max_aspect_ratio: float) -> Image.Image:
     """Encoded image bytes -> RGB image, or an ApiError (413/415/422) saying what is wrong."""
     if not data:
         raise ApiError(422, "empty_image", "the uploaded image is empty")
@@ -40,6 +42,12 @@ def decode_upload(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Imag
             raise ApiError(422, "invalid_image", "the image has no pixels")
         if width * height > max_pixels:
             raise _too_many_pixels(max_pixels, width, height)
+        if max(width, height) > max_aspect_ratio * min(width, height):
+            raise ApiError(
+                422, "image_aspect_ratio",
+                f"image is {width}x{height} px, an aspect ratio of {max(width, height) / min(width, height):.0f}:1; "
+                f"the limit is {max_aspect_ratio:g}:1",
+            )  # fmt: skip
         image.load()  # the pixels are decoded here: truncated and corrupt files fail now
         return to_rgb(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

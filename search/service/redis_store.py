@@ -4,6 +4,10 @@ Redis is an accelerator, never a dependency of a request: every call has a short
 socket timeout, a failure marks the link down for `retry_s` (so requests stop paying
 the timeout) and callers fall back (cache miss, disk store). The next call after
 `retry_s`, or a readiness probe, tries again, so the link recovers by itself.
+
+Redis holds data anyone with access can write: a product record that is not a valid
+record reads as a miss (the service then serves and repairs it from the disk store).
+Passwords in Redis URLs never reach logs or /readyz (`masked_url`).
 """
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TypeVar
+from dataclasses import fields
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 
@@ -24,6 +30,37 @@ T = TypeVar("T")
 REDIS_ERRORS = (redis.RedisError, OSError)
 WRITE_CHUNK = 500
 BULK_TIMEOUT_S = 10.0  # populating the product store writes megabytes: not the request-path timeout
+MASK = "***"
+
+
+def masked_url(url: str | None) -> str:
+    """The URL with its password (redis://user:PASSWORD@host, or ?password=...) replaced by ***."""
+    if not url:
+        return ""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            credentials, _, host = netloc.rpartition("@")
+            user = credentials.partition(":")[0]
+            netloc = f"{user}:{MASK}@{host}"
+        query = parts.query
+        if "password" in query.lower():
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode([(k, MASK if k.lower() == "password" else v) for k, v in pairs], safe="*")
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:  # not parseable: show nothing of it
+        return f"<unparseable redis url, {MASK}>"
+
+
+def _secrets(url: str) -> list[str]:
+    """The password(s) a URL carries, to scrub from error messages."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.password or ""] + [v for k, v in parse_qsl(parts.query) if k.lower() == "password"]
+    except ValueError:
+        return []
+    return [secret for secret in found if secret]
 
 
 class RedisLink:
@@ -31,6 +68,8 @@ class RedisLink:
 
     def __init__(self, url: str, *, timeout_s: float = 0.05, retry_s: float = 2.0, prefix: str = "vitrine") -> None:
         self.url = url
+        self.display_url = masked_url(url)  # for logs and /readyz
+        self._secrets = _secrets(url)
         self.prefix = prefix
         self.retry_s = retry_s
         self.client = redis.Redis.from_url(
@@ -81,10 +120,10 @@ class RedisLink:
     def _failed(self, exc: BaseException) -> None:
         with self._lock:
             self._down_until = time.monotonic() + self.retry_s
-            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.last_error = self._scrub(f"{type(exc).__name__}: {exc}")
             was_up, self.up = self.up, False
         if was_up:
-            log.warning("redis %s unreachable, serving without it: %s", self.url, self.last_error)
+            log.warning("redis %s unreachable, serving without it: %s", self.display_url, self.last_error)
             if self.on_state_change:
                 self.on_state_change(False)
 
@@ -95,9 +134,14 @@ class RedisLink:
             was_up, self.up = self.up, True
             self._down_until = 0.0
         if not was_up:
-            log.warning("redis %s reachable again", self.url)
+            log.warning("redis %s reachable again", self.display_url)
             if self.on_state_change:
                 self.on_state_change(True)
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, MASK)
+        return text
 
     def close(self) -> None:
         for client in (self.client, self._bulk):
@@ -110,6 +154,25 @@ class RedisLink:
 
 def record_to_json(record: ProductRecord) -> bytes:
     return json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+_RECORD_FIELDS = {f.name for f in fields(ProductRecord)}
+
+
+def record_from_json(raw: bytes) -> ProductRecord | None:
+    """The record `record_to_json` wrote, or None for anything else (not JSON, missing or mistyped fields)."""
+    try:
+        data: Any = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict) or set(data) != _RECORD_FIELDS:
+        return None
+    attributes = data["attributes"]
+    if not all(isinstance(data[name], str) for name in _RECORD_FIELDS - {"attributes"}):
+        return None
+    if not isinstance(attributes, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()):
+        return None
+    return ProductRecord(**data)
 
 
 class RedisStore:
@@ -127,18 +190,24 @@ class RedisStore:
         self.hash_key = f"{prefix}:products:{version}"
         self.marker_key = f"{self.hash_key}:complete"
 
-    @staticmethod
-    def _decode(raw: bytes | None) -> ProductRecord | None:
-        return None if raw is None else ProductRecord(**json.loads(raw))
+    def _decode(self, id: str, raw: bytes | None) -> ProductRecord | None:
+        """The stored record, or None when it is absent, damaged, or another product's (a miss either way)."""
+        if raw is None:
+            return None
+        record = record_from_json(raw)
+        if record is None or record.id != id:
+            log.warning("redis product store %s: the record of %r is damaged; reading it from disk", self.hash_key, id)
+            return None
+        return record
 
     def get(self, id: str) -> ProductRecord | None:
-        return self._decode(self.client.hget(self.hash_key, id))
+        return self._decode(id, self.client.hget(self.hash_key, id))
 
     def get_many(self, ids: Sequence[str]) -> list[ProductRecord | None]:
         ids = list(ids)
         if not ids:
             return []
-        return [self._decode(raw) for raw in self.client.hmget(self.hash_key, ids)]
+        return [self._decode(id, raw) for id, raw in zip(ids, self.client.hmget(self.hash_key, ids))]
 
     def put_many(self, records: Iterable[ProductRecord]) -> int:
         """Write records in pipelined chunks; returns how many."""

@@ -1,19 +1,39 @@
 """Request and response bodies of the HTTP API (pydantic; they are the OpenAPI schema too).
 
-Numbers are strict (k=true or k="5" is an error, not 1 or 5). Limits that depend on
-settings (max k, max query length) are checked by the routers with the same error shape.
+Numbers and booleans are strict (k=true, k="5", rerank=1 or rerank="yes" are errors). Limits
+that depend on settings (max k, max query length) are checked by the routers with the same
+error shape, and written into the OpenAPI schema by `search.service.openapi`. Strings holding
+a lone surrogate ("\ud800", which no UTF-8 text can carry) are refused.
 """
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from search.service.settings import MAX_RERANK_TOP_N
 
 MAX_FILTER_VALUES = 100
 MAX_FILTER_CHARS = 200
-Filters = dict[str, str | list[str]]
+# Python's whitespace (str.isspace) spelled out, so the schema's patterns (ECMA regex) and the
+# server's checks (str.strip, str.split) agree on every character.
+WHITESPACE = r"\t-\r\x1c- \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NON_BLANK_PATTERN = f"[^{WHITESPACE}]"  # somewhere a character that is not whitespace
+# image_base64: an optional data: URL prefix, then base64 with any whitespace, then up to two "=".
+DATA_URL_PREFIX = r"data:[A-Za-z0-9_.+-]+/[A-Za-z0-9_.+-]+(;[A-Za-z0-9_=.+-]+)*;base64,"
+BASE64_PATTERN = f"^[{WHITESPACE}]*({DATA_URL_PREFIX})?([{WHITESPACE}]*[A-Za-z0-9+/])+[{WHITESPACE}]*(=[{WHITESPACE}]*){{0,2}}$"
+_FILTER_VALUE_SCHEMA = {"type": "string", "minLength": 1, "maxLength": MAX_FILTER_CHARS, "pattern": NON_BLANK_PATTERN}
+FILTERS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "propertyNames": {"minLength": 1, "maxLength": MAX_FILTER_CHARS},
+    "additionalProperties": {
+        "anyOf": [
+            _FILTER_VALUE_SCHEMA,
+            {"type": "array", "items": _FILTER_VALUE_SCHEMA, "minItems": 1, "maxItems": MAX_FILTER_VALUES},
+        ]
+    },
+}
+Filters = Annotated[dict[str, str | list[str]], WithJsonSchema(FILTERS_SCHEMA)]
 K = Annotated[int, Field(strict=True, ge=1, description="number of products to return (1..max_k)")]
 Alpha = Annotated[
     float,
@@ -36,11 +56,12 @@ class SearchOptions(BaseModel):
     )
     rerank: bool | None = Field(
         default=None,
+        strict=True,
         description="rerank the first-stage top N with the bundle's cross-encoder (text queries only); "
         "default: on when the bundle has a reranker (VITRINE_RERANK_DEFAULT); 422 rerank_unavailable when it has none",
     )
     rerank_top_n: RerankTopN | None = Field(default=None, description="N; default VITRINE_RERANK_TOP_N or the reranker's own")
-    timing: bool = Field(default=False, description="include timings_ms, the per-stage breakdown, in the response")
+    timing: bool = Field(default=False, strict=True, description="include timings_ms, the per-stage breakdown, in the response")
 
     @field_validator("filters", mode="before")
     @classmethod
@@ -53,6 +74,8 @@ class SearchOptions(BaseModel):
         for name, wanted in value.items():
             if not name or len(name) > MAX_FILTER_CHARS:
                 raise ValueError(f"filter field names must have 1 to {MAX_FILTER_CHARS} characters")
+            if has_lone_surrogate(name):
+                raise ValueError(f"filter field name {name!r} is not valid Unicode (a lone surrogate)")
             values = [wanted] if isinstance(wanted, str) else wanted
             if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
                 raise ValueError(f"filter {name!r}: expected a string or a list of strings, got {json_type(wanted)}")
@@ -60,7 +83,14 @@ class SearchOptions(BaseModel):
                 raise ValueError(f"filter {name!r}: give 1 to {MAX_FILTER_VALUES} values")
             if any(not v.strip() or len(v) > MAX_FILTER_CHARS for v in values):
                 raise ValueError(f"filter {name!r}: values must be non-blank and at most {MAX_FILTER_CHARS} characters")
+            if any(has_lone_surrogate(v) for v in values):
+                raise ValueError(f"filter {name!r}: values must be valid Unicode (no lone surrogates)")
         return value
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """True for text holding a UTF-16 surrogate on its own: JSON can spell one ("\\ud800"), UTF-8 cannot carry it."""
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
 
 
 def json_type(value: Any) -> str:
@@ -69,18 +99,30 @@ def json_type(value: Any) -> str:
 
 
 class TextSearchRequest(SearchOptions):
-    query: str = Field(description="what the shopper typed", examples=["women red handbags"])
+    query: str = Field(
+        min_length=1,
+        description="what the shopper typed: not blank, at most VITRINE_MAX_QUERY_CHARS characters (maxLength), "
+        "valid Unicode (a lone surrogate such as \\ud800 is refused)",
+        examples=["women red handbags"],
+        json_schema_extra={"pattern": NON_BLANK_PATTERN},
+    )
 
     @field_validator("query")
     @classmethod
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("query is empty")
+        if has_lone_surrogate(value):
+            raise ValueError("query is not valid Unicode (it holds a lone surrogate)")
         return value
 
 
 class ImageSearchJSONRequest(SearchOptions):
-    image_base64: str = Field(description="the photo, base64 (a data: URL prefix is accepted)")
+    image_base64: str = Field(
+        min_length=1,
+        description="the photo (JPEG, PNG, WebP, GIF or BMP), base64; a data: URL prefix and line breaks are accepted",
+        json_schema_extra={"pattern": BASE64_PATTERN, "contentEncoding": "base64", "contentMediaType": "image/*"},
+    )
 
 
 class ProductOut(BaseModel):

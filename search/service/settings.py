@@ -41,6 +41,17 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(default=8 * MIB, ge=1, description="decoded upload size limit")
     max_body_bytes: int = Field(default=12 * MIB, ge=1, description="request body limit (base64 adds 4/3)")
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="decompression-bomb limit, width*height")
+    # The encoder resizes the short side to its input size (224 px), so a 1x10000 image would grow to
+    # 224x2,240,000 px: the aspect ratio bounds that work before any pixel is decoded.
+    max_image_aspect_ratio: float = Field(default=20.0, ge=1.0, description="longest side / shortest side of an upload")
+
+    # Connections (`vitrine serve`): slow or stalled clients must not hold connections for ever.
+    request_head_timeout_s: float = Field(default=10.0, gt=0, description="time to receive a request's line and headers")
+    max_request_head_bytes: int = Field(default=32 * 1024, ge=1024, description="request line + headers size limit (431 above)")
+    body_idle_timeout_s: float = Field(default=10.0, gt=0, description="longest wait for the next chunk of a request body (408)")
+    body_timeout_s: float = Field(default=60.0, gt=0, description="time to receive a whole request body (408)")
+    keep_alive_timeout_s: int = Field(default=5, ge=1, description="idle keep-alive connections are closed after this")
+    max_connections: int = Field(default=256, ge=1, description="open connections and in-flight requests; beyond: 503")
 
     # Reranking text queries with the bundle's cross-encoder (when it has one).
     rerank_default: bool = Field(default=True, description="rerank text queries that do not say, when the bundle has a reranker")
@@ -61,4 +72,6 @@ class Settings(BaseSettings):
             raise ValueError(f"default_k {self.default_k} exceeds max_k {self.max_k}")
         if self.max_body_bytes < self.max_image_bytes:
             raise ValueError("max_body_bytes must be at least max_image_bytes")
+        if self.body_timeout_s < self.body_idle_timeout_s:
+            raise ValueError("body_timeout_s must be at least body_idle_timeout_s")
         return self

@@ -218,9 +218,21 @@ def _truncated_jpeg() -> bytes:
     return data[: len(data) // 2]
 
 
+def _json_text(body: object) -> dict:
+    """A JSON body as raw bytes: json.dumps escapes a lone surrogate as \\ud800 (httpx's json= cannot send one)."""
+    return {"content": json.dumps(body).encode(), "headers": {"content-type": "application/json"}}
+
+
+def _form(**fields: str) -> dict:
+    """A multipart search with a good photo and these text fields."""
+    return _multipart(image=("a.jpg", jpeg_bytes(), "image/jpeg"), **fields)
+
+
 BIG_JPEG = noisy_jpeg((320, 320), seed=1)  # > max_image_bytes (64 KiB), < max_body_bytes (256 KiB)
 BOMB_PNG = png_bytes((2000, 2000))  # 4 Mpx declared in a few KiB; the limit is 1 Mpx
+THIN_PNG = png_bytes((1, 10_000))  # ~100 bytes; resized to a 224 px short side it would be 224 x 2,240,000 px
 GOOD_B64 = base64.b64encode(jpeg_bytes()).decode()
+PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
 
 # (name, method, path, request kwargs, status, error code)
 BAD_INPUTS = [
@@ -270,6 +282,42 @@ BAD_INPUTS = [
     ("image wrong content type", "post", "/search/image", {"content": jpeg_bytes(), "headers": {"content-type": "image/jpeg"}}, 415, "unsupported_media_type"),
     ("image no content type", "post", "/search/image", {"content": b"abc"}, 415, "unsupported_media_type"),
     ("multipart without boundary", "post", "/search/image", {"content": b"--x--", "headers": {"content-type": "multipart/form-data"}}, 400, "malformed_multipart"),
+    # issue 14: thin images (the resize would allocate GBs), lone surrogates, lax booleans, schema gaps
+    ("thin image 1x10000", "post", "/search/image", _multipart(image=("t.png", THIN_PNG, "image/png")), 422, "image_aspect_ratio"),
+    ("thin image 10000x1", "post", "/search/image", _multipart(image=("t.png", png_bytes((10_000, 1)), "image/png")), 422, "image_aspect_ratio"),
+    ("thin image 1x100000", "post", "/search/image", _multipart(image=("t.png", png_bytes((1, 100_000)), "image/png")), 422, "image_aspect_ratio"),
+    ("thin image 100000x1", "post", "/search/image", _multipart(image=("t.png", png_bytes((100_000, 1)), "image/png")), 422, "image_aspect_ratio"),
+    ("thin image as base64", "post", "/search/image", {"json": {"image_base64": base64.b64encode(THIN_PNG).decode()}}, 422, "image_aspect_ratio"),
+    ("lone surrogate in query", "post", "/search/text", _json_text({"query": "\ud800 shoes"}), 422, "validation_error"),
+    ("lone low surrogate in query", "post", "/search/text", _json_text({"query": "shoes \udc00"}), 422, "validation_error"),
+    ("lone surrogate in filter field name", "post", "/search/text", _json_text({"query": "red", "filters": {"\ud800": "x"}}), 422, "validation_error"),
+    ("lone surrogate in filter value", "post", "/search/text", _json_text({"query": "red", "filters": {"gender": "\ud800"}}), 422, "validation_error"),
+    ("lone surrogate in a filter value list", "post", "/search/text", _json_text({"query": "red", "filters": {"gender": ["Men", "\udfff"]}}), 422, "validation_error"),
+    ("lone surrogate in form filters", "post", "/search/image", _form(filters=json.dumps({"\ud800": "x"})), 422, "validation_error"),
+    # pydantic's own JSON parser (the image route reads JSON with it) calls a lone surrogate escape malformed
+    ("lone surrogate in image search filters", "post", "/search/image", _json_text({"image_base64": GOOD_B64, "filters": {"gender": "\ud800"}}), 400, "malformed_json"),
+    ("unknown filter with odd unicode", "post", "/search/text", {"json": {"query": "red", "filters": {"\u202e\u0000é": "x"}}}, 422, "unknown_filter"),
+    ("rerank yes", "post", "/search/text", {"json": {"query": "red", "rerank": "yes"}}, 422, "validation_error"),
+    ("rerank 1", "post", "/search/text", {"json": {"query": "red", "rerank": 1}}, 422, "validation_error"),
+    ("rerank 0", "post", "/search/text", {"json": {"query": "red", "rerank": 0}}, 422, "validation_error"),
+    ("rerank string false", "post", "/search/text", {"json": {"query": "red", "rerank": "false"}}, 422, "validation_error"),
+    ("timing 1", "post", "/search/text", {"json": {"query": "red", "timing": 1}}, 422, "validation_error"),
+    ("image rerank 0", "post", "/search/image", {"json": {"image_base64": GOOD_B64, "rerank": 0}}, 422, "validation_error"),
+    ("form rerank yes", "post", "/search/image", _form(rerank="yes"), 422, "validation_error"),
+    ("form rerank 1", "post", "/search/image", _form(rerank="1"), 422, "validation_error"),
+    ("form rerank 0", "post", "/search/image", _form(rerank="0"), 422, "validation_error"),
+    ("form timing on", "post", "/search/image", _form(timing="on"), 422, "validation_error"),
+    ("query padded past the limit", "post", "/search/text", {"json": {"query": " " * 70 + "red"}}, 422, "validation_error"),
+    ("image_base64 empty", "post", "/search/image", {"json": {"image_base64": ""}}, 422, "validation_error"),
+    ("image_base64 blank", "post", "/search/image", {"json": {"image_base64": " \n "}}, 400, "invalid_base64"),
+    ("image_base64 only a data URL prefix", "post", "/search/image", {"json": {"image_base64": "data:image/png;base64,"}}, 400, "invalid_base64"),
+    ("image_base64 bad padding", "post", "/search/image", {"json": {"image_base64": "AAAAA"}}, 400, "invalid_base64"),
+    ("PDF upload", "post", "/search/image", _multipart(image=("a.pdf", PDF, "application/pdf")), 415, "unsupported_media_type"),
+    ("photo declared as a PDF", "post", "/search/image", _multipart(image=("a.pdf", jpeg_bytes(), "application/pdf")), 415, "unsupported_media_type"),
+    ("PDF bytes declared as a JPEG", "post", "/search/image", _multipart(image=("a.jpg", PDF, "image/jpeg")), 415, "unsupported_image"),
+    ("multipart with too many fields", "post", "/search/image",
+     _form(k="3", alpha="0.5", filters="{}", rerank="false", rerank_top_n="5", timing="false", extra="1"), 400, "malformed_multipart"),
+    ("form field not in the schema", "post", "/search/image", _form(colour="red"), 422, "validation_error"),
     ("unknown product", "get", "/products/no-such-id", {}, 404, "product_not_found"),
     ("unknown product image", "get", "/products/no-such-id/image", {}, 404, "product_not_found"),
     ("unknown route", "get", "/nope", {}, 404, "not_found"),
@@ -322,7 +370,7 @@ def test_corrupted_uploads_only_ever_raise_api_errors(fmt):
         if rng.random() < 0.3:
             data = data[: rng.randrange(1, len(data))]
         try:
-            image = decode_upload(bytes(data), max_bytes=1 << 20, max_pixels=1_000_000)
+            image = decode_upload(bytes(data), max_bytes=1 << 20, max_pixels=1_000_000, max_aspect_ratio=20)
             assert image.mode == "RGB"
             outcomes.add("decoded")
         except ApiError as exc:  # anything else would be a 500

@@ -1,6 +1,7 @@
 """Redis behind the service, on a real redis-server: shared cache and product store, and losing it mid-run."""
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -75,7 +76,8 @@ def test_cache_and_product_store_are_shared_between_replicas(redis_server, index
     first = create_app(settings_for(redis_server), index=index, encoder=fixture.encoder)
     with TestClient(first) as client:
         ready = client.get("/readyz").json()
-        assert ready["status"] == "ready" and ready["redis"] == {"configured": True, "reachable": True, "product_store_synced": True}
+        assert ready["status"] == "ready"
+        assert ready["redis"] == {"configured": True, "url": redis_server.url, "reachable": True, "product_store_synced": True}
         body = client.post("/search/text", json={"query": "yellow soft jeans", "k": 3}).json()
         assert body["cache"] == "miss"
     raw = redis.Redis.from_url(redis_server.url)
@@ -165,3 +167,67 @@ def test_redis_down_at_start_up_serves_degraded(tmp_path, index, fixture):
         body = client.post("/search/text", json={"query": "white urban tshirts", "k": 4}).json()
         assert len(body["results"]) == 4
         assert np.isclose(body["results"][0]["score"], max(r["score"] for r in body["results"]))
+
+
+DAMAGED_RECORDS = {
+    "not JSON": b"\x00garbage{",
+    "JSON but not an object": b"[1, 2, 3]",
+    "fields missing": b'{"id": "%s", "title": "only a title"}',
+    "a field of the wrong type": None,  # filled in below: the real record with title 5
+    "another product's record": None,
+}
+
+
+def test_damaged_redis_records_are_misses_served_from_disk_and_repaired(redis_server, index, fixture):
+    app = create_app(settings_for(redis_server), index=index, encoder=fixture.encoder)
+    raw = redis.Redis.from_url(redis_server.url)
+    store_key = f"vitrine:products:{index.version}"
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.get("/readyz").json()["redis"]["product_store_synced"]
+        ids = index.ids()[: len(DAMAGED_RECORDS)]
+        for (what, value), product_id in zip(DAMAGED_RECORDS.items(), ids):
+            record = index.get(product_id).to_dict()
+            if what == "a field of the wrong type":
+                value = json.dumps({**record, "title": 5}).encode()
+            elif what == "another product's record":
+                value = record_to_json(index.get(index.ids()[-1]))
+            elif b"%s" in value:
+                value = value % product_id.encode()
+            raw.hset(store_key, product_id, value)
+
+        for product_id in ids:
+            response = client.get(f"/products/{product_id}")
+            assert response.status_code == 200, response.text
+            assert response.json()["title"] == index.get(product_id).title
+            assert raw.hget(store_key, product_id) == record_to_json(index.get(product_id))  # repaired
+
+        for product_id in ids:  # damage them again: a search that returns them answers from disk too
+            raw.hset(store_key, product_id, b"not json")
+        query = fixture.encoder.encode_texts([index.get(ids[0]).title])[0]
+        expected = [hit.id for hit in index.search(query, k=len(index))]
+        response = client.post("/search/text", json={"query": index.get(ids[0]).title, "k": 20})
+        assert response.status_code == 200, response.text
+        results = response.json()["results"]
+        assert [r["id"] for r in results] == expected[:20]
+        assert all(r["title"] == index.get(r["id"]).title for r in results)
+        assert all(raw.hget(store_key, i) == record_to_json(index.get(i)) for i in ids if i in expected[:20])
+        statuses = [line for line in client.get("/metrics").text.splitlines() if line.startswith("vitrine_requests_total{")]
+        assert not any('status="5' in line for line in statuses), statuses
+
+
+def test_redis_passwords_are_masked_in_logs_and_readiness(index, fixture, caplog):
+    from search.service.redis_store import masked_url
+
+    assert masked_url("redis://:s3cret@cache:6379/0") == "redis://:***@cache:6379/0"
+    assert masked_url("rediss://app:s3cret@cache/1?password=s3cret&ssl_cert_reqs=none").count("s3cret") == 0
+    assert masked_url("redis://cache:6379/0") == "redis://cache:6379/0"
+    gone = RedisServer()  # nothing listens: the link goes down at once and says so in the log
+    url = f"redis://app:s3cret-pw@127.0.0.1:{gone.port}/0"
+    app = create_app(Settings(redis_url=url, redis_timeout_s=0.1), index=index, encoder=fixture.encoder)
+    with caplog.at_level("INFO"), TestClient(app) as client:
+        ready = client.get("/readyz").json()
+        client.post("/search/text", json={"query": "red"})
+    assert ready["status"] == "degraded" and ready["redis"]["url"] == f"redis://app:***@127.0.0.1:{gone.port}/0"
+    assert "s3cret-pw" not in json.dumps(ready)
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "redis://app:***@" in logged and "s3cret-pw" not in logged

@@ -10,6 +10,7 @@ import io
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -53,12 +54,13 @@ def build_bundle_index(root: Path, bundle: Path, n: int = 24) -> IndexFixture:
 
 
 class LiveServer:
-    """A real uvicorn server in a thread, on a free loopback port."""
+    """A real uvicorn server in a thread, on a free loopback port; `options` go to uvicorn.Config
+    (e.g. `**search.service.connections.server_options(settings)`, as `vitrine serve` runs it)."""
 
-    def __init__(self, app, port: int | None = None) -> None:
+    def __init__(self, app, port: int | None = None, **options: Any) -> None:
         self.port = port or free_port()
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", access_log=False)
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", access_log=False, **options)
         )
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
 

@@ -6,6 +6,7 @@
           succeed (cache misses, disk store), so a load balancer should keep routing here;
           503 {"status": "not_ready"} until the index is loaded.
           `reranker` says whether the bundle's reranker is loaded, its layers, and the default N.
+          `redis.url` is the configured URL with its password masked.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ async def readyz(request: Request) -> JSONResponse:
     status = "ready"
     if engine.link is not None:
         up = await run_in_threadpool(engine.link.ping)
-        redis = {"configured": True, "reachable": up, "product_store_synced": engine.store_synced}
+        redis = {"configured": True, "url": engine.link.display_url, "reachable": up, "product_store_synced": engine.store_synced}
         if not up:
             status = "degraded"
             redis["error"] = engine.link.last_error

@@ -16,24 +16,30 @@ from starlette.datastructures import UploadFile
 from search.service.deps import get_engine, get_settings, require_json
 from search.service.engine import SearchEngine, SearchOutcome, product_image_url, result_parts
 from search.service.errors import ApiError, field_error, validation_error
-from search.service.images import decode_upload
+from search.service.images import UPLOAD_FORMATS, decode_upload
+from search.service.limits import BodyLimitError
 from search.service.schemas import (
+    DATA_URL_PREFIX,
     ERROR_RESPONSES,
+    FILTERS_SCHEMA,
     ImageSearchJSONRequest,
     SearchOptions,
     SearchResponse,
     SearchResult,
     TextSearchRequest,
 )
-from search.service.settings import Settings
+from search.service.settings import MAX_RERANK_TOP_N, Settings
 
 router = APIRouter(prefix="/search", tags=["search"], responses=ERROR_RESPONSES)
 
 IMAGE_FIELD = "image"
 FORM_FIELDS = frozenset({"k", "alpha", "filters", "rerank", "rerank_top_n", "timing"})
-BOOLEAN_FORM_FIELDS = frozenset({"rerank", "timing"})
 FORM_FIELD_MAX_BYTES = 64 * 1024  # text fields of the multipart form (the file has its own limit)
-_DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w=.+-]+)*;base64,", re.IGNORECASE)
+# The media types an upload may declare for its image part: the image formats that are decoded, and
+# the generic type browsers send for files without a known extension. The bytes decide the format.
+UPLOAD_MEDIA_TYPES = tuple(f"image/{fmt.lower()}" for fmt in UPLOAD_FORMATS) + ("application/octet-stream",)
+_DATA_URL = re.compile(DATA_URL_PREFIX)
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 
 
 def check_options(options: SearchOptions, settings: Settings) -> int:
@@ -91,7 +97,7 @@ def search_text(
     """Rank products by α·sim(query, title) + (1−α)·sim(query, image) (FashionKLIP §5), then, when the
     bundle has a reranker, reorder the top N by the cross-encoder (FashionBERT); see rerank, rerank_top_n."""
     k = check_options(body, settings)
-    if len(body.query.strip()) > settings.max_query_chars:
+    if len(body.query) > settings.max_query_chars:
         raise field_error(["body", "query"], f"query is longer than {settings.max_query_chars} characters")
     top_n = engine.rerank_plan(body.rerank, body.rerank_top_n)
     outcome = engine.search_text(body.query, k=k, alpha=body.alpha, filters=body.filters, rerank_top_n=top_n)
@@ -106,15 +112,27 @@ IMAGE_OPENAPI: dict[str, Any] = {
                 "schema": {
                     "type": "object",
                     "required": [IMAGE_FIELD],
+                    # One part per field; any other field is a 422, more parts than these a 400.
+                    "additionalProperties": False,
+                    "maxProperties": 1 + len(FORM_FIELDS),
                     "properties": {
-                        IMAGE_FIELD: {"type": "string", "format": "binary", "description": "the photo (JPEG, PNG, WebP, GIF, BMP)"},
-                        "k": {"type": "integer", "minimum": 1},
+                        IMAGE_FIELD: {
+                            "type": "string", "format": "binary", "contentMediaType": "image/*",
+                            "description": "the photo: JPEG, PNG, WebP, GIF or BMP (detected from its bytes; "
+                                           "the part's declared type must be one of those or application/octet-stream)",
+                        },
+                        "k": {"type": "integer", "minimum": 1, "description": "number of products to return (1..max_k)"},
                         "alpha": {"type": "number", "minimum": 0, "maximum": 1},
-                        "filters": {"type": "string", "description": 'JSON object, e.g. {"gender": "Women"}'},
-                        "rerank": {"type": "boolean", "description": "photo queries cannot be reranked: true is a 422"},
-                        "timing": {"type": "boolean", "description": "include timings_ms in the response"},
+                        "filters": {
+                            "type": "string", "contentMediaType": "application/json", "contentSchema": FILTERS_SCHEMA,
+                            "description": 'JSON object, e.g. {"gender": "Women"}',
+                        },
+                        "rerank": {"type": "boolean", "description": "true or false; photo queries cannot be reranked: true is a 422"},
+                        "rerank_top_n": {"type": "integer", "minimum": 1, "maximum": MAX_RERANK_TOP_N, "description": "photo queries cannot be reranked: a 422 unless rerank is false"},
+                        "timing": {"type": "boolean", "description": "true or false: include timings_ms in the response"},
                     },
-                }
+                },
+                "encoding": {IMAGE_FIELD: {"contentType": ", ".join(UPLOAD_MEDIA_TYPES)}},
             },
             "application/json": {"schema": ImageSearchJSONRequest.model_json_schema()},
         },
@@ -152,7 +170,8 @@ async def search_image(
     def run() -> SearchOutcome:
         start = time.perf_counter()
         try:
-            image = decode_upload(data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+            image = decode_upload(data, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
+                                  max_aspect_ratio=settings.max_image_aspect_ratio)  # fmt: skip
         finally:
             timings["decode"] = (time.perf_counter() - start) * 1000.0
             engine.metrics.stage_seconds.labels("image", "decode").observe(timings["decode"] / 1000.0)
@@ -165,12 +184,9 @@ async def search_image(
 async def _read_multipart(request: Request, settings: Settings) -> tuple[bytes, SearchOptions]:
     try:
         form = await request.form(max_files=1, max_fields=len(FORM_FIELDS), max_part_size=FORM_FIELD_MAX_BYTES)
-    except ApiError:
+    except (ApiError, BodyLimitError):  # too large, or too slow: their own 413 / 408
         raise
     except Exception as exc:  # multipart parse errors: starlette raises HTTPException or MultiPartException
-        status = getattr(exc, "status_code", 400)
-        if status == 413:
-            raise
         raise ApiError(400, "malformed_multipart", f"cannot parse the multipart body: {getattr(exc, 'detail', exc)}") from exc
     try:
         unknown = sorted(set(form.keys()) - FORM_FIELDS - {IMAGE_FIELD})
@@ -182,6 +198,13 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[bytes, 
             raise field_error(["body", IMAGE_FIELD], f"missing file field {IMAGE_FIELD!r}")
         if not isinstance(upload, UploadFile):
             raise field_error(["body", IMAGE_FIELD], f"{IMAGE_FIELD!r} must be a file upload, not a text field")
+        declared = (upload.content_type or "application/octet-stream").split(";")[0].strip().lower()
+        if declared not in UPLOAD_MEDIA_TYPES:
+            raise ApiError(
+                415, "unsupported_media_type",
+                f"the {IMAGE_FIELD!r} part is declared {declared}; send one of {', '.join(UPLOAD_MEDIA_TYPES)}",
+                [{"loc": ["body", IMAGE_FIELD], "msg": f"unsupported media type {declared}"}],
+            )  # fmt: skip
         data = await upload.read(settings.max_image_bytes + 1)
         if len(data) > settings.max_image_bytes:
             raise ApiError(413, "image_too_large", f"image exceeds {settings.max_image_bytes} bytes")
@@ -201,9 +224,8 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[bytes, 
 
 
 def _form_value(name: str, value: str) -> Any:
-    """Form fields are text: JSON-decode them (k=5 -> 5, filters={...}); k=abc stays a string and fails validation."""
-    if name in BOOLEAN_FORM_FIELDS and value.strip().lower() in ("true", "false", "1", "0", "on", "off"):
-        return value.strip().lower() in ("true", "1", "on")
+    """Form fields are text: JSON-decode them (k=5 -> 5, rerank=false -> False, filters={...}); anything
+    else stays a string and fails validation (booleans are strict: rerank=1 or rerank=yes is a 422)."""
     try:
         return json.loads(value)
     except json.JSONDecodeError:
@@ -219,11 +241,15 @@ async def _read_json(request: Request, settings: Settings) -> tuple[bytes, Searc
         body = ImageSearchJSONRequest.model_validate_json(raw)
     except ValidationError as exc:
         raise validation_error(list(exc.errors()), ("body",)) from exc
-    text = _DATA_URL.sub("", body.image_base64.strip(), count=1)
-    text = "".join(text.split())  # line-wrapped base64 is common
+    # What schemas.BASE64_PATTERN declares, checked without a backtracking regex over megabytes.
+    text = body.image_base64.strip()
+    prefix = _DATA_URL.match(text)
+    text = "".join(text[prefix.end() if prefix else 0 :].split())  # line-wrapped base64 is common
     if len(text) > (settings.max_image_bytes + 2) // 3 * 4:
         raise ApiError(413, "image_too_large", f"image exceeds {settings.max_image_bytes} bytes")
     try:
+        if not _BASE64_TEXT.fullmatch(text):
+            raise ValueError("only A-Z, a-z, 0-9, + and / may come before the = padding")
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ApiError(400, "invalid_base64", f"image_base64 is not valid base64: {exc}",
