@@ -17,7 +17,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +141,18 @@ def default_check_images(seed: int = 0) -> list[Image.Image]:
     return images
 
 
+@contextlib.contextmanager
+def onnx_exportable_attention() -> Iterator[None]:
+    """Turn off nn.MultiheadAttention's inference fast path while exporting: it traces to
+    `aten::_native_multi_head_attention`, which ONNX has no op for (open_clip's ViT and text towers)."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 def _export_graph(
     module: nn.Module, example: torch.Tensor, path: Path, *, input_name: str, dynamic: dict[int, str], opset: int,
     outputs: Sequence[str] = (OUTPUT,),
@@ -148,7 +160,7 @@ def _export_graph(
     """Export with the TorchScript-based exporter (dynamic_axes); dynamo export if that one is gone."""
     common = dict(input_names=[input_name], output_names=list(outputs), opset_version=opset)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), onnx_exportable_attention():
             warnings.simplefilter("ignore")  # TracerWarnings about Python-side checks; parity is verified later
             try:
                 torch.onnx.export(
@@ -245,6 +257,7 @@ def _tokenizer_settings(tokenizer: Any) -> TokenizerSettings:
         pad_token_id=int(tokenizer.pad_token_id),
         pad_token=getattr(hf, "pad_token", None),
         lowercase=lowercase,
+        padding=getattr(tokenizer, "padding", "longest"),
     )
 
 

@@ -63,6 +63,30 @@ def get_model_config(name: str) -> dict:
     return copy.deepcopy(_configs()[name])
 
 
+OPEN_CLIP_CONFIGS_DIR = MODEL_CONFIGS_DIR / "open_clip"
+
+
+@lru_cache(maxsize=1)
+def register_open_clip_configs() -> list[str]:
+    """Add Vitrine's own open_clip architectures (model_configs/open_clip/*.json) to open_clip's
+    registry, as open_clip registers its own. Tokenizer names are resolved to offline copies first."""
+    import tempfile
+
+    import open_clip
+
+    folder = Path(tempfile.mkdtemp(prefix="vitrine-open-clip-configs-"))
+    names = []
+    for path in sorted(OPEN_CLIP_CONFIGS_DIR.glob("*.json")):
+        cfg = json.loads(path.read_text())
+        text_cfg = cfg.get("text_cfg", {})
+        if "hf_tokenizer_name" in text_cfg:
+            text_cfg["hf_tokenizer_name"] = resolve_hf_name(text_cfg["hf_tokenizer_name"])
+        (folder / path.name).write_text(json.dumps(cfg))
+        names.append(path.stem)
+    open_clip.add_model_config(folder)
+    return names
+
+
 def _is_open_clip_name(name: str) -> bool:
     if name in _configs():
         return False
@@ -70,6 +94,7 @@ def _is_open_clip_name(name: str) -> bool:
         return True
     import open_clip
 
+    register_open_clip_configs()
     return name.replace("/", "-") in open_clip.list_models()
 
 
@@ -250,4 +275,8 @@ def get_tokenizer(name: str) -> TextTokenizer:
 
     tokenizer = open_clip.get_tokenizer(name)
     hf = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps an HF tokenizer
+    if hf is None and isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer):
+        from trainer.open_clip_tokenizer import clip_bpe_fast_tokenizer
+
+        hf = clip_bpe_fast_tokenizer(tokenizer)  # so a bundle can carry it as tokenizer.json
     return TextTokenizer(hf, max_length=int(tokenizer.context_length), open_clip_tokenizer=tokenizer)

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from trainer.export import onnx_exportable_attention
 from vitrine.catalog.product import Product
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,11 @@ class OnnxTrunk:
         self._dir = tempfile.TemporaryDirectory(prefix="vitrine-trunk-")
         path = Path(self._dir.name) / "trunk.onnx"
         dummy = torch.zeros(2, 3, image_size, image_size)
-        torch.onnx.export(
-            _Trunk(model).eval(), (dummy,), str(path), input_names=["pixels"], output_names=["features"],
-            dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}}, dynamo=False,
-        )
+        with onnx_exportable_attention():
+            torch.onnx.export(
+                _Trunk(model).eval(), (dummy,), str(path), input_names=["pixels"], output_names=["features"],
+                dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}}, dynamo=False,
+            )
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

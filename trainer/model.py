@@ -279,9 +279,8 @@ class VitrineModel(nn.Module):
         drops the activation fused into it.
         """
         visual = self.clip.visual
-        if not self._visual_split:
-            for p in visual.parameters():
-                p.requires_grad = False
+        if not self._visual_split:  # open_clip's own towers (ViT, ModifiedResNet) lock by layer groups
+            visual.lock(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
             return
         visual.lock(unlocked_groups=unlocked_groups, freeze_bn_stats=False)
         if freeze_bn_stats:
@@ -361,6 +360,8 @@ class TextTokenizer:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
         self.hf = hf_tokenizer
         self._open_clip = open_clip_tokenizer
+        # open_clip towers were trained on fixed-length ids (SigLIP pools the last position): keep them so.
+        self.padding = "max_length" if open_clip_tokenizer is not None else "longest"
         self.max_length = int(max_length)
         if hf_tokenizer is not None:
             if hf_tokenizer.pad_token_id is None:
@@ -397,7 +398,7 @@ class TextTokenizer:
         """Write the HF tokenizer files; tokenizer.json carries truncation and padding so the
         plain `tokenizers` library reproduces `__call__(padding="longest")` without torch."""
         if self.hf is None:
-            raise NotImplementedError("only HF tokenizers can be saved (this is open_clip's SimpleTokenizer)")
+            raise NotImplementedError("this open_clip tokenizer has no HF or `tokenizers` equivalent to save")
         from tokenizers import Tokenizer
 
         directory = Path(directory)
@@ -407,7 +408,7 @@ class TextTokenizer:
         backend.enable_truncation(max_length=self.max_length)
         backend.enable_padding(pad_id=self.pad_token_id, pad_token=self.hf.pad_token)
         backend.save(str(directory / "tokenizer.json"))
-        meta = {"max_length": self.max_length, "pad_token_id": self.pad_token_id, "padding": "longest"}
+        meta = {"max_length": self.max_length, "pad_token_id": self.pad_token_id, "padding": self.padding}
         (directory / "vitrine_tokenizer.json").write_text(json.dumps(meta, indent=2) + "\n")
         return directory
 

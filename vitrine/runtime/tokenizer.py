@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +30,9 @@ class TokenizerSettings(BaseModel):
     pad_token: str | None = None
     lowercase: bool | None = None  # informational: the normaliser inside tokenizer.json lowercases
     truncation_side: str = "right"
+    # "longest": pad each batch to its longest row; "max_length": always to max_length (towers
+    # trained on fixed-length ids, e.g. open_clip's CLIP and SigLIP text towers).
+    padding: Literal["longest", "max_length"] = "longest"
 
 
 class TextTokenizer:
@@ -65,8 +69,8 @@ class TextTokenizer:
         return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
 
     def pad(self, rows: Sequence[np.ndarray]) -> np.ndarray:
-        """(n, longest) int64 ids, right-padded with the pad id."""
-        longest = max((len(r) for r in rows), default=0)
+        """(n, longest) int64 ids (n, max_length with `padding: max_length`), right-padded with the pad id."""
+        longest = self.max_length if self.settings.padding == "max_length" else max((len(r) for r in rows), default=0)
         batch = np.full((len(rows), longest), self.pad_token_id, dtype=np.int64)
         for i, row in enumerate(rows):
             batch[i, : len(row)] = row
