@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 # torchvision pins its torch; this pair is the regular PyPI build and runs on the CPU.
 TORCH_PAIR := torch==2.15.0 torchvision==0.29.2
 
-.PHONY: setup setup-system test test-fast lint-layers integration bench demo clean
+.PHONY: setup setup-system test test-fast lint-layers integration bench quality demo clean
 
 setup: setup-system
 	$(PIP) install $(TORCH_PAIR)
@@ -31,6 +31,10 @@ lint-layers:
 
 bench:
 	$(PYTHON) bench/encode_speed.py --out bench/out
+
+# The relevance table from scratch: every row of the cached-token recipe on 3 seeds (train, export, eval on test).
+quality:
+	$(PYTHON) bench/quality.py --rows itc,mp,attr,hard --test-rows mp --seeds 0,1,2 --out bench/out
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

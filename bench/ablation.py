@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_json, write_markdown_table  # noqa: E402
+from common import environment, pct, write_json, write_markdown_table  # noqa: E402
+from common import run_logged as run  # noqa: E402
 
 # The last 2 of MiniLM's 6 layers: full-tower backprop cost ~11 min/epoch on the shared 2-core box.
 TEXT_TUNING = ["--text-unlocked-layers", "2", "--text-lr", "5e-5"]
@@ -27,14 +27,6 @@ ROWS = {
     "d": ("+ MML-TP token pruning", [*TEXT_TUNING, "--prune"]),
     "e": ("+ CVA + MML-TP", [*TEXT_TUNING, "--cva", "--prune"]),
 }
-
-
-def run(cmd: list[str], log: Path) -> None:
-    print("$", " ".join(cmd), flush=True)
-    with log.open("a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True)
 
 
 def main() -> int:
@@ -78,10 +70,6 @@ def main() -> int:
         write_markdown_table(Path(args.out) / "ablation.md", headers, [[r[h] for h in headers] for r in table],
                              title="Dual-encoder ablation on test", notes=[f"{k}: {v}" for k, v in meta.items()])
     return 0
-
-
-def pct(x: float) -> float:
-    return round(100 * x, 2)
 
 
 def row_of(row: str, name: str, summary: dict, metrics: dict) -> dict:

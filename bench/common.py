@@ -156,3 +156,18 @@ def write_markdown_table(
         parts.append("\n" + "".join(f"- {n}\n" for n in notes))
     path.write_text("\n".join(p for p in parts if p), encoding="utf-8")
     return path
+
+
+def run_logged(cmd: list[str], log: Path) -> None:
+    """Run a command, appending it and its output to `log`; raise if it fails."""
+    import subprocess
+
+    print("$", " ".join(cmd), flush=True)
+    with Path(log).open("a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True)
+
+
+def pct(x: float) -> float:
+    return round(100 * x, 2)

@@ -1,0 +1,130 @@
+"""The quality tables of the cached-token recipe, from scratch (issue 11): mean ± std over seeds.
+
+Every (row, seed) trains on `train` and keeps its best epoch on `val`. The ablation table compares
+rows on `val` (the metrics of that best epoch: choices are made on val). Rows in --test-rows are also
+exported to a bundle and scored on `test` with `vitrine eval` (sample, full, KAGL, T2P, I2P): that
+is the reported quality. Stages already done (summary.json, the bundle's manifest, metrics.json) are
+skipped, so the script can be stopped and re-run; the frozen towers' token states are cached once in
+--cache-dir and shared by every row.
+
+    python3 bench/quality.py --rows itc,mp,attr,hard --test-rows mp --seeds 0,1,2   # bench/out/quality.{json,md}
+    make quality
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, pct, run_logged, write_json, write_markdown_table  # noqa: E402
+
+MODEL = ["--model", "fashion-lite-ap"]
+ROWS = {
+    "itc": ("attention heads, plain InfoNCE", [*MODEL, "--no-multi-positive"]),
+    "mp": ("attention heads, multi-positive InfoNCE (default)", MODEL),
+    "attr": ("mp + attribute heads (0.1)", [*MODEL, "--attr-weight", "0.1"]),
+    "hard": ("mp + same-type hard negatives (25 %)", [*MODEL, "--hard-negatives", "0.25"]),
+    "attr+hard": ("mp + attribute heads + hard negatives", [*MODEL, "--attr-weight", "0.1", "--hard-negatives", "0.25"]),
+}
+VAL_HEADLINE = {
+    "val sample T2I R@1": "sample_t2i_R@1",
+    "val sample I2T R@1": "sample_i2t_R@1",
+    "val full T2I R@10": "full_t2i_R@10",
+    "val full I2T R@10": "full_i2t_R@10",
+}
+HEADLINE = {
+    "sample T2I R@1": ("retrieval", "sample", "t2i", "R@1"),
+    "sample I2T R@1": ("retrieval", "sample", "i2t", "R@1"),
+    "full T2I R@10": ("retrieval", "full", "t2i", "R@10"),
+    "T2P nDCG@10": ("product_search", "t2p", "nDCG@10"),
+    "KAGL MRR@10": ("kagl", "MRR@10"),
+    "KAGL R@1": ("kagl", "R@1"),
+    "I2P R@1": ("product_search", "i2p", "R@1"),
+}
+
+
+def metric(metrics: dict, path: tuple[str, ...]) -> float:
+    value = metrics
+    for key in path:
+        value = value[key]
+    return pct(value)
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--catalog", default="../shared/data/fashion-products")
+    ap.add_argument("--rows", default="itc,mp,attr,hard")
+    ap.add_argument("--test-rows", default="mp", help="rows also exported and scored on test")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--epochs", type=int, default=None, help="default: the recipe's (30)")
+    ap.add_argument("--runs", default="runs/quality")
+    ap.add_argument("--bundles", default="bundles/quality")
+    ap.add_argument("--cache-dir", default="runs/cache")
+    ap.add_argument("--out", default="bench/out")
+    args = ap.parse_args()
+
+    vitrine = [sys.executable, "-m", "vitrine.cli"]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    test_rows = set(args.test_rows.split(",")) if args.test_rows else set()
+    val_table, test_table, raw = [], [], {}
+    for row in args.rows.split(","):
+        name, flags = ROWS[row]
+        val: dict[str, list[float]] = {k: [] for k in VAL_HEADLINE}
+        test: dict[str, list[float]] = {k: [] for k in HEADLINE}
+        seconds: list[float] = []
+        for seed in seeds:
+            run_dir, bundle = Path(args.runs) / row / f"seed{seed}", Path(args.bundles) / row / f"seed{seed}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            log = run_dir / "quality.log"
+            epochs = ["--epochs", str(args.epochs)] if args.epochs else []
+            if not (run_dir / "summary.json").is_file():
+                run_logged(vitrine + ["train", "--catalog", args.catalog, "--out", str(run_dir), "--seed", str(seed),
+                                      "--cache-dir", args.cache_dir, "--no-progress", *epochs, *flags], log)  # fmt: skip
+            summary = json.loads((run_dir / "summary.json").read_text())
+            for key, name_in_val in VAL_HEADLINE.items():
+                val[key].append(pct(summary["val"][name_in_val]))
+            seconds.append(sum(summary.get("stage_seconds", {}).values()) or summary["train_seconds"])
+            if row not in test_rows:
+                continue
+            if not (bundle / "manifest.json").is_file():
+                run_logged(vitrine + ["export", "--checkpoint", str(run_dir / "best.pt"), "--out", str(bundle),
+                                      "--catalog", args.catalog], log)  # fmt: skip
+            eval_dir = run_dir / "eval-test"
+            if not (eval_dir / "metrics.json").is_file():
+                run_logged(vitrine + ["eval", "--catalog", args.catalog, "--split", "test", "--bundle", str(bundle),
+                                      "--seed", "0", "--out", str(eval_dir)], log)  # fmt: skip
+            metrics = json.loads((eval_dir / "metrics.json").read_text())
+            for key, path in HEADLINE.items():
+                test[key].append(metric(metrics, path))
+        raw[row] = {"name": name, "flags": flags, "seeds": seeds, "val": val, "test": test if row in test_rows else None,
+                    "run_seconds": seconds}  # fmt: skip
+        val_table.append({"row": row, "method": name, **{k: mean_std(v) for k, v in val.items()},
+                          "run s (mean)": round(statistics.mean(seconds)), "seeds": len(seeds)})  # fmt: skip
+        if row in test_rows:
+            test_table.append({"row": row, "method": name, **{k: mean_std(v) for k, v in test.items()}, "seeds": len(seeds)})
+    meta = {"date": date.today().isoformat(), "epochs": args.epochs or "recipe default", "seeds": args.seeds,
+            "catalog": args.catalog}  # fmt: skip
+    write_json(Path(args.out) / "quality.json", {"meta": meta, "environment": environment(), "rows": raw})
+    notes = [f"{k}: {v}" for k, v in meta.items()]
+    headers = list(val_table[0])
+    write_markdown_table(Path(args.out) / "quality-val.md", headers, [[r[h] for h in headers] for r in val_table],
+                         title="Cached-token recipe: ablation on val (best epoch, mean ± std over seeds)", notes=notes)
+    if test_table:
+        headers = list(test_table[0])
+        write_markdown_table(Path(args.out) / "quality-test.md", headers, [[r[h] for h in headers] for r in test_table],
+                             title="Cached-token recipe on test (mean ± std over seeds)", notes=notes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
