@@ -9,14 +9,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 from pathlib import Path
 
 from vitrine.cliargs import port, positive_int
+from vitrine.catalog.splits import HASHED_SPLITS_NOTE
 from vitrine.errors import UserError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CATALOG = "../shared/data/fashion-products"
+DEMO_MODEL = "fashion-lite-ap"  # attention heads over cached token states (trainer.recipe)
+DEMO_EPOCHS = 10
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train a quick bundle if needed, index a catalog and serve it",
         description=(
             "One command from a catalog to a searchable web page. Without --bundle it trains a quick model "
-            "(frozen pretrained towers, projection heads only: minutes on 2 CPU cores), exports it, indexes the "
+            "(frozen pretrained towers run once and cached, attention-pooling heads trained over the cache: minutes on "
+            "2 CPU cores), exports it, indexes the "
             "catalog and serves it on 127.0.0.1. Stages whose outputs exist in --workdir are reused. "
             "Catalogs: the products.jsonl folder (default $VITRINE_DATA or ../shared/data/fashion-products), "
             "the Kaggle 'Fashion Product Images' download (a folder with styles.csv and images/), or Fashion-Gen .h5."
@@ -34,8 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--catalog", default=None, help="catalog path (default $VITRINE_DATA or ../shared/data/fashion-products)")
     p.add_argument("--bundle", type=Path, default=None, help="use this model bundle instead of training one")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="where the run, bundle and index go")
-    p.add_argument("--epochs", type=positive_int, default=3, help="epochs of the quick training")
-    p.add_argument("--model", default="fashion-lite", help="model config of the quick training")
+    p.add_argument("--epochs", type=positive_int, default=DEMO_EPOCHS, help=f"epochs of the quick training (default {DEMO_EPOCHS})")
+    p.add_argument("--model", default=DEMO_MODEL, help=f"model config of the quick training (default {DEMO_MODEL})")
     p.add_argument("--pretrained", default=None, help="pretrained weights of the quick training (default: the config's)")
     p.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N products of each split (faster)")
     p.add_argument("--host", default="127.0.0.1")
@@ -48,9 +53,9 @@ def default_catalog() -> str:
     return os.environ.get("VITRINE_DATA") or DEFAULT_CATALOG
 
 
-def quick_bundle(catalog: str, workdir: Path, *, epochs: int, limit: int | None, model: str = "fashion-lite",
+def quick_bundle(catalog: str, workdir: Path, *, epochs: int, limit: int | None, model: str = DEMO_MODEL,
                  pretrained: str | None = None) -> Path:
-    """Train frozen towers + projections and export them; reuses what is already in `workdir`."""
+    """Train the heads over frozen, cached towers and export them; reuses what is already in `workdir`."""
     bundle = workdir / "bundle"
     if (bundle / "manifest.json").is_file():
         log.info("reusing bundle %s", bundle)
@@ -64,7 +69,8 @@ def quick_bundle(catalog: str, workdir: Path, *, epochs: int, limit: int | None,
     if not (run / "summary.json").is_file():
         print(f"[1/3] training a quick bundle on {catalog} (frozen towers, {epochs} epochs)", flush=True)
         train(TrainConfig(catalog=catalog, out=str(run), model=model, pretrained=pretrained, epochs=epochs,
-                          text_unlocked_layers=0, limit=limit, cache_dir=str(workdir / "cache")))
+                          text_unlocked_layers=0, limit=limit, cache_dir=str(workdir / "cache"),
+                          val_every=max(1, epochs // 2)))
     print(f"[1/3] exporting the bundle to {bundle}", flush=True)
     return export_checkpoint(run / "best.pt", bundle, catalog=catalog)
 
@@ -95,12 +101,16 @@ def run_demo(args: argparse.Namespace) -> int:
     catalog = args.catalog or default_catalog()
     if not Path(catalog).exists():
         raise UserError(f"catalog not found: {catalog} (pass --catalog or set VITRINE_DATA)")
+    started = time.perf_counter()
     products = read_catalog(catalog)  # fails early, with the reader's message, on a non-catalog
+    if products.report.hashed_splits:
+        print(f"{catalog}: {products.report.hashed_splits:,} rows have no split label: {HASHED_SPLITS_NOTE}", flush=True)
     workdir = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     bundle = args.bundle or quick_bundle(catalog, workdir, epochs=args.epochs, limit=args.train_limit,
                                          model=args.model, pretrained=args.pretrained)
     index_dir = ensure_index(products, Path(bundle), workdir / "index")
+    print(f"ready in {(time.perf_counter() - started) / 60:.1f} min (stages already in {workdir} are reused)", flush=True)
     if args.no_serve:
         print(f"ready: vitrine serve --index {index_dir} --host {args.host} --port {args.port}")
         return 0
