@@ -50,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hard-negatives", type=unit_interval, default=0.0,
                    help="attention-head recipe: share of each batch drawn in same-article-type groups")
     p.add_argument("--val-every", type=positive_int, default=5, help="attention-head recipe: epochs between validations")
+    p.add_argument("--image-views", type=positive_int, default=1,
+                   help="attention-head recipe: cached views per training photo (more: augmented re-shoots, cached once)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--limit", type=positive_int, default=None, help="use only the first N products of each split")
@@ -86,7 +88,7 @@ def run_train(args: argparse.Namespace) -> int:
         prune_weight=args.prune_weight, seed=args.seed, device=args.device, limit=args.limit,
         max_steps_per_epoch=args.max_steps_per_epoch, cache_dir=args.cache_dir, resume=not args.no_resume,
         multi_positive=not args.no_multi_positive, attr_weight=args.attr_weight, hard_negatives=args.hard_negatives,
-        val_every=args.val_every,
+        val_every=args.val_every, image_views=args.image_views,
         progress=not args.no_progress,
     )
     summary = train(config)

@@ -4,7 +4,8 @@ Built for two CPU cores. The towers are frozen, so their token states never chan
 
 1. cache, once per (model, catalog): the image trunk's 7x7 block map of every train/val photo
    ([N, 49, C] float16, through the ONNX-run trunk) and the text tower's last-layer token states of
-   every distinct title ([T, L, H] float16 + mask);
+   every distinct title ([T, L, H] float16 + mask); with `image_views` > 1, also that many - 1
+   augmented views of each training photo (seeded re-shoots: crop, flip, colour, JPEG);
 2. train the heads (`trainer.heads.AttentionPoolHead` on both sides) for `epochs` epochs over the
    cache: multi-positive InfoNCE (identical titles are positives), optional attribute heads on both
    embeddings and attribute-aware hard negatives in the batch; photos are augmented in feature space
@@ -43,6 +44,7 @@ from vitrine.evaluation.evaluator import (
     SampleRetrievalEvaluator,
     TextToProductEvaluator,
 )
+from vitrine.evaluation.photos import shopper_photo
 from vitrine.evaluation.protocols import RetrievalSet, index_distinct
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,12 @@ def cached_text_states(model, tokenizer, texts: list[str], cache_dir: Path, key:
     return out
 
 
+def view_rng(product_id: str, view: int) -> np.random.Generator:
+    """The generator of one training photo's augmented view: fixed per (product, view)."""
+    digest = hashlib.sha256(f"{product_id}|{view}".encode()).digest()
+    return np.random.default_rng([int.from_bytes(digest[:8], "little"), 17])
+
+
 def attribute_vocab(products: list[Product]) -> dict[str, list[str]]:
     """Per attribute, the values seen at least MIN_ATTRIBUTE_COUNT times in training (the classes)."""
     vocab = {}
@@ -150,6 +158,15 @@ class TokenRecipeTrainer:
             ).astype(np.float16)
             for name, products in self.splits.items()
         }  # fmt: skip
+        # Extra augmented views of the training photos: seeded re-shoots (crop, flip, colour, JPEG).
+        self.train_views = [self.grids["train"]] + [
+            cached_image_features(
+                self.model, self.preprocess_val, self.splits["train"], Path(config.cache_dir), f"{key}|view{view}",
+                device=self.device, progress=config.progress, desc=f"train image grids, view {view}",
+                open_image=lambda product, view=view: shopper_photo(product.image.open(), view_rng(product.id, view)),
+            ).astype(np.float16)
+            for view in range(1, config.image_views)
+        ]  # fmt: skip
         self.stage_seconds["cache_images"] = time.perf_counter() - started
         started = time.perf_counter()
         texts = sorted({p.title for products in self.splits.values() for p in products})
@@ -182,7 +199,11 @@ class TokenRecipeTrainer:
     # ------------------------------------------------------------------ steps
 
     def _image_tokens(self, split: str, rows: np.ndarray, augment: bool) -> torch.Tensor:
-        tokens = torch.from_numpy(self.grids[split][rows].astype(np.float32))
+        if augment and len(self.train_views) > 1:  # each photo in one of its cached views
+            views = np.random.default_rng([self.config.seed, self.epoch, int(rows[0])]).integers(len(self.train_views), size=len(rows))
+            tokens = torch.from_numpy(np.stack([self.train_views[v][r] for v, r in zip(views, rows)]).astype(np.float32))
+        else:
+            tokens = torch.from_numpy(self.grids[split][rows].astype(np.float32))
         if augment:  # horizontal flip of the block map for a random half of the batch
             h, w = self.model.image_patch_grid
             flip = torch.rand(tokens.shape[0]) < 0.5

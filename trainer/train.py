@@ -77,6 +77,7 @@ class TrainConfig:
     attr_weight: float = 0.0  # weight of the attribute heads' loss (0: off)
     hard_negatives: float = 0.0  # share of each batch drawn in same-article-type groups
     val_every: int = 5  # epochs between validations
+    image_views: int = 1  # cached views of each training photo (1: the photo itself; more: augmented re-shoots)
     limit: int | None = None  # products per split (tests, smoke runs)
     max_steps_per_epoch: int | None = None
     cache_dir: str = "runs/cache"

@@ -80,12 +80,14 @@ def test_token_head_model_exports_with_parity(tmp_path):
 def test_recipe_trains_heads_only_and_exports_a_bundle(catalog, tmp_path):
     assert has_token_heads("tiny-ap") and not has_token_heads("tiny")
     run = tmp_path / "run"
-    summary = train(config(catalog, run, attr_weight=0.5, hard_negatives=0.5))
+    summary = train(config(catalog, run, attr_weight=0.5, hard_negatives=0.5, image_views=2))
     saved = json.loads((run / "summary.json").read_text())
     assert saved["recipe"] == "cached-token" and [r["epoch"] for r in saved["history"]] == [1, 2, 3, 4]
     assert [r["epoch"] for r in saved["history"] if "val" in r] == [2, 4]
     assert all(r["loss_attr"] > 0 for r in saved["history"]) and saved["attribute_classes"]["baseColour"] > 1
     assert {"cache_images", "cache_texts", "train", "tune_alpha"} <= set(saved["stage_seconds"])
+    # train, val and one augmented view of the training photos, each cached once
+    assert len(list((run / "cache").glob("image-features-*.npz"))) == 3
     assert saved["history"][-1]["loss_itc"] < saved["history"][0]["loss_itc"]
     # Frozen towers: their weights are the untrained model's, only the heads moved.
     trained = torch.load(run / "best.pt", weights_only=False)["state_dict"]
