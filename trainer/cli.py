@@ -75,9 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from trainer.train import TrainConfig, train
-
     from trainer.factory import has_token_heads
+    from trainer.train import TrainConfig, train
 
     epochs = args.epochs or (30 if has_token_heads(args.model) else 5)
     config = TrainConfig(

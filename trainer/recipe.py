@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -36,14 +35,9 @@ from trainer.factory import create_model_and_transforms, get_tokenizer
 from trainer.features import cached_image_features, products_fingerprint
 from trainer.heads import AttributeHeads
 from trainer.loss import ClipLoss, attribute_loss, multi_positive_info_nce
-from trainer.train import ALPHA_GRID, TrainConfig, load_splits, resolve_device, seed_everything
+from trainer.selection import pick_alphas, resume_state, save_checkpoint, validation_metrics
+from trainer.train import TrainConfig, load_splits, resolve_device, seed_everything
 from vitrine.catalog.product import Product
-from vitrine.evaluation.evaluator import (
-    FullRetrievalEvaluator,
-    ImageToProductEvaluator,
-    SampleRetrievalEvaluator,
-    TextToProductEvaluator,
-)
 from vitrine.evaluation.photos import shopper_photo
 from vitrine.evaluation.protocols import RetrievalSet, index_distinct
 
@@ -266,28 +260,13 @@ class TokenRecipeTrainer:
                             self.preprocess_val, self.device, self.config.model)  # fmt: skip
 
     def validate(self) -> dict:
-        data, products = self.embed_split("val"), self.splits["val"]
-        sample = SampleRetrievalEvaluator(self.config.val_queries, seed=self.config.seed)(self.encoder(), products, data)
-        full = FullRetrievalEvaluator()(self.encoder(), products, data)
-        metrics = {
-            "sample_t2i_R@1": sample["t2i"]["R@1"], "sample_i2t_R@1": sample["i2t"]["R@1"],
-            "sample_t2i_R@10": sample["t2i"]["R@10"], "sample_i2t_R@10": sample["i2t"]["R@10"],
-            "full_t2i_R@10": full["t2i"]["R@10"], "full_i2t_R@10": full["i2t"]["R@10"],
-        }  # fmt: skip
-        metrics["score"] = (metrics["sample_t2i_R@1"] + metrics["sample_i2t_R@1"] + metrics["full_t2i_R@10"]) / 3
-        return metrics
+        return validation_metrics(self.encoder(), self.splits["val"], self.embed_split("val"),
+                                  queries=self.config.val_queries, seed=self.config.seed)
 
     @torch.no_grad()
-    def tune_alpha(self, num_t2p: int = 500, num_i2p: int = 500) -> dict:
+    def tune_alpha(self) -> dict:
         """α per query kind on val, as the standard trainer does (same evaluators)."""
-        data, products, seed, encoder = self.embed_split("val"), self.splits["val"], self.config.seed, self.encoder()
-        t2p = TextToProductEvaluator(num_t2p, seed=seed).sweep(encoder, products, data, ALPHA_GRID)
-        i2p = ImageToProductEvaluator(num_i2p, seed=seed).sweep(encoder, products, data, ALPHA_GRID)
-        sweep = [{"alpha": a, "t2p_nDCG@10": t["nDCG@10"], "i2p_R@1": i["R@1"], "score": (t["nDCG@10"] + i["R@1"]) / 2}
-                 for a, t, i in zip(ALPHA_GRID, t2p, i2p)]  # fmt: skip
-        return {"alpha": max(sweep, key=lambda r: r["score"])["alpha"], "sweep": sweep,
-                "alpha_t2p": max(sweep, key=lambda r: r["t2p_nDCG@10"])["alpha"],
-                "alpha_i2p": max(sweep, key=lambda r: r["i2p_R@1"])["alpha"]}  # fmt: skip
+        return pick_alphas(self.encoder(), self.splits["val"], self.embed_split("val"), seed=self.config.seed)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -301,22 +280,12 @@ class TokenRecipeTrainer:
         }  # fmt: skip
 
     def save(self, name: str, extra: dict | None = None) -> Path:
-        path = self.out / name
-        tmp = path.with_suffix(".tmp")
-        torch.save({**self.state(), **(extra or {})}, tmp)
-        tmp.replace(path)
-        return path
+        return save_checkpoint(self.out / name, {**self.state(), **(extra or {})})
 
     def maybe_resume(self) -> None:
-        path = self.out / "last.pt"
-        if not (self.config.resume and path.is_file()):
-            return
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(ckpt["state_dict"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.epoch, self.best_score, self.history = ckpt["epoch"], ckpt["best_score"], ckpt["history"]
-        log.info("resumed from %s at epoch %d", path, self.epoch)
+        ckpt = resume_state(self.out / "last.pt", self.device, self.model, self.optimizer, self.scheduler) if self.config.resume else None
+        if ckpt is not None:
+            self.epoch, self.best_score, self.history = ckpt["epoch"], ckpt["best_score"], ckpt["history"]
 
     # ------------------------------------------------------------------ run
 

@@ -29,22 +29,16 @@ from trainer.factory import create_model_and_transforms, get_tokenizer
 from trainer.features import cached_image_features, products_fingerprint
 from trainer.loss import ConceptVisualAlignmentLoss, pruning_loss
 from trainer.prototypes import select_prototypes
+from trainer.selection import pick_alphas, resume_state, save_checkpoint, validation_metrics
 from vitrine.catalog import read_catalog
 from vitrine.catalog.product import Product
 from vitrine.errors import UserError
-from vitrine.evaluation.evaluator import (
-    FullRetrievalEvaluator,
-    ImageToProductEvaluator,
-    SampleRetrievalEvaluator,
-    TextToProductEvaluator,
-)
 from vitrine.evaluation.protocols import RetrievalSet, index_distinct
 
 log = logging.getLogger(__name__)
 
 CONCEPT_PROMPT = "a photo of {}"
 VISUAL_CONCEPT_KINDS = {"phrase", "attribute:baseColour", "attribute:articleType", "attribute:usage"}
-ALPHA_GRID = tuple(round(a, 2) for a in np.linspace(0.0, 1.0, 11))
 
 
 @dataclass
@@ -336,32 +330,14 @@ class Trainer:
 
     def validate(self) -> dict:
         data, _ = self.embed_split("val")
-        encoder, products = self.encoder(), self.splits["val"]
-        sample = SampleRetrievalEvaluator(self.config.val_queries, seed=self.config.seed)(encoder, products, data)
-        full = FullRetrievalEvaluator()(encoder, products, data)
-        metrics = {
-            "sample_t2i_R@1": sample["t2i"]["R@1"], "sample_i2t_R@1": sample["i2t"]["R@1"],
-            "sample_t2i_R@10": sample["t2i"]["R@10"], "sample_i2t_R@10": sample["i2t"]["R@10"],
-            "full_t2i_R@10": full["t2i"]["R@10"], "full_i2t_R@10": full["i2t"]["R@10"],
-        }
-        # Model selection: the three headline numbers of the issue, equally weighted.
-        metrics["score"] = (metrics["sample_t2i_R@1"] + metrics["sample_i2t_R@1"] + metrics["full_t2i_R@10"]) / 3
-        return metrics
+        return validation_metrics(self.encoder(), self.splits["val"], data, queries=self.config.val_queries,
+                                  seed=self.config.seed)
 
     @torch.no_grad()
-    def tune_alpha(self, num_t2p: int = 500, num_i2p: int = 500) -> dict:
-        """Pick α for weighted T2P/I2P scoring on val: best mean of T2P nDCG@10 and I2P R@1."""
+    def tune_alpha(self) -> dict:
+        """Pick α for weighted T2P/I2P scoring on val (per query kind, and jointly)."""
         data, _ = self.embed_split("val")
-        encoder, products, seed = self.encoder(), self.splits["val"], self.config.seed
-        progress = self.config.progress
-        t2p = TextToProductEvaluator(num_t2p, seed=seed, progress=progress).sweep(encoder, products, data, ALPHA_GRID)
-        i2p = ImageToProductEvaluator(num_i2p, seed=seed, progress=progress).sweep(encoder, products, data, ALPHA_GRID)
-        sweep = [{"alpha": alpha, "t2p_nDCG@10": t["nDCG@10"], "i2p_R@1": i["R@1"], "score": (t["nDCG@10"] + i["R@1"]) / 2}
-                 for alpha, t, i in zip(ALPHA_GRID, t2p, i2p)]  # fmt: skip
-        best = max(sweep, key=lambda r: r["score"])
-        return {"alpha": best["alpha"], "sweep": sweep,
-                "alpha_t2p": max(sweep, key=lambda r: r["t2p_nDCG@10"])["alpha"],
-                "alpha_i2p": max(sweep, key=lambda r: r["i2p_R@1"])["alpha"]}
+        return pick_alphas(self.encoder(), self.splits["val"], data, seed=self.config.seed, progress=self.config.progress)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -383,23 +359,13 @@ class Trainer:
         }
 
     def save(self, name: str, extra: dict | None = None) -> Path:
-        path = self.out / name
-        tmp = path.with_suffix(".tmp")
-        torch.save({**self.state(), **(extra or {})}, tmp)
-        tmp.replace(path)
-        return path
+        return save_checkpoint(self.out / name, {**self.state(), **(extra or {})})
 
     def maybe_resume(self) -> None:
-        path = self.out / "last.pt"
-        if not (self.config.resume and path.is_file()):
-            return
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(ckpt["state_dict"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.epoch, self.best_score, self.history = ckpt["epoch"], ckpt["best_score"], ckpt["history"]
-        self.prototypes = ckpt.get("prototypes")
-        log.info("resumed from %s at epoch %d", path, self.epoch)
+        ckpt = resume_state(self.out / "last.pt", self.device, self.model, self.optimizer, self.scheduler) if self.config.resume else None
+        if ckpt is not None:
+            self.epoch, self.best_score, self.history = ckpt["epoch"], ckpt["best_score"], ckpt["history"]
+            self.prototypes = ckpt.get("prototypes")
 
     # ------------------------------------------------------------------ run
 

@@ -202,25 +202,39 @@ class KaglEvaluator:
         return metrics
 
 
-class TextToProductEvaluator:
-    """Shopper queries ("women red handbags") ranking products by the weighted T2P score."""
+class ProductSearchEvaluator:
+    """Queries ranking whole products by the fused score at α; `sweep` scores several α at once."""
 
-    name = "t2p"
-    primary_metric = "nDCG@10"
+    name: str
+    primary_metric: str
+    default_queries: int
 
     def __init__(
         self,
-        num_queries: int = 500,
+        num_queries: int | None = None,
         alpha: float = DEFAULT_ALPHA,
         seed: int = 0,
         batch_size: int = 64,
         progress: bool | None = None,
     ):
-        self.num_queries, self.alpha, self.seed = num_queries, alpha, seed
-        self.batch_size, self.progress = batch_size, progress
+        self.num_queries = self.default_queries if num_queries is None else num_queries
+        self.alpha, self.seed, self.batch_size, self.progress = alpha, seed, batch_size, progress
 
     def __call__(self, encoder: Encoder, products: Sequence[Product], data: RetrievalSet) -> dict:
         return self.sweep(encoder, products, data, [self.alpha])[0]
+
+    def sweep(
+        self, encoder: Encoder, products: Sequence[Product], data: RetrievalSet, alphas: Sequence[float]
+    ) -> list[dict]:
+        raise NotImplementedError
+
+
+class TextToProductEvaluator(ProductSearchEvaluator):
+    """Shopper queries ("women red handbags") ranking products by the weighted T2P score."""
+
+    name = "t2p"
+    primary_metric = "nDCG@10"
+    default_queries = 500
 
     def sweep(
         self, encoder: Encoder, products: Sequence[Product], data: RetrievalSet, alphas: Sequence[float]
@@ -245,25 +259,12 @@ class TextToProductEvaluator:
         return out
 
 
-class ImageToProductEvaluator:
+class ImageToProductEvaluator(ProductSearchEvaluator):
     """Seeded shopper photos of products ranking products by the weighted I2P score."""
 
     name = "i2p"
     primary_metric = "R@1"
-
-    def __init__(
-        self,
-        num_queries: int = 1000,
-        alpha: float = DEFAULT_ALPHA,
-        seed: int = 0,
-        batch_size: int = 64,
-        progress: bool | None = None,
-    ):
-        self.num_queries, self.alpha, self.seed = num_queries, alpha, seed
-        self.batch_size, self.progress = batch_size, progress
-
-    def __call__(self, encoder: Encoder, products: Sequence[Product], data: RetrievalSet) -> dict:
-        return self.sweep(encoder, products, data, [self.alpha])[0]
+    default_queries = 1000
 
     def sweep(
         self, encoder: Encoder, products: Sequence[Product], data: RetrievalSet, alphas: Sequence[float]
