@@ -19,9 +19,9 @@ from common import environment, pct, write_json, write_markdown_table  # noqa: E
 from common import run_logged as run  # noqa: E402
 
 # The last 2 of MiniLM's 6 layers: full-tower backprop cost ~11 min/epoch on the shared 2-core box.
-TEXT_TUNING = ["--text-unlocked-layers", "2", "--text-lr", "5e-5"]
+TEXT_TUNING = ["--model", "fashion-lite", "--text-unlocked-layers", "2", "--text-lr", "5e-5"]
 ROWS = {
-    "a": ("frozen towers, projections only", ["--text-unlocked-layers", "0"]),
+    "a": ("frozen towers, projections only", ["--model", "fashion-lite", "--text-unlocked-layers", "0"]),
     "b": ("+ text tower fine-tuned (ITC)", TEXT_TUNING),
     "c": ("+ CVA (FashionKLIP)", [*TEXT_TUNING, "--cva"]),
     "d": ("+ MML-TP token pruning", [*TEXT_TUNING, "--prune"]),

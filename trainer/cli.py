@@ -19,16 +19,21 @@ from vitrine.errors import UserError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="fine-tune a dual encoder on a catalog (ITC, FashionKLIP CVA, MML-TP pruning)",
+        help="train a dual encoder on a catalog (cached-token recipe; or ITC, FashionKLIP CVA, MML-TP pruning)",
         description=(
-            "Fine-tune text and image encoders into one space on the catalog's train split, "
-            "validating on val every epoch and keeping the best epoch. The image tower is locked "
-            "and its features cached unless --image-unlocked-groups > 0."
+            "Train text and image encoders into one space on the catalog's train split, keeping the best "
+            "epoch on val and tuning alpha per query kind on val. Models with attention heads (the default "
+            "fashion-lite-ap) use the cached-token recipe: the frozen towers run once, their token states are "
+            "cached, and the heads train for many epochs (--no-multi-positive, --attr-weight, --hard-negatives, "
+            "--image-views). Other models (fashion-lite, open_clip names) train projections or unlocked layers "
+            "(--text-unlocked-layers, --image-unlocked-groups, --cva, --prune)."
         ),
     )
     p.add_argument("--catalog", required=True, help="catalog path (JSONL, Kaggle styles.csv folder, Fashion-Gen .h5)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, summary.json); resumes if present")
-    p.add_argument("--model", default="fashion-lite", help="registry config (fashion-lite, tiny) or an open_clip model name")
+    p.add_argument("--model", default="fashion-lite-ap",
+                   help="registry config (fashion-lite-ap: attention heads over cached towers, the default; fashion-lite: "
+                        "pooled towers with CVA/MML-TP/unlocking; tiny, tiny-ap) or an open_clip model name")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag, or 'none' for random init")
     p.add_argument("--epochs", type=positive_int, default=None,
                    help="epochs (default: 30 for attention-head models, whose towers are cached; else 5)")
