@@ -27,7 +27,7 @@ test-fast: lint-layers
 
 # search > trainer | indexer > vitrine, and no torch below the trainer (import-linter, pyproject.toml).
 lint-layers:
-	lint-imports
+	$(PYTHON) -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())" --no-logo
 
 bench:
 	$(PYTHON) bench/encode_speed.py --out bench/out
