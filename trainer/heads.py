@@ -27,6 +27,7 @@ class AttentionPoolHead(nn.Module):
         num_heads: int = 4,
         mlp_hidden: int = 1024,
         num_positions: int | None = None,
+        residual: bool = False,
     ) -> None:
         super().__init__()
         if in_dim % num_heads:
@@ -40,6 +41,9 @@ class AttentionPoolHead(nn.Module):
         self.value = nn.Linear(in_dim, in_dim)
         self.out = nn.Linear(in_dim, in_dim)
         self.mlp = nn.Sequential(nn.Linear(in_dim, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, embed_dim))
+        # A linear path from the plain mean of the tokens keeps what mean pooling already knows (MiniLM's
+        # sentence similarity, the global look of a photo) while the attention path learns the rest.
+        self.skip = nn.Linear(in_dim, embed_dim) if residual else None
 
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
         if tokens.dim() != 3 or tokens.shape[-1] != self.in_dim:
@@ -54,7 +58,15 @@ class AttentionPoolHead(nn.Module):
             scores = scores + (1.0 - mask.to(scores.dtype))[:, None, :] * MASKED
         weights = scores.softmax(dim=-1)
         pooled = torch.einsum("bht,bthd->bhd", weights, values).reshape(batch, self.in_dim)
-        return self.mlp(self.out(pooled))
+        out = self.mlp(self.out(pooled))
+        if self.skip is not None:
+            if mask is None:
+                mean = tokens.mean(dim=1)
+            else:
+                weight = mask.to(tokens.dtype)[:, :, None]
+                mean = (tokens * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
+            out = out + self.skip(mean)
+        return out
 
 
 class AttributeHeads(nn.Module):

@@ -75,7 +75,8 @@ class VitrineModel(nn.Module):
         if self.token_heads:
             if not (self.has_image_patches and self._hf_text is not None):
                 raise ValueError("attention heads need a timm CNN image trunk and an HF text tower")
-            options = {"num_heads": int(heads.get("num_heads", 4)), "mlp_hidden": int(heads.get("mlp_hidden", 1024))}
+            options = {"num_heads": int(heads.get("num_heads", 4)), "mlp_hidden": int(heads.get("mlp_hidden", 1024)),
+                       "residual": bool(heads.get("residual", False))}
             grid = self.image_patch_grid
             self.image_head = AttentionPoolHead(self.image_patch_dim, self.embed_dim, num_positions=grid[0] * grid[1], **options)
             self.text_head = AttentionPoolHead(int(self._hf_text.config.hidden_size), self.embed_dim, **options)

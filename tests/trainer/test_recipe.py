@@ -105,3 +105,14 @@ def test_recipe_resumes_from_its_last_epoch(catalog, tmp_path):
     train(config(catalog, run, epochs=2))
     summary = train(config(catalog, run, epochs=3))
     assert [r["epoch"] for r in summary["history"]] == [1, 2, 3]
+
+
+def test_residual_head_adds_a_linear_path_from_the_masked_token_mean():
+    torch.manual_seed(0)
+    head = AttentionPoolHead(16, 8, num_heads=4, mlp_hidden=32, residual=True).eval()
+    tokens, mask = torch.randn(1, 5, 16), torch.tensor([[1, 1, 1, 0, 0]])
+    plain = AttentionPoolHead(16, 8, num_heads=4, mlp_hidden=32)
+    plain.load_state_dict({k: v for k, v in head.state_dict().items() if not k.startswith("skip.")})
+    expected = plain.eval()(tokens, mask) + head.skip(tokens[:, :3].mean(dim=1))
+    assert torch.allclose(head(tokens, mask), expected, atol=1e-6)
+    assert create_model("fashion-lite-apr", pretrained="none").text_head.skip is not None
