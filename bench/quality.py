@@ -25,12 +25,12 @@ from common import environment, pct, run_logged, write_json, write_markdown_tabl
 MODEL = ["--model", "fashion-lite-ap"]
 ROWS = {
     "itc": ("attention heads, plain InfoNCE", [*MODEL, "--no-multi-positive"]),
-    "mp": ("attention heads, multi-positive InfoNCE (default)", MODEL),
+    "mp": ("attention heads, multi-positive InfoNCE", MODEL),
     "attr": ("mp + attribute heads (0.1)", [*MODEL, "--attr-weight", "0.1"]),
     "hard": ("mp + same-type hard negatives (25 %)", [*MODEL, "--hard-negatives", "0.25"]),
     "attr+hard": ("mp + attribute heads + hard negatives", [*MODEL, "--attr-weight", "0.1", "--hard-negatives", "0.25"]),
     "views": ("mp + 2 augmented views per training photo", [*MODEL, "--image-views", "3"]),
-    "res": ("mp + a linear path from the mean-pooled tokens (fashion-lite-apr)", ["--model", "fashion-lite-apr"]),
+    "res": ("mp + a linear path from the mean-pooled tokens (fashion-lite-apr, the default)", ["--model", "fashion-lite-apr"]),
 }
 VAL_HEADLINE = {
     "val sample T2I R@1": "sample_t2i_R@1",

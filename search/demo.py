@@ -19,7 +19,7 @@ from vitrine.errors import UserError
 log = logging.getLogger(__name__)
 
 DEFAULT_CATALOG = "../shared/data/fashion-products"
-DEMO_MODEL = "fashion-lite-ap"  # attention heads over cached token states (trainer.recipe)
+DEMO_MODEL = "fashion-lite-apr"  # attention heads (+ mean-pooled residual) over cached token states (trainer.recipe)
 DEMO_EPOCHS = 10
 
 
