@@ -64,8 +64,9 @@ def configure_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     # faiss logs its loader attempts at INFO while being imported: quiet it before any command does.
-    configure_logging("-v" in (argv if argv is not None else sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:]))
+    configure_logging("-v" in argv or "--verbose" in argv)
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
