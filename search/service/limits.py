@@ -51,7 +51,7 @@ class BodySizeLimitMiddleware:
             await self._reject(send)
             return
         received = 0
-        started = False
+        response_tracker = ResponseTracker(send)
 
         async def counting_receive() -> Message:
             nonlocal received
@@ -62,16 +62,10 @@ class BodySizeLimitMiddleware:
                     raise BodyTooLarge(self.max_bytes)
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting_receive, response_tracker.send)
         except BodyTooLarge:
-            if started:
+            if response_tracker.started:
                 raise
             await self._reject(send)
 
@@ -99,7 +93,7 @@ class BodyTimeoutMiddleware:
             return
         deadline = anyio.current_time() + self.total_s
         body_complete = False
-        started = False
+        response_tracker = ResponseTracker(send)
 
         async def timed_receive() -> Message:
             nonlocal body_complete
@@ -115,18 +109,26 @@ class BodyTimeoutMiddleware:
                 raise BodyReadTimeout(f"the request body did not arrive within {self.total_s:g} s")
             raise BodyReadTimeout(f"the request body stalled: nothing arrived for {self.idle_s:g} s")
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
         try:
-            await self.app(scope, timed_receive, tracking_send)
+            await self.app(scope, timed_receive, response_tracker.send)
         except BodyReadTimeout as exc:
-            if started:
+            if response_tracker.started:
                 raise
             await send_error(send, 408, "request_timeout", exc.detail)
+
+
+class ResponseTracker:
+    """Wraps `send` and remembers whether the response has started: a middleware may only answer
+    an error of its own while it has not."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
 
 
 async def send_error(send: Send, status: int, code: str, message: str) -> None:

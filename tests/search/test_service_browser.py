@@ -6,11 +6,9 @@ from pathlib import Path
 import pytest
 
 from search.service import Settings, create_app
+from tests.support.browser import chromium_page
 from tests.support.indexes import IndexFixture
 from tests.support.service import LiveServer, build_bundle_index, jpeg_bytes
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-gpu"]
 
 pytestmark = [pytest.mark.browser, pytest.mark.torch]
 
@@ -28,18 +26,11 @@ def server(built: IndexFixture):
 
 @pytest.fixture()
 def page(server: LiveServer):
-    from playwright.sync_api import sync_playwright
-
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} not found (apt-get install chromium)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
+    with chromium_page() as page:
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.goto(server.url + "/")
         yield page
-        browser.close()
         assert not errors, errors
 
 

@@ -2,17 +2,13 @@
 nothing the pages need is blocked, and /docs renders from local assets with the network cut off."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from indexer import ProductIndex
 from search.service import Settings, create_app
+from tests.support.browser import chromium_page
 from tests.support.indexes import IndexFixture, build_fixture_index
 from tests.support.service import LiveServer, jpeg_bytes
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-gpu"]
 
 pytestmark = pytest.mark.browser
 
@@ -28,13 +24,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture()
 def browser_page(server: LiveServer):
     """A page whose console errors (CSP violations are reported there) and off-server requests are recorded."""
-    from playwright.sync_api import sync_playwright
-
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} not found (apt-get install chromium)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
+    with chromium_page() as page:
         problems: list[str] = []
         page.on("console", lambda message: message.type == "error" and problems.append(message.text))
         page.on("pageerror", lambda exc: problems.append(str(exc)))
@@ -42,7 +32,6 @@ def browser_page(server: LiveServer):
         page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(server.url)
                    else (problems.append(f"off-server request {route.request.url}"), route.abort()))  # fmt: skip
         yield page, problems
-        browser.close()
 
 
 def test_the_search_page_works_under_its_policy(browser_page, server, tmp_path):
