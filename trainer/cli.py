@@ -15,7 +15,6 @@ from vitrine.cliargs import (
 )
 from vitrine.errors import UserError
 
-
 # Picked on val (docs/RESULTS.md, issue 11): the residual head at 10 epochs beats the plain one at 30.
 DEFAULT_MODEL = "fashion-lite-apr"
 TOKEN_HEAD_EPOCHS = 10

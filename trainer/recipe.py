@@ -35,7 +35,7 @@ from trainer.factory import create_model_and_transforms, get_tokenizer
 from trainer.features import cached_image_features, products_fingerprint
 from trainer.heads import AttributeHeads
 from trainer.loss import ClipLoss, attribute_loss, multi_positive_info_nce
-from trainer.selection import pick_alphas, resume_state, save_checkpoint, validation_metrics
+from trainer.selection import ValidationEvaluators, pick_alphas, resume_state, save_checkpoint, validation_metrics
 from trainer.train import TrainConfig, load_splits, resolve_device, seed_everything
 from vitrine.catalog.product import Product
 from vitrine.evaluation.photos import shopper_photo
@@ -188,6 +188,7 @@ class TokenRecipeTrainer:
         steps = len(self.sampler) * config.epochs
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, min(config.warmup_steps, steps // 2), max(1, steps))
         self.itc = ClipLoss()
+        self.evaluators = ValidationEvaluators.for_val(queries=config.val_queries, seed=config.seed)
         self.epoch, self.best_score, self.history = 0, -1.0, []
 
     # ------------------------------------------------------------------ steps
@@ -260,13 +261,12 @@ class TokenRecipeTrainer:
                             self.preprocess_val, self.device, self.config.model)  # fmt: skip
 
     def validate(self) -> dict:
-        return validation_metrics(self.encoder(), self.splits["val"], self.embed_split("val"),
-                                  queries=self.config.val_queries, seed=self.config.seed)
+        return validation_metrics(self.evaluators, self.encoder(), self.splits["val"], self.embed_split("val"))
 
     @torch.no_grad()
     def tune_alpha(self) -> dict:
         """α per query kind on val, as the standard trainer does (same evaluators)."""
-        return pick_alphas(self.encoder(), self.splits["val"], self.embed_split("val"), seed=self.config.seed)
+        return pick_alphas(self.evaluators, self.encoder(), self.splits["val"], self.embed_split("val"))
 
     # ------------------------------------------------------------------ checkpoints
 

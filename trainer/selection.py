@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +28,29 @@ log = logging.getLogger(__name__)
 ALPHA_GRID = tuple(round(a, 2) for a in np.linspace(0.0, 1.0, 11))
 
 
-def validation_metrics(encoder: Encoder, products: Sequence[Product], data: RetrievalSet, *, queries: int,
-                       seed: int) -> dict:  # fmt: skip
+@dataclass
+class ValidationEvaluators:
+    """The evaluator objects a trainer validates and tunes α with, built once per run."""
+
+    sample: SampleRetrievalEvaluator
+    full: FullRetrievalEvaluator
+    t2p: TextToProductEvaluator
+    i2p: ImageToProductEvaluator
+
+    @classmethod
+    def for_val(cls, *, queries: int, seed: int, num_t2p: int = 500, num_i2p: int = 500,
+                progress: bool = False) -> ValidationEvaluators:  # fmt: skip
+        return cls(SampleRetrievalEvaluator(queries, seed=seed), FullRetrievalEvaluator(),
+                   TextToProductEvaluator(num_t2p, seed=seed, progress=progress),
+                   ImageToProductEvaluator(num_i2p, seed=seed, progress=progress))  # fmt: skip
+
+
+def validation_metrics(evaluators: ValidationEvaluators, encoder: Encoder, products: Sequence[Product],
+                       data: RetrievalSet) -> dict:  # fmt: skip
     """Sample and full retrieval on val, and `score`: the mean of the three headline numbers
     (sample T2I R@1, sample I2T R@1, full T2I R@10), which picks the best epoch."""
-    sample = SampleRetrievalEvaluator(queries, seed=seed)(encoder, products, data)
-    full = FullRetrievalEvaluator()(encoder, products, data)
+    sample = evaluators.sample(encoder, products, data)
+    full = evaluators.full(encoder, products, data)
     metrics = {
         "sample_t2i_R@1": sample["t2i"]["R@1"], "sample_i2t_R@1": sample["i2t"]["R@1"],
         "sample_t2i_R@10": sample["t2i"]["R@10"], "sample_i2t_R@10": sample["i2t"]["R@10"],
@@ -42,11 +60,11 @@ def validation_metrics(encoder: Encoder, products: Sequence[Product], data: Retr
     return metrics
 
 
-def pick_alphas(encoder: Encoder, products: Sequence[Product], data: RetrievalSet, *, seed: int, num_t2p: int = 500,
-               num_i2p: int = 500, progress: bool = False) -> dict:  # fmt: skip
+def pick_alphas(evaluators: ValidationEvaluators, encoder: Encoder, products: Sequence[Product],
+                data: RetrievalSet) -> dict:  # fmt: skip
     """α on val: per query kind (T2P nDCG@10 for text, I2P R@1 for photos) and jointly (their mean)."""
-    t2p = TextToProductEvaluator(num_t2p, seed=seed, progress=progress).sweep(encoder, products, data, ALPHA_GRID)
-    i2p = ImageToProductEvaluator(num_i2p, seed=seed, progress=progress).sweep(encoder, products, data, ALPHA_GRID)
+    t2p = evaluators.t2p.sweep(encoder, products, data, ALPHA_GRID)
+    i2p = evaluators.i2p.sweep(encoder, products, data, ALPHA_GRID)
     sweep = [{"alpha": alpha, "t2p_nDCG@10": t["nDCG@10"], "i2p_R@1": i["R@1"], "score": (t["nDCG@10"] + i["R@1"]) / 2}
              for alpha, t, i in zip(ALPHA_GRID, t2p, i2p)]  # fmt: skip
     return {"alpha": max(sweep, key=lambda r: r["score"])["alpha"], "sweep": sweep,

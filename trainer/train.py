@@ -29,7 +29,7 @@ from trainer.factory import create_model_and_transforms, get_tokenizer
 from trainer.features import cached_image_features, products_fingerprint
 from trainer.loss import ConceptVisualAlignmentLoss, pruning_loss
 from trainer.prototypes import select_prototypes
-from trainer.selection import pick_alphas, resume_state, save_checkpoint, validation_metrics
+from trainer.selection import ValidationEvaluators, pick_alphas, resume_state, save_checkpoint, validation_metrics
 from vitrine.catalog import read_catalog
 from vitrine.catalog.product import Product
 from vitrine.errors import UserError
@@ -171,6 +171,7 @@ class Trainer:
         # Warm-up never takes more than half of a short run.
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, min(config.warmup_steps, steps // 2), max(1, steps))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.evaluators = ValidationEvaluators.for_val(queries=config.val_queries, seed=config.seed, progress=config.progress)
         self.epoch = 0
         self.best_score = -1.0
         self.history: list[dict] = []
@@ -330,14 +331,13 @@ class Trainer:
 
     def validate(self) -> dict:
         data, _ = self.embed_split("val")
-        return validation_metrics(self.encoder(), self.splits["val"], data, queries=self.config.val_queries,
-                                  seed=self.config.seed)
+        return validation_metrics(self.evaluators, self.encoder(), self.splits["val"], data)
 
     @torch.no_grad()
     def tune_alpha(self) -> dict:
         """Pick α for weighted T2P/I2P scoring on val (per query kind, and jointly)."""
         data, _ = self.embed_split("val")
-        return pick_alphas(self.encoder(), self.splits["val"], data, seed=self.config.seed, progress=self.config.progress)
+        return pick_alphas(self.evaluators, self.encoder(), self.splits["val"], data)
 
     # ------------------------------------------------------------------ checkpoints
 
