@@ -24,6 +24,7 @@ _EXPORTS = {
     "build_index": "indexer.build",
     "upsert_index": "indexer.build",
     "delete_from_index": "indexer.build",
+    "update_index": "indexer.build",
     "IndexLayout": "indexer.layout",
     "IndexManifest": "indexer.manifest",
     "ProductError": "indexer.manifest",
@@ -31,7 +32,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from indexer.build import IndexBuildResult, build_index, delete_from_index, upsert_index
+    from indexer.build import IndexBuildResult, build_index, delete_from_index, update_index, upsert_index
     from indexer.filters import FilterError, UnknownFilterError
     from indexer.layout import IndexLayout
     from indexer.manifest import IndexManifest, ProductError

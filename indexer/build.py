@@ -66,6 +66,7 @@ class IndexBuildResult:
     operation: Operation
     errors: list[ProductError] = field(default_factory=list)
     not_found: list[str] = field(default_factory=list)
+    changes: dict[str, str] = field(default_factory=dict)  # id -> added | replaced | unchanged | deleted | failed
 
     def summary(self) -> str:
         op = self.operation
@@ -73,6 +74,7 @@ class IndexBuildResult:
             "build": f"indexed {op.added:,} products",
             "upsert": f"added {op.added:,}, replaced {op.replaced:,}, unchanged {op.unchanged:,}",
             "delete": f"deleted {op.deleted:,} products",
+            "update": f"added {op.added:,}, replaced {op.replaced:,}, unchanged {op.unchanged:,}, deleted {op.deleted:,}",
         }
         rate = f" ({op.products_per_s:,.1f} products/s embedding)" if op.products_per_s else ""
         lines = [
@@ -346,6 +348,25 @@ def check_same_encoder(manifest: IndexManifest, encoder: ServingEncoder) -> None
         )
 
 
+class UnknownProductsError(UserError):
+    """Ids to delete that the index does not hold; nothing was changed."""
+
+    def __init__(self, ids: Sequence[str]) -> None:
+        self.ids = list(ids)
+        shown = ", ".join(self.ids[:10]) + (f" and {len(self.ids) - 10} more" if len(self.ids) > 10 else "")
+        super().__init__(f"not in the index: {shown}; nothing was deleted")
+
+
+class RejectedProductsError(UserError):
+    """A strict update met products with bad data (empty title, unreadable image); nothing was changed."""
+
+    def __init__(self, errors: Sequence[ProductError]) -> None:
+        self.errors = list(errors)
+        first = self.errors[0]
+        more = f" (and {len(self.errors) - 1} more)" if len(self.errors) > 1 else ""
+        super().__init__(f"product {first.id}: {first.message}{more}; nothing was changed")
+
+
 def upsert_index(
     out: str | Path,
     catalog: Catalog | Sequence[Product],
@@ -360,61 +381,123 @@ def upsert_index(
 
     A changed product whose new data is bad keeps its indexed version (the error says so).
     """
+    return update_index(out, upserts=catalog, encoder=encoder, batch_size=batch_size, threads=threads,
+                        progress=progress, keep_versions=keep_versions)  # fmt: skip
+
+
+def delete_from_index(out: str | Path, ids: Iterable[str], *, keep_versions: int = DEFAULT_KEEP_VERSIONS) -> IndexBuildResult:
+    """Remove products by id. Unknown ids are an error (UnknownProductsError) and nothing is deleted."""
+    ids = list(dict.fromkeys(str(i) for i in ids))
+    if not ids:
+        raise UserError("no product ids to delete")
+    return update_index(out, deletes=ids, keep_versions=keep_versions)
+
+
+def update_index(
+    out: str | Path,
+    *,
+    upserts: Catalog | Sequence[Product] = (),
+    deletes: Iterable[str] = (),
+    encoder: ServingEncoder | None = None,
+    strict: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    threads: int | None = None,
+    progress: bool = False,
+    keep_versions: int = DEFAULT_KEEP_VERSIONS,
+) -> IndexBuildResult:
+    """Upsert `upserts` and delete `deletes` in one new version (one atomic switch), or change nothing.
+
+    Upserts add new products and replace changed ones (by content hash); unchanged ones are not
+    re-embedded. Deleting an unknown id raises UnknownProductsError; an id both upserted and
+    deleted is a UserError. A product with bad data is skipped and reported (a replaced one keeps
+    its indexed version), or, with `strict`, raises RejectedProductsError and nothing is written.
+    `result.changes` says what happened to each id: added, replaced, unchanged, deleted or failed.
+    """
     start = time.perf_counter()
     layout = IndexLayout(out)
-    offered = _products_of(catalog)
+    offered = _products_of(upserts)
     products, errors = _dedupe(offered)
-    embedder = ProductEmbedder(encoder, batch_size=batch_size, threads=threads, progress=progress, desc="upserting")
+    delete_ids = list(dict.fromkeys(str(i) for i in deletes))
+    both = sorted({p.id for p in products} & set(delete_ids))
+    if both:
+        raise UserError(f"products both upserted and deleted in one update: {', '.join(both[:10])}")
+    if strict and errors:
+        raise RejectedProductsError(errors)
+    embedder = None
+    if products:
+        if encoder is None:
+            raise ValueError("upserting products needs an encoder")
+        embedder = ProductEmbedder(encoder, batch_size=batch_size, threads=threads, progress=progress, desc="upserting")
     _live(layout)  # fail before creating anything when there is no index
     with layout.lock():
         live = _live(layout)
         previous = read_manifest(live)
-        check_same_encoder(previous, encoder)
-        _check_same_patches(previous, embedder)
+        if embedder is not None:
+            check_same_encoder(previous, encoder)
+            _check_same_patches(previous, embedder)
         spec = faiss_index.IndexSpec.from_dict(previous.index)
         with SqliteProductStore(live / FILES["store"]) as old_store:
-            known = old_store.content_hashes()
-            result = embedder.embed(products, known_hashes=known)
+            deleted = old_store.labels_of(delete_ids)
+            missing = [i for i in delete_ids if i not in deleted]
+            if missing:
+                raise UnknownProductsError(missing)
+            known = old_store.content_hashes() if embedder is not None else {}
+            result = embedder.embed(products, known_hashes=known) if embedder is not None else _no_embeddings(previous)
             errors += [
                 e.model_copy(update={"message": f"{e.message} (the indexed version is kept)"}) if e.id in known else e
                 for e in result.errors
             ]
+            if strict and errors:
+                raise RejectedProductsError(errors)
             if result.products and result.text.shape[1] != previous.embed_dim:
                 raise UserError(f"the encoder gives {result.text.shape[1]}-d vectors, the index holds {previous.embed_dim}-d")
             replaced = sum(p.id in known for p in result.products)
+            changes = {
+                **{e.id: "failed" for e in errors},
+                **dict.fromkeys(result.unchanged, "unchanged"),
+                **{p.id: "replaced" if p.id in known else "added" for p in result.products},
+                **dict.fromkeys(delete_ids, "deleted"),
+            }
+            kind = "delete" if not offered else ("update" if delete_ids else "upsert")
             operation = Operation(
-                operation="upsert", finished_at=_now(), seconds=0.0, products_in=len(offered),
+                operation=kind, finished_at=_now(), seconds=0.0, products_in=len(offered),
                 embedded=len(result.products), added=len(result.products) - replaced, replaced=replaced,
-                unchanged=len(result.unchanged), errors=len(errors), embed_seconds=round(result.seconds, 3),
-                products_per_s=_rate(result), batch_size=batch_size, threads=embedder.threads, catalog=_source(catalog),
+                unchanged=len(result.unchanged), deleted=len(delete_ids), errors=len(errors),
+                embed_seconds=round(result.seconds, 3), products_per_s=_rate(result),
+                batch_size=batch_size if embedder is not None else None,
+                threads=embedder.threads if embedder is not None else None, catalog=_source(upserts),
             )  # fmt: skip
-            if not result.products:  # nothing to change: no new version
+            if not result.products and not delete_ids:  # nothing to change: no new version
                 operation.seconds = round(time.perf_counter() - start, 3)
-                return IndexBuildResult(live, previous, operation, errors)
+                return IndexBuildResult(live, previous, operation, errors, changes=changes)
             with layout.staging() as staging:
                 with old_store.copy_to(staging / FILES["store"]) as store:
-                    labels = store.put_many(_stored(result))
+                    labels = store.put_many(_stored(result)) if result.products else np.zeros(0, np.int64)
+                    store.delete(delete_ids)
                     next_label = store.next_label
                 old = _Vectors.load(live)
+                n_old = old.labels.size
+                # Rows of the new version, as rows of [old rows..., embedded rows...]: old rows in place
+                # (replaced ones swapped for their new embedding), then the added ones, less the deleted.
                 is_replaced = np.isin(labels, old.labels)
                 rows = np.searchsorted(old.labels, labels[is_replaced])
-                text, image = old.text.copy(), old.image.copy()
-                text[rows], image[rows] = result.text[is_replaced], result.image[is_replaced]
-                vectors = _Vectors(
-                    np.concatenate([old.labels, labels[~is_replaced]]),
-                    np.concatenate([text, result.text[~is_replaced]]),
-                    np.concatenate([image, result.image[~is_replaced]]),
-                )
+                source_rows = np.concatenate([np.arange(n_old), n_old + np.flatnonzero(~is_replaced)])
+                source_rows[rows] = n_old + np.flatnonzero(is_replaced)
+                all_labels = np.concatenate([old.labels, labels[~is_replaced]])
+                removed = np.array(sorted(deleted.values()), dtype=np.int64)
+                keep = ~np.isin(all_labels, removed)
+                source_rows = source_rows[keep]
+                text = np.concatenate([old.text, result.text])[source_rows]
+                image = np.concatenate([old.image, result.image])[source_rows]
+                vectors = _Vectors(all_labels[keep], text, image)
                 vectors.save(staging)
                 if previous.patches is not None:
-                    # rows as for the vectors: old rows (replaced ones swapped for new), then the added ones
-                    n_old = old.labels.size
-                    source_rows = np.concatenate([np.arange(n_old), n_old + np.flatnonzero(~is_replaced)])
-                    source_rows[rows] = n_old + np.flatnonzero(is_replaced)
-                    _write_patches(staging / PATCHES_FILE, [_load_patches(live, previous), result.patches], source_rows)
+                    sources = [_load_patches(live, previous)] + ([result.patches] if result.products else [])
+                    _write_patches(staging / PATCHES_FILE, sources, source_rows)
                 _write_indexes(staging, {
                     name: faiss_index.update(
-                        spec, faiss_index.read(live / FILES[f"{name}_index"]), remove=labels[is_replaced],
+                        spec, faiss_index.read(live / FILES[f"{name}_index"]),
+                        remove=np.concatenate([labels[is_replaced], removed]),
                         add_vectors=new, add_labels=labels, all_vectors=all_vectors, all_labels=vectors.labels,
                     )
                     for name, new, all_vectors in (("text", result.text, vectors.text), ("image", result.image, vectors.image))
@@ -423,61 +506,15 @@ def upsert_index(
                 manifest = _manifest(
                     previous=previous, operation=operation, errors=errors, bundle=previous.bundle,
                     alphas=Alphas.of(previous), embed_dim=previous.embed_dim, spec=spec, vectors=vectors,
-                    next_label=next_label, catalog=catalog_info(catalog), patches=previous.patches,
+                    next_label=next_label, catalog=catalog_info(upserts) if offered else None, patches=previous.patches,
                 )  # fmt: skip
                 write_manifest(staging, manifest)
                 final = _publish(layout, staging, keep_versions)
-    return IndexBuildResult(final, manifest, operation, errors)
+    return IndexBuildResult(final, manifest, operation, errors, changes=changes)
 
 
-def delete_from_index(out: str | Path, ids: Iterable[str], *, keep_versions: int = DEFAULT_KEEP_VERSIONS) -> IndexBuildResult:
-    """Remove products by id. Unknown ids are an error and nothing is deleted."""
-    start = time.perf_counter()
-    ids = list(dict.fromkeys(str(i) for i in ids))
-    if not ids:
-        raise UserError("no product ids to delete")
-    layout = IndexLayout(out)
-    _live(layout)
-    with layout.lock():
-        live = _live(layout)
-        previous = read_manifest(live)
-        spec = faiss_index.IndexSpec.from_dict(previous.index)
-        with SqliteProductStore(live / FILES["store"]) as old_store:
-            found = old_store.labels_of(ids)
-            missing = [i for i in ids if i not in found]
-            if missing:
-                shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-                raise UserError(f"not in the index: {shown}; nothing was deleted")
-            with layout.staging() as staging:
-                with old_store.copy_to(staging / FILES["store"]) as store:
-                    store.delete(ids)
-                    next_label = store.next_label
-                old = _Vectors.load(live)
-                remove = np.array(sorted(found.values()), dtype=np.int64)
-                keep = ~np.isin(old.labels, remove)
-                vectors = _Vectors(old.labels[keep], old.text[keep], old.image[keep])
-                vectors.save(staging)
-                if previous.patches is not None:
-                    _write_patches(staging / PATCHES_FILE, [_load_patches(live, previous)], np.flatnonzero(keep))
-                empty = np.zeros((0, previous.embed_dim), np.float32)
-                _write_indexes(staging, {
-                    name: faiss_index.update(
-                        spec, faiss_index.read(live / FILES[f"{name}_index"]), remove=remove,
-                        add_vectors=empty, add_labels=np.zeros(0, np.int64), all_vectors=all_vectors,
-                        all_labels=vectors.labels,
-                    )
-                    for name, all_vectors in (("text", vectors.text), ("image", vectors.image))
-                })  # fmt: skip
-                operation = Operation(
-                    operation="delete", finished_at=_now(), seconds=round(time.perf_counter() - start, 3),
-                    deleted=len(ids),
-                )  # fmt: skip
-                manifest = _manifest(
-                    previous=previous, operation=operation, errors=[], bundle=previous.bundle, alphas=Alphas.of(previous),
-                    embed_dim=previous.embed_dim, spec=spec, vectors=vectors, next_label=next_label, catalog=None,
-                    patches=previous.patches,
-                )  # fmt: skip
-                write_manifest(staging, manifest)
-                final = _publish(layout, staging, keep_versions)
-    return IndexBuildResult(final, manifest, operation, [])
-
+def _no_embeddings(manifest: IndexManifest) -> EmbeddingResult:
+    """What embedding nothing gives, for an update that only deletes."""
+    empty = np.zeros((0, manifest.embed_dim), np.float32)
+    patches = np.zeros((0, *manifest.patches.shape), PATCH_DTYPE) if manifest.patches is not None else None
+    return EmbeddingResult(products=[], image_refs=[], content_hashes=[], text=empty, image=empty.copy(), patches=patches)

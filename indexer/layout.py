@@ -5,6 +5,7 @@
       versions/<name>/             one complete index (manifest, vectors, Faiss indexes, store)
       versions/<name>.partial/     a version being written; never read
       .lock                        held (flock) by whoever writes a new version
+      uploads/<sha256>.<ext>       images written over HTTP (`store_upload`), shared by all versions
 
 A build writes a whole new version beside the live one and only then switches
 CURRENT, so a build that dies halfway leaves readers on the previous version. A
@@ -21,10 +22,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +41,8 @@ VERSIONS_DIR = "versions"
 LOCK_FILE = ".lock"
 MANIFEST_FILE = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
+UPLOADS_DIR = "uploads"
+_UPLOAD_SUFFIX = re.compile(r"^[a-z0-9]{1,8}$")
 DEFAULT_KEEP_VERSIONS = 2
 _VERSION_NAME = re.compile(r"^[0-9]{8}T[0-9]{12}Z(-[0-9]+)?$")
 _LEASE_ATTEMPTS = 5  # a version pruned between reading CURRENT and leasing it: read CURRENT again
@@ -191,8 +196,17 @@ class IndexLayout:
             raise UserError(f"{pointer} names version {name}, which is missing or incomplete")
         return path
 
-    def open_version(self) -> tuple[Path, VersionLease]:
-        """The version folder to read (as `resolve`), leased: hold the lease for as long as it is read."""
+    def open_version(self, name: str | None = None) -> tuple[Path, VersionLease]:
+        """The version folder to read (as `resolve`, or the finished version `name`), leased: hold the
+        lease for as long as it is read."""
+        if name is not None:
+            if not _VERSION_NAME.match(name):
+                raise UserError(f"{name[:60]!r} is not an index version name")
+            version = self.versions / name
+            lease = VersionLease.acquire(version)
+            if lease is None:
+                raise IndexNotFoundError(f"index version {version} does not exist (pruned, or not written yet)")
+            return version, lease
         for _ in range(_LEASE_ATTEMPTS):
             version = self.resolve()
             lease = VersionLease.acquire(version)
@@ -219,12 +233,37 @@ class IndexLayout:
 
     # ------------------------------------------------------------ writing
 
+    @property
+    def uploads(self) -> Path:
+        return self.root / UPLOADS_DIR
+
+    def store_upload(self, data: bytes, suffix: str) -> Path:
+        """Keep image bytes sent to the service durably, as `uploads/<sha256>.<suffix>`, before a version refers to them.
+
+        Content-addressed: the same bytes are stored once, and a product upserted again with the same
+        photo keeps its content hash (not re-embedded). Versions never copy these files.
+        """
+        if not _UPLOAD_SUFFIX.match(suffix):
+            raise ValueError(f"bad upload suffix {suffix!r}")
+        self.uploads.mkdir(parents=True, exist_ok=True)
+        path = self.uploads / f"{hashlib.sha256(data).hexdigest()}.{suffix}"
+        if path.is_file() and path.stat().st_size == len(data):
+            return path
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(self.uploads)
+        return path
+
     def check_writable_target(self) -> None:
         """Refuse to turn a folder holding other things into an index."""
         if self.root.exists() and not self.root.is_dir():
             raise UserError(f"{self.root} exists and is not a folder")
         if self.root.is_dir() and not self.is_index():
-            others = [p.name for p in self.root.iterdir() if p.name not in (VERSIONS_DIR, LOCK_FILE)]
+            others = [p.name for p in self.root.iterdir() if p.name not in (VERSIONS_DIR, LOCK_FILE, UPLOADS_DIR)]
             if others:
                 raise UserError(
                     f"{self.root} is not empty and not a Vitrine index (it holds {', '.join(sorted(others)[:3])}...); "

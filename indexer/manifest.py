@@ -36,11 +36,11 @@ class Counts(BaseModel):
 
 
 class Operation(BaseModel):
-    """One build, upsert or delete: what it did and how fast."""
+    """One build, upsert, delete or update (upserts and deletes together): what it did and how fast."""
 
     model_config = ConfigDict(extra="allow")
 
-    operation: Literal["build", "upsert", "delete"]
+    operation: Literal["build", "upsert", "delete", "update"]
     finished_at: str
     seconds: float
     products_in: int = 0  # products offered (catalog rows that became products)

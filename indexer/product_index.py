@@ -95,8 +95,8 @@ class ProductIndex:
         self._columns = FilterColumns.from_records(record for _, record in scanned)
 
     @classmethod
-    def open(cls, index_dir: str | Path, *, mmap: bool = True) -> ProductIndex:
-        """Open the live version of `index_dir` (or a bare version folder).
+    def open(cls, index_dir: str | Path, *, mmap: bool = True, version: str | None = None) -> ProductIndex:
+        """Open the live version of `index_dir` (or a bare version folder), or its version named `version`.
 
         CURRENT is read once, so the whole object comes from one version even while a
         build switches to another. The version is leased until `close()` (or the process
@@ -105,17 +105,17 @@ class ProductIndex:
         ~30 KB a product).
         """
         layout = IndexLayout(index_dir)
-        version, lease = layout.open_version()
+        folder, lease = layout.open_version(version)
         try:
-            manifest = read_manifest(version)
-            paths = {name: version / file for name, file in manifest.files.items()}
+            manifest = read_manifest(folder)
+            paths = {name: folder / file for name, file in manifest.files.items()}
             missing = [str(p.name) for p in paths.values() if not p.is_file()]
             if missing:
-                raise UserError(f"index version {version} is incomplete: {', '.join(missing)} missing")
+                raise UserError(f"index version {folder} is incomplete: {', '.join(missing)} missing")
             mode = "r" if mmap else None
             return cls(
                 index_dir=layout.root,
-                version_dir=version,
+                version_dir=folder,
                 manifest=manifest,
                 store=SqliteProductStore(paths["store"]),
                 labels=np.load(paths["labels"]),

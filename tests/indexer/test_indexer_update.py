@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from indexer import ProductIndex
-from indexer.build import build_index, delete_from_index, upsert_index
+from indexer.build import (
+    RejectedProductsError,
+    UnknownProductsError,
+    build_index,
+    delete_from_index,
+    update_index,
+    upsert_index,
+)
 from indexer.layout import IndexBusyError, IndexLayout
 from tests.support.catalogs import write_jsonl
 from tests.support.indexes import FixtureEncoder, PatchFixtureEncoder, fixture_product, make_index_catalog, write_fixture_image
@@ -202,3 +209,80 @@ def test_versions_are_pruned_and_writers_exclude_each_other(tmp_path: Path, cata
     with pytest.raises(UserError, match="not empty and not a Vitrine index"):
         build_index(read_catalog(catalogs["first"]), encoder, tmp_path / "other")
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("encoder_class", [FixtureEncoder, PatchFixtureEncoder], ids=["vectors", "patches"])
+def test_an_update_upserts_and_deletes_in_one_version_equal_to_a_rebuild(tmp_path: Path, catalogs: dict[str, Path], encoder_class: type) -> None:
+    encoder = encoder_class()
+    out = tmp_path / "index"
+    build_index(read_catalog(catalogs["first"]), encoder, out)
+    versions_before = len(IndexLayout(out).finished_versions())
+    result = update_index(out, upserts=read_catalog(catalogs["update"]), deletes=["100", "101", "102", "103"], encoder=encoder)
+    op = result.operation
+    assert op.operation == "update" and (op.added, op.replaced, op.unchanged, op.deleted) == (8, 4, 4, 4)
+    assert result.changes["100"] == "deleted" and result.changes["116"] == "replaced"
+    assert result.changes["124"] == "added" and result.changes["120"] == "unchanged"
+    assert "update: added 8, replaced 4, unchanged 4, deleted 4" in result.summary()
+    layout = IndexLayout(out)
+    assert layout.current() == result.version_dir and len(layout.finished_versions()) == versions_before + 1
+
+    build_index(read_catalog(catalogs["final"]), encoder, tmp_path / "rebuilt")
+    assert_same_index(ProductIndex.open(out), ProductIndex.open(tmp_path / "rebuilt"), encoder)
+
+
+def test_a_strict_update_with_a_bad_product_changes_nothing(tmp_path: Path, catalogs: dict[str, Path]) -> None:
+    encoder = FixtureEncoder()
+    out = tmp_path / "index"
+    build_index(read_catalog(catalogs["first"]), encoder, out)
+    version = ProductIndex.live_version(out)
+    root = catalogs["first"].parent
+    (root / "images" / "broken.jpg").write_bytes(b"not a jpeg")
+    products = [*read_catalog(catalogs["update"]).products]
+    bad = read_catalog(write_jsonl(root / "bad.jsonl", [fixture_product(40, image="images/broken.jpg")])).products
+    with pytest.raises(RejectedProductsError, match="product 140: unreadable image") as caught:
+        update_index(out, upserts=products + bad, deletes=["100"], encoder=encoder, strict=True)
+    assert [e.id for e in caught.value.errors] == ["140"]
+    assert ProductIndex.live_version(out) == version and "100" in ProductIndex.open(out)
+    # not strict: the good ones go in, the bad one is reported
+    result = update_index(out, upserts=products + bad, encoder=encoder)
+    assert result.changes["140"] == "failed" and result.changes["124"] == "added"
+
+
+def test_an_update_refuses_unknown_deletes_and_an_id_both_upserted_and_deleted(tmp_path: Path, catalogs: dict[str, Path]) -> None:
+    encoder = FixtureEncoder()
+    out = tmp_path / "index"
+    build_index(read_catalog(catalogs["first"]), encoder, out)
+    version = ProductIndex.live_version(out)
+    products = read_catalog(catalogs["update"]).products
+    with pytest.raises(UnknownProductsError) as caught:
+        update_index(out, upserts=products, deletes=["100", "nope", "nope2"], encoder=encoder)
+    assert caught.value.ids == ["nope", "nope2"]
+    with pytest.raises(UserError, match="both upserted and deleted in one update: 116"):
+        update_index(out, upserts=products, deletes=["116"], encoder=encoder)
+    assert ProductIndex.live_version(out) == version
+
+
+def test_a_named_version_opens_leased_and_a_missing_one_is_an_error(tmp_path: Path, catalogs: dict[str, Path]) -> None:
+    encoder = FixtureEncoder()
+    out = tmp_path / "index"
+    first = build_index(read_catalog(catalogs["first"]), encoder, out).version_dir
+    upsert_index(out, read_catalog(catalogs["update"]), encoder)
+    with ProductIndex.open(out, version=first.name) as old:
+        assert old.version == first.name and old.index_dir == IndexLayout(out).root and len(old) == 24
+        delete_from_index(out, ["120"], keep_versions=1)
+        assert first.exists()  # leased
+    with pytest.raises(UserError, match="does not exist"):
+        ProductIndex.open(out, version="20990101T000000000000Z")
+    with pytest.raises(UserError, match="not an index version name"):
+        ProductIndex.open(out, version="../../etc")
+
+
+def test_uploads_are_stored_once_by_content(tmp_path: Path) -> None:
+    layout = IndexLayout(tmp_path / "index")
+    first = layout.store_upload(b"\xff\xd8 photo bytes", "jpeg")
+    again = layout.store_upload(b"\xff\xd8 photo bytes", "jpeg")
+    other = layout.store_upload(b"\x89PNG other", "png")
+    assert first == again != other and first.read_bytes() == b"\xff\xd8 photo bytes"
+    assert first.parent == layout.uploads and sorted(p.name for p in layout.uploads.iterdir()) == sorted([first.name, other.name])
+    with pytest.raises(ValueError):
+        layout.store_upload(b"x", "../jpg")
