@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, pct, run_logged, write_json, write_markdown_table  # noqa: E402
 
 MODEL = ["--model", "fashion-lite-ap"]
+APR = ["--model", "fashion-lite-apr"]
 ROWS = {
     "itc": ("attention heads, plain InfoNCE", [*MODEL, "--no-multi-positive"]),
     "mp": ("attention heads, multi-positive InfoNCE", MODEL),
@@ -31,6 +32,14 @@ ROWS = {
     "attr+hard": ("mp + attribute heads + hard negatives", [*MODEL, "--attr-weight", "0.1", "--hard-negatives", "0.25"]),
     "views": ("mp + 2 augmented views per training photo", [*MODEL, "--image-views", "3"]),
     "res": ("mp + a linear path from the mean-pooled tokens (fashion-lite-apr, the default)", ["--model", "fashion-lite-apr"]),
+    # Unlocking (issue 11, item 3): what trains above the cache boundary, on top of `res`.
+    "convsum": ("res, image residual from the pooled conv head (frozen)", [*APR, "--image-summary", "conv_head"]),
+    "convhead": ("convsum + the conv head trained (image group 1)", [*APR, "--image-summary", "conv_head", "--image-unlocked-groups", "1"]),
+    "stage": ("res + the last block stage trained (image group 2)", [*APR, "--image-unlocked-groups", "2"]),
+    "text2": ("res + the top 2 MiniLM layers trained", [*APR, "--text-unlocked-layers", "2"]),
+    "textall": ("res + all 6 MiniLM layers trained", [*APR, "--text-unlocked-layers", "-1"]),
+    "unlock": ("res + conv head, last block stage and top 2 MiniLM layers trained",
+               [*APR, "--image-summary", "conv_head", "--image-unlocked-groups", "2", "--text-unlocked-layers", "2"]),
 }
 VAL_HEADLINE = {
     "val sample T2I R@1": "sample_t2i_R@1",

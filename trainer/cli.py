@@ -46,7 +46,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=positive_float, default=1e-3, help="lr of projection heads and logit scale")
     p.add_argument("--text-lr", type=positive_float, default=3e-5, help="lr of unlocked text-tower layers")
     p.add_argument("--text-unlocked-layers", type=layer_count, default=0, help="0 freezes the text tower, -1 trains all layers")
-    p.add_argument("--image-unlocked-groups", type=non_negative_int, default=0, help="train the image tower's last N groups (disables the feature cache)")
+    p.add_argument("--image-unlocked-groups", type=non_negative_int, default=0,
+                   help="train the image tower's last N timm groups (1: the conv head, 2: + the last block stage, ...); "
+                        "the attention-head recipe caches below them, the pooled recipe runs without a feature cache")
+    p.add_argument("--image-lr", type=positive_float, default=1e-4, help="attention-head recipe: lr of unlocked image groups")
+    p.add_argument("--image-summary", choices=("blocks", "conv_head"), default=None,
+                   help="attention-head recipe: what the image head's residual path reads: the mean of the block map "
+                        "(the config's default) or the pooled conv-head features")
     p.add_argument("--cva", action="store_true", help="add FashionKLIP's concept-visual alignment loss")
     p.add_argument("--cva-topk", type=positive_int, default=32)
     p.add_argument("--cva-prototypes", type=positive_int, default=4, help="visual prototypes kept per concept by MMR")
@@ -91,7 +97,9 @@ def run_train(args: argparse.Namespace) -> int:
     epochs = args.epochs or (TOKEN_HEAD_EPOCHS if has_token_heads(args.model) else 5)
     config = TrainConfig(
         catalog=args.catalog, out=args.out, model=args.model, pretrained=args.pretrained, epochs=epochs,
-        batch_size=args.batch_size, lr=args.lr, text_lr=args.text_lr, text_unlocked_layers=args.text_unlocked_layers,
+        batch_size=args.batch_size, lr=args.lr, text_lr=args.text_lr, image_lr=args.image_lr,
+        text_unlocked_layers=args.text_unlocked_layers,
+        model_overrides={"heads_cfg": {"image_summary": args.image_summary}} if args.image_summary else {},
         image_unlocked_groups=args.image_unlocked_groups, cva=args.cva, cva_topk=args.cva_topk,
         cva_prototypes=args.cva_prototypes, concept_min_count=args.concept_min_count, prune=args.prune,
         prune_weight=args.prune_weight, seed=args.seed, device=args.device, limit=args.limit,

@@ -28,6 +28,7 @@ class AttentionPoolHead(nn.Module):
         mlp_hidden: int = 1024,
         num_positions: int | None = None,
         residual: bool = False,
+        summary_dim: int | None = None,
     ) -> None:
         super().__init__()
         if in_dim % num_heads:
@@ -43,9 +44,11 @@ class AttentionPoolHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(in_dim, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, embed_dim))
         # A linear path from the plain mean of the tokens keeps what mean pooling already knows (MiniLM's
         # sentence similarity, the global look of a photo) while the attention path learns the rest.
-        self.skip = nn.Linear(in_dim, embed_dim) if residual else None
+        # `summary_dim` reads a caller's own summary instead (e.g. the photo's pooled conv-head features).
+        self.summary_dim = summary_dim
+        self.skip = nn.Linear(summary_dim or in_dim, embed_dim) if residual else None
 
-    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, mask: Tensor | None = None, summary: Tensor | None = None) -> Tensor:
         if tokens.dim() != 3 or tokens.shape[-1] != self.in_dim:
             raise ValueError(f"tokens must be [B, T, {self.in_dim}], got {tuple(tokens.shape)}")
         batch, length, _ = tokens.shape
@@ -60,6 +63,11 @@ class AttentionPoolHead(nn.Module):
         pooled = torch.einsum("bht,bthd->bhd", weights, values).reshape(batch, self.in_dim)
         out = self.mlp(self.out(pooled))
         if self.skip is not None:
+            if self.summary_dim is not None:
+                if summary is None or summary.shape != (batch, self.summary_dim):
+                    got = None if summary is None else tuple(summary.shape)
+                    raise ValueError(f"this head's residual reads a [B, {self.summary_dim}] summary, got {got}")
+                return out + self.skip(summary)
             if mask is None:
                 mean = tokens.mean(dim=1)
             else:

@@ -78,8 +78,20 @@ class VitrineModel(nn.Module):
             options = {"num_heads": int(heads.get("num_heads", 4)), "mlp_hidden": int(heads.get("mlp_hidden", 1024)),
                        "residual": bool(heads.get("residual", False))}
             grid = self.image_patch_grid
-            self.image_head = AttentionPoolHead(self.image_patch_dim, self.embed_dim, num_positions=grid[0] * grid[1], **options)
+            # "conv_head": the image residual reads the photo's pooled conv-head features (timm's own pooled
+            # vector, 1280-d for EfficientNet-Lite0) instead of the mean of the block map.
+            self.image_summary = heads.get("image_summary", "blocks")
+            if self.image_summary not in ("blocks", "conv_head"):
+                raise ValueError(f"heads_cfg.image_summary must be 'blocks' or 'conv_head', got {self.image_summary!r}")
+            summary_dim = int(self.clip.visual.trunk.num_features) if self.image_summary == "conv_head" else None
+            self.image_head = AttentionPoolHead(self.image_patch_dim, self.embed_dim, num_positions=grid[0] * grid[1],
+                                                summary_dim=summary_dim, **options)  # fmt: skip
             self.text_head = AttentionPoolHead(int(self._hf_text.config.hidden_size), self.embed_dim, **options)
+        # Where the cached-token recipe cuts the towers: the last `image_top_stages` block stages and the
+        # last `text_top_layers` text layers run after the cache (and train); the rest runs once, cached.
+        # Any cut computes the same function, so export and serving never need to know it.
+        self.image_top_stages = 0
+        self.text_top_layers = 0
 
     # -- parameters ---------------------------------------------------------------------------------
     @property
@@ -106,18 +118,44 @@ class VitrineModel(nn.Module):
         """[B, 3, H, W] -> pooled trunk features [B, image_trunk_dim] (with token heads: grid tokens [B, P, C])."""
         self._check_pixels(pixels)
         if self.token_heads:
-            return self.image_patch_features(pixels)
+            trunk = self._patch_trunk()
+            stages = list(trunk.blocks)
+            x = trunk.bn1(trunk.conv_stem(pixels))
+            for stage in stages[: len(stages) - self.image_top_stages]:
+                x = stage(x)
+            return self._flatten_patches(x)
         visual = self.clip.visual
         return visual.trunk(pixels) if self._visual_split else visual(pixels)
 
     def encode_image_features(self, feats: Tensor, normalize: bool = True) -> Tensor:
         """Trunk features [B, image_trunk_dim] -> embeddings [B, D] (the projection head)."""
         if self.token_heads:
-            out = self.image_head(feats)
-            return F.normalize(out, dim=-1) if normalize else out
+            if feats.dim() != 3:
+                raise ValueError(f"image tokens must be [B, P, C], got {tuple(feats.shape)}")
+            x = feats
+            if self.image_top_stages:
+                side = int(round(feats.shape[1] ** 0.5))
+                if side * side != feats.shape[1]:
+                    raise ValueError(f"cached image tokens must form a square grid, got {feats.shape[1]} tokens")
+                x = feats.transpose(1, 2).reshape(feats.shape[0], feats.shape[2], side, side)
+                for stage in list(self._patch_trunk().blocks)[-self.image_top_stages :]:
+                    x = stage(x)
+                x = self._flatten_patches(x)
+            return self._encode_image_tokens(x, normalize)
         if feats.dim() != 2 or feats.shape[1] != self.image_trunk_dim:
             raise ValueError(f"trunk features must be [B, {self.image_trunk_dim}], got {tuple(feats.shape)}")
         out = self.clip.visual.head(feats) if self._visual_split else feats
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def _encode_image_tokens(self, tokens: Tensor, normalize: bool) -> Tensor:
+        """The block map's tokens [B, P, C] -> [B, D] (attention head; conv-head summary when configured)."""
+        summary = None
+        if self.image_summary == "conv_head":
+            trunk = self._patch_trunk()
+            side = self.image_patch_grid
+            grid = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *side)
+            summary = trunk.bn2(trunk.conv_head(grid)).mean(dim=(2, 3))
+        out = self.image_head(tokens, summary=summary)
         return F.normalize(out, dim=-1) if normalize else out
 
     def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
@@ -161,7 +199,7 @@ class VitrineModel(nn.Module):
         # The rest of timm's forward_features (conv_head, bn2) then forward_head: what trunk(pixels) does.
         patches = self._flatten_patches(feature_map)
         if self.token_heads:
-            return self.encode_image_features(patches, normalize=normalize), patches
+            return self._encode_image_tokens(patches, normalize), patches
         pooled = trunk.forward_head(trunk.bn2(trunk.conv_head(feature_map)))
         return self.encode_image_features(pooled, normalize=normalize), patches
 
@@ -213,11 +251,25 @@ class VitrineModel(nn.Module):
         if not self.text_split:
             raise ValueError("text token states need an HF text tower")
         mask = self.text_attention_mask(input_ids)
-        out = self.clip.text.transformer(input_ids=input_ids.long(), attention_mask=mask)
-        return out.last_hidden_state, mask
+        if not self.text_top_layers:
+            out = self.clip.text.transformer(input_ids=input_ids.long(), attention_mask=mask)
+            return out.last_hidden_state, mask
+        layers = list(self._hf_text.encoder.layer)
+        states = self._hf_text.embeddings(input_ids=input_ids.long())
+        return self._run_text_layers(states, mask, layers[: len(layers) - self.text_top_layers]), mask
+
+    def _run_text_layers(self, states: Tensor, mask: Tensor, layers: Sequence[nn.Module]) -> Tensor:
+        # BERT's additive key mask [B, 1, 1, L]: 0 for real tokens, the dtype's minimum for padding.
+        extended = (1.0 - mask[:, None, None, :].to(states.dtype)) * torch.finfo(states.dtype).min
+        for layer in layers:
+            out = layer(states, attention_mask=extended)
+            states = out[0] if isinstance(out, tuple) else out
+        return states
 
     def encode_text_tokens(self, states: Tensor, mask: Tensor, normalize: bool = True) -> Tensor:
-        """Token states [B, L, H] and their mask -> [B, D] (the attention head)."""
+        """Token states at the cache boundary [B, L, H] and their mask -> [B, D] (top layers, then the head)."""
+        if self.text_top_layers:
+            states = self._run_text_layers(states, mask, list(self._hf_text.encoder.layer)[-self.text_top_layers :])
         out = self.text_head(states, mask)
         return F.normalize(out, dim=-1) if normalize else out
 
@@ -304,6 +356,19 @@ class VitrineModel(nn.Module):
         for module in [self._hf_text.embeddings, *layers[: len(layers) - unlocked_layers]]:
             for p in module.parameters():
                 p.requires_grad = False
+
+    def set_cache_boundary(self, image_stages: int = 0, text_layers: int = 0) -> None:
+        """Cut the towers for the cached-token recipe: `image_trunk_features` / `text_token_states` stop
+        before the last `image_stages` block stages / `text_layers` text layers, which
+        `encode_image_features` / `encode_text_tokens` then run. The composed function is unchanged."""
+        if not self.token_heads:
+            raise ValueError("a cache boundary inside the towers needs attention heads (heads_cfg.type 'attention')")
+        stages, layers = len(self._patch_trunk().blocks), len(self._hf_text.encoder.layer)
+        if not 0 <= image_stages <= stages - 1:
+            raise ValueError(f"image_stages must be in [0, {stages - 1}], got {image_stages}")
+        if not 0 <= text_layers <= layers:
+            raise ValueError(f"text_layers must be in [0, {layers}], got {text_layers}")
+        self.image_top_stages, self.text_top_layers = int(image_stages), int(text_layers)
 
     # -- token pruning ----------------------------------------------------------------------------
     @property

@@ -141,13 +141,18 @@ class TokenRecipeTrainer:
         for module in trainable:
             module.requires_grad_(True)
         self.model.clip.logit_scale.requires_grad_(True)
+        self.tower_groups = self._unlock_towers()
         self.stage_seconds["load"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        key = f"{config.model}|{config.pretrained}|{self.model.image_size}|grid|{json.dumps(config.model_overrides, sort_keys=True)}"
+        # The heads do not change what the towers compute below the boundary: caches are shared across heads_cfg.
+        tower_overrides = {k: v for k, v in config.model_overrides.items() if k != "heads_cfg"}
+        key = f"{config.model}|{config.pretrained}|{self.model.image_size}|grid|{json.dumps(tower_overrides, sort_keys=True)}"
+        image_key = key + (f"|top-stages{self.model.image_top_stages}" if self.model.image_top_stages else "")
+        text_key = key + (f"|top-layers{self.model.text_top_layers}" if self.model.text_top_layers else "")
         self.grids = {
             name: cached_image_features(
-                self.model, self.preprocess_val, products, Path(config.cache_dir), key,
+                self.model, self.preprocess_val, products, Path(config.cache_dir), image_key,
                 device=self.device, progress=config.progress, desc=f"{name} image grids",
             ).astype(np.float16)
             for name, products in self.splits.items()
@@ -155,7 +160,7 @@ class TokenRecipeTrainer:
         # Extra augmented views of the training photos: seeded re-shoots (crop, flip, colour, JPEG).
         self.train_views = [self.grids["train"]] + [
             cached_image_features(
-                self.model, self.preprocess_val, self.splits["train"], Path(config.cache_dir), f"{key}|view{view}",
+                self.model, self.preprocess_val, self.splits["train"], Path(config.cache_dir), f"{image_key}|view{view}",
                 device=self.device, progress=config.progress, desc=f"train image grids, view {view}",
                 open_image=lambda product, view=view: shopper_photo(product.image.open(), view_rng(product.id, view)),
             ).astype(np.float16)
@@ -164,7 +169,7 @@ class TokenRecipeTrainer:
         self.stage_seconds["cache_images"] = time.perf_counter() - started
         started = time.perf_counter()
         texts = sorted({p.title for products in self.splits.values() for p in products})
-        self.text = cached_text_states(self.model, self.tokenizer, texts, Path(config.cache_dir), f"{key}|text",
+        self.text = cached_text_states(self.model, self.tokenizer, texts, Path(config.cache_dir), f"{text_key}|text",
                                        self.device, config.progress)  # fmt: skip
         self.stage_seconds["cache_texts"] = time.perf_counter() - started
 
@@ -184,12 +189,43 @@ class TokenRecipeTrainer:
             hard_fraction=config.hard_negatives, seed=config.seed,
         )  # fmt: skip
         params = [p for m in trainable for p in m.parameters()] + [self.model.clip.logit_scale]
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        groups = [{"params": params, "lr": config.lr}] + [
+            {"params": [p for m in modules for p in m.parameters()], "lr": lr}
+            for modules, lr in ((self.tower_groups["image"], config.image_lr), (self.tower_groups["text"], config.text_lr))
+            if modules
+        ]  # fmt: skip
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         steps = len(self.sampler) * config.epochs
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, min(config.warmup_steps, steps // 2), max(1, steps))
         self.itc = ClipLoss()
         self.evaluators = ValidationEvaluators.for_val(queries=config.val_queries, seed=config.seed)
         self.epoch, self.best_score, self.history = 0, -1.0, []
+
+    def _unlock_towers(self) -> dict[str, list[torch.nn.Module]]:
+        """Cut the towers at the cache boundary and make the parts above it trainable.
+
+        `image_unlocked_groups` counts timm's groups from the top, as the pooled recipe does: 1 is the conv
+        head (+ its BatchNorm; used when heads_cfg.image_summary is "conv_head"), 2 adds the last block stage,
+        and so on. `text_unlocked_layers` counts text layers from the top (-1: all). Unlocked parts stay in
+        eval mode: BatchNorm statistics and dropout are those of the pretrained towers; their weights train.
+        """
+        config, model = self.config, self.model
+        layers = len(model._hf_text.encoder.layer)
+        text_layers = layers if config.text_unlocked_layers < 0 else config.text_unlocked_layers
+        image_stages = max(0, config.image_unlocked_groups - 1)
+        model.set_cache_boundary(image_stages=image_stages, text_layers=text_layers)
+        trunk = model.clip.visual.trunk
+        image = list(trunk.blocks)[len(trunk.blocks) - image_stages :] if image_stages else []
+        if config.image_unlocked_groups >= 1:
+            if model.image_summary == "conv_head":
+                image += [trunk.conv_head, trunk.bn2]
+            else:
+                log.warning("image group 1 (the conv head) is not used by this head (image_summary 'blocks'); it stays frozen")
+        text = list(model._hf_text.encoder.layer)[layers - text_layers :] if text_layers else []
+        for module in image + text:
+            module.requires_grad_(True)
+        log.info("unlocked: %d image modules (%d block stages), %d text layers", len(image), image_stages, text_layers)
+        return {"image": image, "text": text}
 
     # ------------------------------------------------------------------ steps
 
@@ -199,16 +235,18 @@ class TokenRecipeTrainer:
             tokens = torch.from_numpy(np.stack([self.train_views[v][r] for v, r in zip(views, rows)]).astype(np.float32))
         else:
             tokens = torch.from_numpy(self.grids[split][rows].astype(np.float32))
-        if augment:  # horizontal flip of the block map for a random half of the batch
-            h, w = self.model.image_patch_grid
+        if augment:  # horizontal flip of the (square) block map for a random half of the batch
+            h = w = int(round(tokens.shape[1] ** 0.5))
             flip = torch.rand(tokens.shape[0]) < 0.5
             grid = tokens[flip].view(-1, h, w, tokens.shape[-1]).flip(2)
             tokens[flip] = grid.reshape(-1, h * w, tokens.shape[-1])
         return tokens.to(self.device)
 
     def _text_tokens(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        states = torch.from_numpy(self.text.states[rows].astype(np.float32)).to(self.device)
-        return states, torch.from_numpy(self.text.mask[rows]).to(self.device)
+        mask = self.text.mask[rows]
+        length = max(1, int(mask.sum(axis=1).max()))  # cached at max length; padding past the longest is dead weight
+        states = torch.from_numpy(self.text.states[rows, :length].astype(np.float32)).to(self.device)
+        return states, torch.from_numpy(mask[:, :length]).to(self.device)
 
     def train_epoch(self) -> dict[str, float]:
         self.model.image_head.train()
@@ -318,7 +356,9 @@ class TokenRecipeTrainer:
                    "val": best["val"], "device": str(self.device), "threads": torch.get_num_threads(),
                    "train_seconds": sum(r["seconds"] for r in self.history), "alpha": alpha,
                    "stage_seconds": {k: round(v, 1) for k, v in self.stage_seconds.items()},
-                   "attribute_classes": {k: len(v) for k, v in self.vocab.items()}}  # fmt: skip
+                   "attribute_classes": {k: len(v) for k, v in self.vocab.items()},
+                   "unlocked": {"image_stages": self.model.image_top_stages, "text_layers": self.model.text_top_layers,
+                                "conv_head": any(m is self.model.clip.visual.trunk.conv_head for m in self.tower_groups["image"])}}  # fmt: skip
         extra = {"val": best["val"], "alpha": alpha["alpha"], "alpha_t2p": alpha["alpha_t2p"],
                  "alpha_i2p": alpha["alpha_i2p"], "prune_at_inference": False, "history": self.history}  # fmt: skip
         self.epoch = best["epoch"]

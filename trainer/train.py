@@ -52,6 +52,7 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 1e-3  # projection heads and logit scale
     text_lr: float = 3e-5  # text tower layers, when unlocked
+    image_lr: float = 1e-4  # cached-token recipe: unlocked image stages and conv head
     weight_decay: float = 0.05
     warmup_steps: int = 50
     text_unlocked_layers: int = 0  # 0: text tower frozen; -1: all layers trainable
