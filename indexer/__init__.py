@@ -1,4 +1,5 @@
-"""The indexer: catalog -> embeddings -> Faiss indexes + product store, and `ProductIndex` to search them.
+"""The indexer: catalog -> embeddings -> Faiss indexes + product store, and `ProductIndex` to search them
+(or `QdrantIndex`, the same versions searched by Qdrant).
 
     from indexer import ProductIndex, build_index
     index = ProductIndex.open("indexes/fashion")
@@ -27,6 +28,8 @@ _EXPORTS = {
     "update_index": "indexer.build",
     "IndexLayout": "indexer.layout",
     "IndexManifest": "indexer.manifest",
+    "QdrantEngine": "indexer.qdrant_index",
+    "QdrantIndex": "indexer.qdrant_index",
     "ProductError": "indexer.manifest",
 }
 __all__ = sorted(_EXPORTS)
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
     from indexer.layout import IndexLayout
     from indexer.manifest import IndexManifest, ProductError
     from indexer.product_index import Hit, ProductIndex
+    from indexer.qdrant_index import QdrantEngine, QdrantIndex
     from indexer.store import ProductRecord, ProductStore, SqliteProductStore
 
 

@@ -5,8 +5,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vitrine.cliargs import positive_int
+
+if TYPE_CHECKING:
+    from indexer.qdrant_index import QdrantEngine
 
 INDEX_TYPES_HELP = (
     "flat (exact inner product), hnsw, ivfpq, auto (flat up to 100k products, hnsw up to 2M, then ivfpq), "
@@ -26,7 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "  upsert:  vitrine index --upsert --catalog C2 --out I   (add new, replace changed products)\n"
             "  delete:  vitrine index --delete ID [ID ...] --out I\n"
             "  gc:      vitrine index --gc --out I   (remove partial folders of killed builds and old versions\n"
-            "           no server is reading; prints what it removed)"
+            "           no server is reading; prints what it removed)\n\n"
+            "With --qdrant-url (a Qdrant server or cluster) or --qdrant-path (an embedded Qdrant folder), the\n"
+            "live version is also loaded into a Qdrant collection after the operation, and collections of\n"
+            "versions no longer on disk are dropped (the API key is read from $VITRINE_QDRANT_API_KEY):\n"
+            "  load:    vitrine index --qdrant-load --out I --qdrant-url http://qdrant:6333 [--qdrant-shards 2 --qdrant-replicas 2]"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -39,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mode.add_argument("--gc", action="store_true",
                       help="remove partial folders left by killed builds and all but the newest --keep-versions "
                            "versions, except the live one and versions a running server is reading")  # fmt: skip
+    mode.add_argument("--qdrant-load", action="store_true",
+                      help="only load the live version into Qdrant (--qdrant-url or --qdrant-path)")  # fmt: skip
     parser.add_argument("--index-type", help=INDEX_TYPES_HELP + " (default: flat)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="products per encoder batch (default: 64)")
     parser.add_argument("--threads", type=positive_int, help="encoder and image-decoding threads (default: min(4, CPUs))")
@@ -48,6 +58,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-root", type=Path, help="folder catalog image paths are relative to")
     parser.add_argument("--keep-versions", type=positive_int, default=2, help="index versions kept on disk (default: 2)")
     parser.add_argument("--json", action="store_true", help="print the operation's record as JSON")
+    qdrant = parser.add_argument_group("Qdrant (a second vector engine for `vitrine serve --backend qdrant`)")
+    target = qdrant.add_mutually_exclusive_group()
+    target.add_argument("--qdrant-url", help="Qdrant server or cluster to load the live version into (http://host:6333)")
+    target.add_argument("--qdrant-path", type=Path, help="embedded Qdrant folder to load it into (serve's default: <index>/qdrant)")
+    qdrant.add_argument("--qdrant-collection", default="vitrine", help="collection prefix, one per index (default: vitrine)")
+    qdrant.add_argument("--qdrant-shards", type=positive_int, help="shards of a new collection (server; default: Qdrant's)")
+    qdrant.add_argument("--qdrant-replicas", type=positive_int, help="copies of each shard (cluster; default: Qdrant's)")
     parser.set_defaults(func=main_index)
 
 
@@ -55,6 +72,8 @@ def main_index(args: argparse.Namespace) -> int:
     from vitrine.errors import UserError
 
     progress = sys.stderr.isatty()
+    if args.qdrant_load:
+        return main_qdrant_load(args)
     if args.gc:
         return main_gc(args)
     if args.delete:
@@ -82,9 +101,11 @@ def main_index(args: argparse.Namespace) -> int:
                 catalog, encoder, args.out, index_type=args.index_type or "flat", batch_size=args.batch_size,
                 threads=args.threads, bundle_path=bundle, progress=progress, keep_versions=args.keep_versions,
             )  # fmt: skip
+    collection = _load_into_qdrant(args)
     if args.json:
         record = {
             "version": str(result.version_dir),
+            **({"qdrant_collection": collection} if collection else {}),
             "operation": result.operation.model_dump(mode="json"),
             "counts": result.manifest.counts.model_dump(mode="json"),
             "index": result.manifest.index,
@@ -93,6 +114,51 @@ def main_index(args: argparse.Namespace) -> int:
         print(json.dumps(record, indent=2, ensure_ascii=False))
     else:
         print(result.summary())
+        if collection:
+            print(f"qdrant: collection {collection} holds the live version")
+    return 0
+
+
+def _qdrant_engine(args: argparse.Namespace) -> QdrantEngine | None:
+    """The Qdrant engine --qdrant-url / --qdrant-path name, or None."""
+    import os
+
+    from indexer.qdrant_index import QdrantEngine
+
+    options = {"prefix": args.qdrant_collection}
+    if args.qdrant_url:
+        return QdrantEngine.connect(args.qdrant_url, api_key=os.environ.get("VITRINE_QDRANT_API_KEY") or None,
+                                    shard_number=args.qdrant_shards, replication_factor=args.qdrant_replicas, **options)  # fmt: skip
+    if args.qdrant_path:
+        return QdrantEngine.embedded(args.qdrant_path, **options)
+    return None
+
+
+def _load_into_qdrant(args: argparse.Namespace) -> str | None:
+    """Load the live version into Qdrant and drop pruned versions' collections; its collection's name."""
+    from indexer.layout import IndexLayout
+    from indexer.qdrant_index import sync_index
+
+    if not (args.qdrant_url or args.qdrant_path):
+        return None
+    IndexLayout(args.out).resolve()  # no index there: say so before creating anything
+    engine = _qdrant_engine(args)
+    try:
+        with IndexLayout(args.out).lock():  # one writer: no two loads race to create the same collection
+            return sync_index(engine, args.out)
+    finally:
+        engine.close()
+
+
+def main_qdrant_load(args: argparse.Namespace) -> int:
+    from vitrine.errors import UserError
+
+    if args.catalog or args.bundle or args.index_type:
+        raise UserError("--qdrant-load takes only --out and the --qdrant-* options")
+    if not (args.qdrant_url or args.qdrant_path):
+        raise UserError("--qdrant-load needs --qdrant-url or --qdrant-path")
+    collection = _load_into_qdrant(args)
+    print(json.dumps({"qdrant_collection": collection}) if args.json else f"qdrant: collection {collection} holds the live version")
     return 0
 
 

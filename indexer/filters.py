@@ -3,6 +3,8 @@
 Fields are category, subcategory and every attribute name in the index. Values compare
 case-insensitively; a list means any of its values; several fields must all match.
 Columns are factorised once (value codes per row), so a mask is one `np.isin` per field.
+`FilterColumns.normalise` is the validation and normal form every backend shares: the Faiss
+backend turns it into a row mask, the Qdrant backend into a payload filter over `match_key` values.
 """
 from __future__ import annotations
 
@@ -32,6 +34,11 @@ class UnknownFilterError(FilterError, KeyError):
         return str(self.args[0])
 
 
+def match_key(value: str) -> str:
+    """The form a value is compared in: trimmed and lower-cased."""
+    return value.strip().lower()
+
+
 class FilterColumns:
     """Per-row values of every filterable field, lower-cased and factorised."""
 
@@ -46,7 +53,7 @@ class FilterColumns:
             display: dict[str, str] = {}
             codes = np.empty(num_rows, dtype=np.int32)
             for row, value in enumerate(column):
-                key = value.strip().lower()
+                key = match_key(value)
                 codes[row] = vocab.setdefault(key, len(vocab))
                 if key:
                     display.setdefault(key, value.strip())
@@ -77,11 +84,12 @@ class FilterColumns:
             return self._by_lower[name.lower()]
         raise UnknownFilterError(str(name), self._codes)
 
-    def mask(self, filters: Mapping[str, str | list[str] | tuple[str, ...]]) -> np.ndarray:
-        """Boolean (num_rows,): rows matching every field's value(s)."""
+    def normalise(self, filters: Mapping[str, str | list[str] | tuple[str, ...]]) -> dict[str, list[str]]:
+        """Field as stored -> the `match_key`s of its wanted values; FilterError / UnknownFilterError
+        for a filter no backend can apply."""
         if not isinstance(filters, Mapping):
             raise FilterError(f"filters must be a mapping of field -> value(s), got {type(filters).__name__}")
-        mask = np.ones(self.num_rows, dtype=bool)
+        wanted_by_field: dict[str, list[str]] = {}
         for name, wanted in filters.items():
             field = self.field_name(name)
             values = [wanted] if isinstance(wanted, str) else wanted
@@ -89,7 +97,17 @@ class FilterColumns:
                 raise FilterError(f"filter {name!r}: expected a string or a list of strings, got {wanted!r}")
             if not values:
                 raise FilterError(f"filter {name!r}: empty list of values")
+            keys = list(dict.fromkeys(match_key(v) for v in values))
+            if field in wanted_by_field:  # one field named twice ("gender", "Gender"): both must match
+                keys = [key for key in wanted_by_field[field] if key in keys]
+            wanted_by_field[field] = keys
+        return wanted_by_field
+
+    def mask(self, filters: Mapping[str, str | list[str] | tuple[str, ...]]) -> np.ndarray:
+        """Boolean (num_rows,): rows matching every field's value(s)."""
+        mask = np.ones(self.num_rows, dtype=bool)
+        for field, keys in self.normalise(filters).items():
             vocab = self._vocab[field]
-            codes = [vocab[v.strip().lower()] for v in values if v.strip().lower() in vocab]
+            codes = [vocab[key] for key in keys if key in vocab]
             mask &= np.isin(self._codes[field], np.asarray(codes, dtype=np.int32))
         return mask

@@ -7,3 +7,8 @@ class UserError(Exception):
 
 class CatalogFormatError(UserError):
     """The input is not a catalog Vitrine can read."""
+
+
+class IndexUnavailableError(Exception):
+    """A search index's engine cannot answer now (a vector database down or timing out): not the
+    user's fault, and no bug either; the service answers 503."""
