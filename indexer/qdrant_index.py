@@ -681,11 +681,13 @@ class QdrantIndex:
         found: dict[str, list[models.ScoredPoint]] = {}
         while pending:
             requests = [
-                models.QueryRequest(query=vector, using=name, filter=query_filter, limit=limit, params=params,
-                                    with_vector=list(VECTORS), with_payload=["id"])  # fmt: skip
+                models.QueryRequest(
+                    query=vector, using=name, filter=query_filter, limit=limit, params=params,
+                    with_vector=list(VECTORS), with_payload=["id"],
+                )
                 for name in pending
             ]
-            responses = self.engine.call(lambda c: c.query_batch_points(self.collection, requests=requests))
+            responses = self.engine.call(lambda c, batch=requests: c.query_batch_points(self.collection, requests=batch))
             unsettled = []
             for name, response in zip(pending, responses):
                 points = sorted(response.points, key=lambda p: (-p.score, int(p.id)))

@@ -39,11 +39,10 @@ STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 
 def open_index(settings: Settings) -> SearchIndex:
-    from indexer.product_index import ProductIndex
+    """The live index version, searched by settings.backend (Faiss, or Qdrant: `search.service.backends`)."""
+    from search.service.backends import open_backend_index
 
-    if settings.index is None:
-        raise UserError("no index to serve: pass --index or set VITRINE_INDEX")
-    return ProductIndex.open(settings.index)
+    return open_backend_index(settings)
 
 
 def open_encoder(settings: Settings, index: SearchIndex) -> ServingEncoder:

@@ -20,6 +20,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=port, default=None, help="listen port (default 8000, $VITRINE_PORT)")
     parser.add_argument("--redis-url", default=None, help="Redis for the query cache and shared product store ($REDIS_URL)")
     parser.add_argument("--threads", type=positive_int, default=None, help="onnxruntime intra-op threads per session (default 1, $VITRINE_THREADS)")
+    parser.add_argument("--backend", choices=("faiss", "qdrant"), default=None,
+                        help="vector engine: faiss (in process, default) or qdrant (embedded in <index>/qdrant, "
+                             "or a server with --qdrant-url) ($VITRINE_BACKEND)")  # fmt: skip
+    parser.add_argument("--qdrant-url", default=None, help="Qdrant server or cluster, http://host:6333 ($VITRINE_QDRANT_URL)")
+    parser.add_argument("--qdrant-path", type=Path, default=None, help="embedded Qdrant folder (default <index>/qdrant, $VITRINE_QDRANT_PATH)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(func=serve)
 
@@ -28,7 +33,8 @@ def serve(args: argparse.Namespace) -> int:
     overrides = {
         name: value
         for name, value in vars(args).items()
-        if name in ("index", "bundle", "redis_url", "threads", "host", "port") and value is not None
+        if name in ("index", "bundle", "redis_url", "threads", "host", "port", "backend", "qdrant_url", "qdrant_path")
+        and value is not None
     }
     return run_server(overrides, log_level=args.log_level)
 

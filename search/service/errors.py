@@ -18,6 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vitrine.errors import IndexUnavailableError
+
 log = logging.getLogger(__name__)
 
 # Starlette's own HTTP errors (routing, method) get a code from their status.
@@ -117,6 +119,13 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 400 and "parsing the body" in message:
             code = "malformed_body"
         return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(IndexUnavailableError)
+    async def _index_unavailable(request: Request, exc: IndexUnavailableError) -> JSONResponse:
+        # The vector engine (a Qdrant server) is down or slow: not a bug, and retrying later can work.
+        log.warning("search index unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(503, "index_unavailable", "the search index cannot answer now; try again shortly",
+                              headers={"Retry-After": "1"})  # fmt: skip
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:

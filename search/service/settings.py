@@ -5,8 +5,9 @@ Every field is documented in deploy/settings.md; keep the two in step.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1 << 20
@@ -24,6 +25,21 @@ class Settings(BaseSettings):
     threads: int = Field(default=1, ge=1, description="onnxruntime intra-op threads per encoder session")
     host: str = Field(default="127.0.0.1", description="`vitrine serve` listen address")
     port: int = Field(default=8000, ge=0, le=65535, description="`vitrine serve` listen port")
+
+    # The vector engine (search/service/backends.py): Faiss in process, or Qdrant embedded or at a URL.
+    backend: Literal["faiss", "qdrant"] = Field(default="faiss", description="faiss, or qdrant (embedded unless qdrant_url)")
+    qdrant_url: str | None = Field(default=None, description="Qdrant server or cluster, http(s)://host:6333; unset: embedded")
+    qdrant_path: Path | None = Field(default=None, description="folder of the embedded Qdrant; default <index>/qdrant")
+    qdrant_api_key: SecretStr | None = Field(default=None, description="API key of the Qdrant server (never logged)")
+    qdrant_collection: str = Field(default="vitrine", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="collection prefix: <prefix>-<version>")
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> Settings:
+        if self.backend != "qdrant" and (self.qdrant_url or self.qdrant_path):
+            raise ValueError("qdrant_url and qdrant_path need backend 'qdrant'")
+        if self.qdrant_url and self.qdrant_path:
+            raise ValueError("give qdrant_url (a server) or qdrant_path (embedded), not both")
+        return self
 
     # Redis: query-embedding cache and the product store shared by replicas. Unset: in-process LRU + disk store.
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "VITRINE_REDIS_URL"))

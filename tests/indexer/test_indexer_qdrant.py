@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from indexer import ProductIndex, QdrantEngine, QdrantIndex
-from indexer.build import upsert_index
+from indexer.build import build_index
 from indexer.filters import FilterError, UnknownFilterError
 from indexer.qdrant_index import (
     collection_state,
@@ -20,6 +20,7 @@ from indexer.qdrant_index import (
     upsert_qdrant_index,
 )
 from tests.support.indexes import (
+    FixtureEncoder,
     IndexFixture,
     PatchFixtureEncoder,
     build_fixture_index,
@@ -288,3 +289,29 @@ def test_payload_keys_spell_any_field_name() -> None:
     assert payload_key("baseColour") == "f_baseColour"
     assert payload_key("colour.name") == "fx_" + "colour.name".encode().hex()
     assert payload_key("taille (EU)") != payload_key("taille (US)")
+
+
+def test_real_catalog_top10_and_filters_agree_with_faiss(fashion_products: Path, tmp_path: Path) -> None:
+    """600 products of the shared catalog (real titles, photos and attributes, with its duplicate
+    titles), the fixture encoder: titles as text queries, photos as photo queries, real filters."""
+    encoder = FixtureEncoder()
+    catalog = read_catalog(fashion_products, limit=600)
+    build_index(catalog, encoder, tmp_path / "index", threads=2)
+    engine = QdrantEngine.embedded(tmp_path / "qdrant")
+    with ProductIndex.open(tmp_path / "index") as faiss, QdrantIndex.open(tmp_path / "index", engine=engine) as qdrant:
+        records = faiss.get_many(faiss.ids())
+        titles = encoder.encode_texts([r.title for r in records[:150]])
+        photos = encoder.encode_images([faiss.open_image(r.id) for r in records[::12]])
+        filters = [{"gender": "Women"}, {"baseColour": ["Black", "White"]}, {"articleType": "Tshirts", "gender": "Men"},
+                   {"usage": "Sports", "season": ["Summer", "Fall"]}]  # fmt: skip
+        same = total = 0
+        for kind, queries in (("text", titles), ("image", photos)):
+            for i, query in enumerate(queries):
+                for f in (None, filters[i % len(filters)]):
+                    expected = faiss.search(query, k=10, kind=kind, filters=f)
+                    got = qdrant.search(query, k=10, kind=kind, filters=f)
+                    total += 1
+                    same += [h.id for h in got] == [h.id for h in expected]
+                    assert {h.id for h in got} <= set(faiss.ids()) and len(got) == len(expected)
+        assert same / total >= 0.95, f"{same} of {total} top-10 lists identical"
+    engine.close()
