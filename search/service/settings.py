@@ -35,9 +35,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_backend(self) -> Settings:
-        if self.backend != "qdrant" and (self.qdrant_url or self.qdrant_path):
-            raise ValueError("qdrant_url and qdrant_path need backend 'qdrant'")
-        if self.qdrant_url and self.qdrant_path:
+        # With backend faiss the qdrant_* settings are ignored (a deployment can switch engines by one variable).
+        if self.backend == "qdrant" and self.qdrant_url and self.qdrant_path:
             raise ValueError("give qdrant_url (a server) or qdrant_path (embedded), not both")
         return self
 
