@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "epoch on val and tuning alpha per query kind on val. Models with attention heads (the default "
             "fashion-lite-apr, and fashion-lite-ap) use the cached-token recipe: the frozen towers run once, their token states are "
             "cached, and the heads train for many epochs (--no-multi-positive, --attr-weight, --hard-negatives, "
-            "--image-views). Other models (fashion-lite, open_clip names) train projections or unlocked layers "
+            "--image-views, --cva, --prune, and unlocking above the cache: --image-unlocked-groups, "
+            "--text-unlocked-layers). Other models (fashion-lite, open_clip names) train projections or unlocked layers "
             "(--text-unlocked-layers, --image-unlocked-groups, --cva, --prune)."
         ),
     )
@@ -54,11 +55,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="attention-head recipe: what the image head's residual path reads: the mean of the block map "
                         "(the config's default) or the pooled conv-head features")
     p.add_argument("--cva", action="store_true", help="add FashionKLIP's concept-visual alignment loss")
+    p.add_argument("--cva-weight", type=non_negative_float, default=1.0,
+                   help="attention-head recipe: L = L_ITC + w L_CVA (the pooled recipe uses the paper's ½(L_ITC + L_CVA))")
+    p.add_argument("--cva-warmup", type=non_negative_int, default=0,
+                   help="attention-head recipe: epochs of ITC alone before CVA starts")
     p.add_argument("--cva-topk", type=positive_int, default=32)
     p.add_argument("--cva-prototypes", type=positive_int, default=4, help="visual prototypes kept per concept by MMR")
     p.add_argument("--concept-min-count", type=positive_int, default=5)
     p.add_argument("--prune", action="store_true", help="MML-TP token pruning in the text tower")
     p.add_argument("--prune-weight", type=non_negative_float, default=0.1)
+    p.add_argument("--prune-temperature", type=positive_float, default=None,
+                   help="attention-head recipe: temperature T of the gates (default: the model config's)")
+    p.add_argument("--prune-quantile", type=unit_interval, default=0.1,
+                   help="attention-head recipe: τ starts at this quantile of each trained layer's token importance")
     p.add_argument("--no-multi-positive", action="store_true",
                    help="attention-head recipe: plain InfoNCE instead of identical titles as positives")
     p.add_argument("--attr-weight", type=non_negative_float, default=0.0,
@@ -101,8 +110,10 @@ def run_train(args: argparse.Namespace) -> int:
         text_unlocked_layers=args.text_unlocked_layers,
         model_overrides={"heads_cfg": {"image_summary": args.image_summary}} if args.image_summary else {},
         image_unlocked_groups=args.image_unlocked_groups, cva=args.cva, cva_topk=args.cva_topk,
-        cva_prototypes=args.cva_prototypes, concept_min_count=args.concept_min_count, prune=args.prune,
-        prune_weight=args.prune_weight, seed=args.seed, device=args.device, limit=args.limit,
+        cva_prototypes=args.cva_prototypes, cva_weight=args.cva_weight, cva_warmup=args.cva_warmup,
+        concept_min_count=args.concept_min_count, prune=args.prune,
+        prune_weight=args.prune_weight, prune_temperature=args.prune_temperature, prune_quantile=args.prune_quantile,
+        seed=args.seed, device=args.device, limit=args.limit,
         max_steps_per_epoch=args.max_steps_per_epoch, cache_dir=args.cache_dir, resume=not args.no_resume,
         multi_positive=not args.no_multi_positive, attr_weight=args.attr_weight, hard_negatives=args.hard_negatives,
         val_every=args.val_every, image_views=args.image_views,

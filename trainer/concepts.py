@@ -32,6 +32,9 @@ STOPWORDS = frozenset(
 _WORD = re.compile(r"[a-z0-9]+(?:[-'.&][a-z0-9]+)*")
 PHRASE = "phrase"
 ATTRIBUTE = "attribute"
+CONCEPT_PROMPT = "a photo of {}"  # how a concept phrase is put to the text tower
+# Concepts a photo can show (not gender, season or year): the ones CVA aligns with images.
+VISUAL_CONCEPT_KINDS = frozenset({PHRASE, f"{ATTRIBUTE}:baseColour", f"{ATTRIBUTE}:articleType", f"{ATTRIBUTE}:usage"})
 
 
 def words(text: str) -> list[str]:
@@ -296,3 +299,9 @@ def _body(tokens: Sequence[str], brand_words: frozenset[str] | set[str]) -> list
 
 def _suffixes(tokens: Sequence[str], max_ngram: int) -> list[tuple[str, ...]]:
     return [tuple(tokens[-n:]) for n in range(1, min(max_ngram, len(tokens)) + 1)]
+
+
+def visual_concepts(graph: "ConceptGraph") -> list[list[int]]:
+    """Per build item (training text), its concept ids a photo can show, hypernyms included."""
+    visual = {i for i, kinds in enumerate(graph.kinds) if any(k in VISUAL_CONCEPT_KINDS for k in kinds)}
+    return [[c for c in graph.concepts_of(i) if c in visual] for i in range(len(graph.text_concepts))]

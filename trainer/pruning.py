@@ -14,11 +14,18 @@ dict names untouched (pretrained weights and checkpoints load as usual).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor, nn
 
 DEFAULT_TEMPERATURE = 1e-4
 DEFAULT_FINAL_THRESHOLD = 0.01
+
+
+def token_importance(attention_probs: Tensor) -> Tensor:
+    """[B, heads, L, L] attention probabilities -> [B, L]: how much each token attends to [CLS], mean over heads."""
+    return attention_probs[:, :, :, 0].float().mean(dim=1)
 
 
 def initial_thresholds(num_layers: int, final_threshold: float = DEFAULT_FINAL_THRESHOLD) -> Tensor:
@@ -41,15 +48,18 @@ class PruningGate(nn.Module):
         self.threshold = nn.Parameter(torch.tensor(float(threshold)))
         self.temperature = float(temperature)
         self.enabled = False
-        # Mask of the last forward, [B, L]; read by the trainer for L_prune.
+        # Mask and token importance of the last forward, [B, L]; read by the trainer (L_prune, calibration).
         self.last_mask: Tensor | None = None
+        self.last_importance: Tensor | None = None
 
     def token_mask(self, attention_probs: Tensor) -> Tensor:
         """[B, heads, L, L] attention probabilities -> [B, L] soft mask (1 keeps a token)."""
         if attention_probs.dim() != 4:
             raise ValueError(f"attention probabilities must be [B, heads, L, L], got {tuple(attention_probs.shape)}")
         # float32: with T = 1e-4, half-precision scores would quantise the gate to 0/1 steps.
-        importance = attention_probs[:, :, :, 0].float().mean(dim=1)  # token i -> [CLS]
+        importance = token_importance(attention_probs)
+        if not _is_tracing():
+            self.last_importance = importance.detach()
         if self.training:
             mask = torch.sigmoid((importance - self.threshold.float()) / self.temperature)
         else:
@@ -118,3 +128,58 @@ def _make_hook(gate: PruningGate):
         return (gated, attention_probs, *output[2:])
 
     return hook
+
+
+@torch.no_grad()
+def calibrate_thresholds(gates: Sequence[PruningGate], forward: Callable[[], None], real: Tensor,
+                         quantile: float) -> list[float]:  # fmt: skip
+    """Set each gate's τ inside its own importance distribution: the `quantile` of the importance of the
+    real, non-[CLS] tokens of a sample (`forward()` runs it through the layers; `real` is its [B, L] mask).
+
+    Layer by layer, so each τ sees the tokens the gates below it already pruned. A fixed small τ (the
+    paper's linear ramp from 0.01) sits below nearly every token's importance here, and the gate never
+    closes; a quantile starts it where it prunes about that share.
+    """
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    candidates = real.bool().clone()
+    candidates[:, 0] = False  # [CLS] is never pruned
+    for gate in gates:
+        gate.threshold.fill_(-1.0)  # importance >= 0: keeps every token until calibrated
+    taus = []
+    for gate in gates:
+        forward()
+        if gate.last_importance is None:
+            raise RuntimeError("the calibration forward did not run this gate (is it enabled?)")
+        values = gate.last_importance[candidates[:, : gate.last_importance.shape[1]]]
+        tau = float(torch.quantile(values, quantile)) if values.numel() else -1.0
+        gate.threshold.fill_(tau)
+        taus.append(tau)
+    return taus
+
+
+def pruned_token_report(token_ids: Tensor, real: Tensor, masks: Sequence[Tensor], decode: Callable[[int], str],
+                        *, top: int = 30, min_count: int = 20) -> dict:  # fmt: skip
+    """What hard gates pruned on a set of texts: per layer, the share of real non-[CLS] tokens whose mask is 0
+    there (and at or below it), and the `top` word pieces pruned most often (share of their occurrences,
+    among pieces seen at least `min_count` times)."""
+    if token_ids.shape != real.shape or any(m.shape != real.shape for m in masks):
+        raise ValueError("token_ids, real and every mask must have the same [N, L] shape")
+    counted = real.bool().clone()
+    counted[:, 0] = False
+    pruned_any = torch.zeros_like(counted)
+    layers = []
+    for mask in masks:
+        here = (mask < 0.5) & counted
+        pruned_any |= here
+        total = max(1, int(counted.sum()))
+        layers.append({"pruned_share": int(here.sum()) / total, "pruned_so_far": int(pruned_any.sum()) / total})
+    ids, hits = token_ids[counted], pruned_any[counted]
+    seen = torch.bincount(ids)
+    pruned = torch.bincount(ids[hits], minlength=seen.numel())
+    frequent = (seen >= min_count).nonzero().flatten()
+    rate = pruned[frequent].float() / seen[frequent].float()
+    order = sorted(range(frequent.numel()), key=lambda i: (-float(rate[i]), -int(seen[frequent[i]])))[:top]
+    words = [{"token": decode(int(frequent[i])), "pruned": int(pruned[frequent[i]]), "seen": int(seen[frequent[i]]),
+              "share": float(rate[i])} for i in order]  # fmt: skip
+    return {"layers": layers, "tokens": int(counted.sum()), "most_pruned": words}

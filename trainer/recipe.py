@@ -30,14 +30,17 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from trainer.batches import CatalogBatchSampler
+from trainer.concept_alignment import ConceptAlignment
 from trainer.encoder import ModelEncoder
 from trainer.factory import create_model_and_transforms, get_tokenizer
 from trainer.features import cached_image_features, products_fingerprint
 from trainer.heads import AttributeHeads
-from trainer.loss import ClipLoss, attribute_loss, multi_positive_info_nce
+from trainer.loss import ClipLoss, attribute_loss, multi_positive_info_nce, pruning_loss
+from trainer.pruning import calibrate_thresholds, pruned_token_report
 from trainer.selection import ValidationEvaluators, pick_alphas, resume_state, save_checkpoint, validation_metrics
 from trainer.train import TrainConfig, load_splits, resolve_device, seed_everything
 from vitrine.catalog.product import Product
+from vitrine.errors import UserError
 from vitrine.evaluation.photos import shopper_photo
 from vitrine.evaluation.protocols import RetrievalSet, index_distinct
 
@@ -171,10 +174,18 @@ class TokenRecipeTrainer:
         texts = sorted({p.title for products in self.splits.values() for p in products})
         self.text = cached_text_states(self.model, self.tokenizer, texts, Path(config.cache_dir), f"{text_key}|text",
                                        self.device, config.progress)  # fmt: skip
+        self.cva = None
+        if config.cva:  # concept phrases are texts too: their token states are cached the same way
+            self.cva = ConceptAlignment(self.splits["train"], min_count=config.concept_min_count, topk=config.cva_topk,
+                                        prototypes=config.cva_prototypes, mmr_lambda=config.cva_mmr_lambda)  # fmt: skip
+            self.prompt_text = cached_text_states(self.model, self.tokenizer, self.cva.prompts, Path(config.cache_dir),
+                                                  f"{text_key}|text", self.device, config.progress)  # fmt: skip
         self.stage_seconds["cache_texts"] = time.perf_counter() - started
 
         train = self.splits["train"]
         self.train_text_rows = torch.from_numpy(self.text.rows([p.title for p in train]))
+        self.prune_gates, self.prune_init = self._setup_pruning() if config.prune else ([], [])
+        trainable_params = [g.threshold for g in self.prune_gates]
         _, title_ids = index_distinct([p.title for p in train])
         self.title_ids = torch.as_tensor(np.asarray(title_ids), dtype=torch.long)
         self.vocab = attribute_vocab(train) if config.attr_weight > 0 else {}
@@ -188,7 +199,7 @@ class TokenRecipeTrainer:
             [p.attribute("articleType") or p.subcategory for p in train], config.batch_size,
             hard_fraction=config.hard_negatives, seed=config.seed,
         )  # fmt: skip
-        params = [p for m in trainable for p in m.parameters()] + [self.model.clip.logit_scale]
+        params = [p for m in trainable for p in m.parameters()] + [self.model.clip.logit_scale] + trainable_params
         groups = [{"params": params, "lr": config.lr}] + [
             {"params": [p for m in modules for p in m.parameters()], "lr": lr}
             for modules, lr in ((self.tower_groups["image"], config.image_lr), (self.tower_groups["text"], config.text_lr))
@@ -227,6 +238,50 @@ class TokenRecipeTrainer:
         log.info("unlocked: %d image modules (%d block stages), %d text layers", len(image), image_stages, text_layers)
         return {"image": image, "text": text}
 
+    def _setup_pruning(self) -> tuple[list, list[float]]:
+        """MML-TP on the unlocked text layers: their gates train (τ calibrated to a quantile of each layer's
+        token importance, temperature from the config); the gates below the cache never close (τ = -1), so
+        the cached states stay what the pruned model computes there, at training and at inference."""
+        top = self.model.text_top_layers
+        if not top:
+            raise UserError("MML-TP in the cached-token recipe prunes in the trained text layers: pass --text-unlocked-layers N")
+        gates = list(self.model.pruning_gates)
+        for gate in gates[: len(gates) - top]:
+            gate.threshold.data.fill_(-1.0)
+        trained = gates[len(gates) - top :]
+        for gate in trained:
+            if self.config.prune_temperature:
+                gate.temperature = float(self.config.prune_temperature)
+            gate.threshold.requires_grad_(True)
+        self.model.set_pruning(True)
+        self.model.eval()
+        rows = np.random.default_rng(self.config.seed).permutation(len(self.train_text_rows))[:2048]
+        states, mask = self._text_tokens(self.train_text_rows[rows].numpy())
+        taus = calibrate_thresholds(trained, lambda: self.model.encode_text_tokens(states, mask), mask,
+                                    self.config.prune_quantile)  # fmt: skip
+        log.info("MML-TP: τ calibrated at quantile %.2f: %s", self.config.prune_quantile, taus)
+        return trained, taus
+
+    @torch.no_grad()
+    def pruning_report(self) -> dict:
+        """What the trained gates prune on the val titles at inference (hard gates)."""
+        self.model.eval()
+        texts = sorted({p.title for p in self.splits["val"]})
+        ids = self.tokenizer(texts, padding="max_length")
+        states, mask = self._text_tokens(self.text.rows(texts))
+        masks = []
+        for start in range(0, len(texts), TEXT_BATCH):
+            block = slice(start, start + TEXT_BATCH)
+            self.model.encode_text_tokens(states[block], mask[block])
+            masks.append([torch.nn.functional.pad(g.last_mask, (0, ids.shape[1] - g.last_mask.shape[1])) for g in self.prune_gates])
+        per_layer = [torch.cat([m[i] for m in masks]).cpu() for i in range(len(self.prune_gates))]
+        real = torch.nn.functional.pad(mask.cpu(), (0, ids.shape[1] - mask.shape[1]))
+        report = pruned_token_report(ids.cpu(), real, per_layer, lambda i: self.tokenizer.hf.convert_ids_to_tokens(i))
+        first = len(self.model.pruning_gates) - len(self.prune_gates)
+        for offset, layer in enumerate(report["layers"]):
+            layer["layer"] = first + offset + 1  # 1-based, as the paper counts
+        return report
+
     # ------------------------------------------------------------------ steps
 
     def _image_tokens(self, split: str, rows: np.ndarray, augment: bool) -> torch.Tensor:
@@ -242,20 +297,56 @@ class TokenRecipeTrainer:
             tokens[flip] = grid.reshape(-1, h * w, tokens.shape[-1])
         return tokens.to(self.device)
 
-    def _text_tokens(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = self.text.mask[rows]
+    def _text_tokens(self, rows: np.ndarray, source: TextStates | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        source = source or self.text
+        mask = source.mask[rows]
         length = max(1, int(mask.sum(axis=1).max()))  # cached at max length; padding past the longest is dead weight
-        states = torch.from_numpy(self.text.states[rows, :length].astype(np.float32)).to(self.device)
+        states = torch.from_numpy(source.states[rows, :length].astype(np.float32)).to(self.device)
         return states, torch.from_numpy(mask[:, :length]).to(self.device)
 
+    def _encode_prompts(self, concept_ids: list[int]) -> torch.Tensor:
+        return self.model.encode_text_tokens(*self._text_tokens(np.asarray(concept_ids), self.prompt_text))
+
+    @torch.no_grad()
+    def _embed_images(self, split: str) -> torch.Tensor:
+        self.model.eval()
+        out = [self.model.encode_image_features(self._image_tokens(split, np.arange(i, min(i + TEXT_BATCH, len(self.grids[split]))),
+                                                                   augment=False))
+               for i in range(0, len(self.grids[split]), TEXT_BATCH)]  # fmt: skip
+        return torch.cat(out).float()
+
+    @torch.no_grad()
+    def refresh_prototypes(self) -> None:
+        """CVA: each concept's prototypes, picked with the model as it is now."""
+        assert self.cva is not None
+        self.model.eval()
+        prompts = [self._encode_prompts(list(range(i, min(i + TEXT_BATCH, len(self.cva.prompts)))))
+                   for i in range(0, len(self.cva.prompts), TEXT_BATCH)]  # fmt: skip
+        self.cva.refresh(torch.cat(prompts).float(), self._embed_images("train"))
+
+    def cva_active(self) -> bool:
+        return self.cva is not None and self.config.cva_weight > 0 and self.epoch >= self.config.cva_warmup
+
+    def _train_mode(self) -> None:
+        """Heads and trained gates (soft masks) in training mode; the towers keep their eval behaviour."""
+        self.model.eval()
+        for module in [self.model.image_head, self.model.text_head, *self.prune_gates]:
+            module.train()
+
     def train_epoch(self) -> dict[str, float]:
-        self.model.image_head.train()
-        self.model.text_head.train()
         sums: dict[str, float] = {}
         batches = list(self.sampler.epoch(self.epoch))
+        cva = self.cva_active()
+        if cva:
+            self.refresh_prototypes()
+        self._train_mode()
+        rng = np.random.default_rng([self.config.seed, self.epoch, 7])
         for step, rows in enumerate(tqdm(batches, desc=f"epoch {self.epoch + 1}", disable=not self.config.progress)):
             image = self.model.encode_image_features(self._image_tokens("train", rows, augment=True))
-            text = self.model.encode_text_tokens(*self._text_tokens(self.train_text_rows[rows].numpy()))
+            states, text_mask = self._text_tokens(self.train_text_rows[rows].numpy())
+            text = self.model.encode_text_tokens(states, text_mask)
+            # read the gates' masks of this forward before any other text forward (CVA's) replaces them
+            prune = pruning_loss([g.last_mask for g in self.prune_gates], text_mask) if self.prune_gates else None
             scale = self.model.logit_scale.exp()
             if self.config.multi_positive:
                 itc = multi_positive_info_nce(image, text, self.title_ids[rows].to(self.device), scale)
@@ -266,7 +357,13 @@ class TokenRecipeTrainer:
                 targets = {k: v[rows].to(self.device) for k, v in self.attr_targets.items() if k in self.image_attributes.names}
                 losses["attr"] = (attribute_loss(self.image_attributes(image), targets)
                                   + attribute_loss(self.text_attributes(text), targets)) / 2  # fmt: skip
-            total = losses["itc"] + self.config.attr_weight * losses.get("attr", 0.0)
+            if cva:
+                losses["cva"] = self.cva.loss(rows, image, self._encode_prompts, scale, rng)
+            if prune is not None:
+                losses["prune"] = prune
+            total = (losses["itc"] + self.config.attr_weight * losses.get("attr", 0.0)
+                     + (self.config.cva_weight * losses["cva"] if cva else 0.0)
+                     + (self.config.prune_weight * prune if prune is not None else 0.0))  # fmt: skip
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
             self.optimizer.step()
@@ -285,14 +382,10 @@ class TokenRecipeTrainer:
         products = self.splits[split]
         texts, text_of_product = index_distinct([p.title for p in products])
         rows = self.text.rows(texts)
-        text_embs, image_embs = [], []
-        for start in range(0, len(texts), TEXT_BATCH):
-            text_embs.append(self.model.encode_text_tokens(*self._text_tokens(rows[start : start + TEXT_BATCH])).cpu())
-        for start in range(0, len(products), TEXT_BATCH):
-            block = np.arange(start, min(start + TEXT_BATCH, len(products)))
-            image_embs.append(self.model.encode_image_features(self._image_tokens(split, block, augment=False)).cpu())
+        text_embs = [self.model.encode_text_tokens(*self._text_tokens(rows[start : start + TEXT_BATCH])).cpu()
+                     for start in range(0, len(texts), TEXT_BATCH)]  # fmt: skip
         return RetrievalSet(texts, text_of_product, [p.subcategory for p in products],
-                            torch.cat(text_embs).float().numpy(), torch.cat(image_embs).float().numpy())  # fmt: skip
+                            torch.cat(text_embs).float().numpy(), self._embed_images(split).cpu().numpy())  # fmt: skip
 
     def encoder(self) -> ModelEncoder:
         return ModelEncoder(self.model, lambda texts: self.model.encode_text(self.tokenizer(texts).to(self.device)),
@@ -311,7 +404,7 @@ class TokenRecipeTrainer:
     def state(self) -> dict:
         return {
             "config": self.config.to_dict(), "model_name": self.config.model, "pretrained": self.config.pretrained,
-            "model_overrides": self.config.model_overrides, "pruning": False, "recipe": "cached-token",
+            "model_overrides": self.config.model_overrides, "pruning": self.config.prune, "recipe": "cached-token",
             "state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "best_score": self.best_score,
             "history": self.history, "data_fingerprint": products_fingerprint(self.splits["train"]),
@@ -350,6 +443,16 @@ class TokenRecipeTrainer:
         started = time.perf_counter()
         best = torch.load(self.out / "best.pt", map_location=self.device, weights_only=False)
         self.model.load_state_dict(best["state_dict"])
+        pruning = None
+        if self.prune_gates:  # trained in; kept at inference only if val says it does not hurt
+            report = self.pruning_report()
+            self.model.set_pruning(False)
+            off = self.validate()
+            keep = best["val"]["score"] >= off["score"]
+            self.model.set_pruning(keep)
+            pruning = {"at_inference": keep, "val_pruning_off": off, "quantile": self.config.prune_quantile,
+                       "temperature": self.prune_gates[0].temperature, "thresholds_init": self.prune_init,
+                       "thresholds": [float(g.threshold.detach()) for g in self.prune_gates], **report}  # fmt: skip
         alpha = self.tune_alpha()
         self.stage_seconds["tune_alpha"] = time.perf_counter() - started
         summary = {"config": self.config.to_dict(), "recipe": "cached-token", "history": self.history,
@@ -357,10 +460,12 @@ class TokenRecipeTrainer:
                    "train_seconds": sum(r["seconds"] for r in self.history), "alpha": alpha,
                    "stage_seconds": {k: round(v, 1) for k, v in self.stage_seconds.items()},
                    "attribute_classes": {k: len(v) for k, v in self.vocab.items()},
+                   "concepts": self.cva.stats() if self.cva is not None else None, "pruning": pruning,
                    "unlocked": {"image_stages": self.model.image_top_stages, "text_layers": self.model.text_top_layers,
                                 "conv_head": any(m is self.model.clip.visual.trunk.conv_head for m in self.tower_groups["image"])}}  # fmt: skip
         extra = {"val": best["val"], "alpha": alpha["alpha"], "alpha_t2p": alpha["alpha_t2p"],
-                 "alpha_i2p": alpha["alpha_i2p"], "prune_at_inference": False, "history": self.history}  # fmt: skip
+                 "alpha_i2p": alpha["alpha_i2p"], "prune_at_inference": bool(pruning and pruning["at_inference"]),
+                 "history": self.history}  # fmt: skip
         self.epoch = best["epoch"]
         self.save("best.pt", extra)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))

@@ -23,7 +23,7 @@ from open_clip.loss import ClipLoss
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from trainer.concepts import ConceptGraph
+from trainer.concepts import CONCEPT_PROMPT, ConceptGraph, visual_concepts
 from trainer.encoder import ModelEncoder
 from trainer.factory import create_model_and_transforms, get_tokenizer
 from trainer.features import cached_image_features, products_fingerprint
@@ -37,8 +37,6 @@ from vitrine.evaluation.protocols import RetrievalSet, index_distinct
 
 log = logging.getLogger(__name__)
 
-CONCEPT_PROMPT = "a photo of {}"
-VISUAL_CONCEPT_KINDS = {"phrase", "attribute:baseColour", "attribute:articleType", "attribute:usage"}
 
 
 @dataclass
@@ -61,9 +59,13 @@ class TrainConfig:
     cva_topk: int = 32
     cva_prototypes: int = 4
     cva_mmr_lambda: float = 0.8
+    cva_weight: float = 1.0  # cached-token recipe: L = L_ITC + w * L_CVA (the pooled recipe uses ½(L_ITC + L_CVA))
+    cva_warmup: int = 0  # cached-token recipe: epochs of ITC alone before CVA starts (prototypes need aligned heads)
     concept_min_count: int = 5
     prune: bool = False
     prune_weight: float = 0.1
+    prune_temperature: float | None = None  # cached-token recipe: T of the gates (None: the model config's)
+    prune_quantile: float = 0.1  # cached-token recipe: τ starts at this quantile of each layer's token importance
     seed: int = 0
     device: str = "auto"
     val_queries: int = 1000
@@ -166,7 +168,7 @@ class Trainer:
         self.features = self._image_features() if config.image_unlocked_groups == 0 else None
         self.graph = ConceptGraph.build(self.splits["train"], min_count=config.concept_min_count) if config.cva else None
         self.prototypes: np.ndarray | None = None
-        self.visual_concepts = self._visual_concepts() if self.graph is not None else []
+        self.visual_concepts = visual_concepts(self.graph) if self.graph is not None else []
         self.optimizer = self._optimizer()
         steps = self.steps_per_epoch * config.epochs
         # Warm-up never takes more than half of a short run.
@@ -195,12 +197,6 @@ class Trainer:
             )
             feats[name] = torch.from_numpy(arr).to(self.device)
         return feats
-
-    def _visual_concepts(self) -> list[list[int]]:
-        """Each training text's concepts that a photo can show (not gender, season or year)."""
-        graph = self.graph
-        visual = {i for i, kinds in enumerate(graph.kinds) if any(k in VISUAL_CONCEPT_KINDS for k in kinds)}
-        return [[c for c in graph.concepts_of(i) if c in visual] for i in range(len(self.splits["train"]))]
 
     def _optimizer(self) -> torch.optim.Optimizer:
         tower, head = [], []
