@@ -41,6 +41,19 @@ ROWS = {
     "unlock": ("res + conv head, last block stage and top 2 MiniLM layers trained",
                [*APR, "--image-summary", "conv_head", "--image-unlocked-groups", "2", "--text-unlocked-layers", "2"]),
 }
+# FashionKLIP CVA (item 4): weight w and warm-up epochs on top of `res`; w = 1 without warm-up is the paper's
+# ½(L_ITC + L_CVA) up to a constant factor, which AdamW's step normalisation removes.
+for _w in ("0.1", "0.3", "1"):
+    for _warm in ("0", "2"):
+        ROWS[f"cva-w{_w}-warm{_warm}"] = (f"res + CVA, weight {_w}, {_warm} warm-up epochs",
+                                           [*APR, "--cva", "--cva-weight", _w, "--cva-warmup", _warm])
+# MML-TP (item 5): gates on the 2 trained MiniLM layers of `text2`; τ starts at a quantile q of each layer's
+# token importance, temperature T (1e-4 is the config's, a near-step gate).
+for _q in ("0.1", "0.3"):
+    for _t in ("1e-2", "1e-3", "1e-4"):
+        ROWS[f"prune-q{_q}-t{_t}"] = (f"text2 + MML-TP, τ at quantile {_q}, T {_t}",
+                                       [*APR, "--text-unlocked-layers", "2", "--prune", "--prune-quantile", _q,
+                                        "--prune-temperature", _t])
 VAL_HEADLINE = {
     "val sample T2I R@1": "sample_t2i_R@1",
     "val sample I2T R@1": "sample_i2t_R@1",
