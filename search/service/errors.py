@@ -25,12 +25,15 @@ log = logging.getLogger(__name__)
 # Starlette's own HTTP errors (routing, method) get a code from their status.
 _STATUS_CODES = {
     400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     408: "request_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "validation_error",
+    429: "too_many_requests",
     503: "unavailable",
 }
 
@@ -38,12 +41,14 @@ _STATUS_CODES = {
 class ApiError(Exception):
     """An expected failure with its HTTP status and error code."""
 
-    def __init__(self, status: int, code: str, message: str, details: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, details: list[dict[str, Any]] | None = None,
+                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details
+        self.headers = headers  # e.g. Retry-After on a 429, WWW-Authenticate on a 401
 
 
 # A lone surrogate ("\ud800" in a JSON string) is a str Python can hold but UTF-8 cannot encode.
@@ -105,7 +110,7 @@ def validation_error(errors: list[dict[str, Any]], loc_prefix: tuple[str, ...] =
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.details)
+        return error_response(exc.status, exc.code, exc.message, exc.details, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,10 +1,7 @@
 """POST /search/text and POST /search/image."""
 from __future__ import annotations
 
-import base64
-import binascii
 import json
-import re
 import time
 from typing import Annotated, Any
 
@@ -16,10 +13,9 @@ from starlette.datastructures import UploadFile
 from search.service.deps import get_engine, get_settings, require_json
 from search.service.engine import SearchEngine, SearchOutcome, product_image_url, result_parts
 from search.service.errors import ApiError, field_error, validation_error
-from search.service.images import UPLOAD_FORMATS, decode_upload
+from search.service.images import UPLOAD_FORMATS, decode_base64_image, decode_upload
 from search.service.limits import BodyLimitError
 from search.service.schemas import (
-    DATA_URL_PREFIX,
     ERROR_RESPONSES,
     FILTERS_SCHEMA,
     ImageSearchJSONRequest,
@@ -38,8 +34,6 @@ FORM_FIELD_MAX_BYTES = 64 * 1024  # text fields of the multipart form (the file 
 # The media types an upload may declare for its image part: the image formats that are decoded, and
 # the generic type browsers send for files without a known extension. The bytes decide the format.
 UPLOAD_MEDIA_TYPES = tuple(f"image/{fmt.lower()}" for fmt in UPLOAD_FORMATS) + ("application/octet-stream",)
-_DATA_URL = re.compile(DATA_URL_PREFIX)
-_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 
 
 def check_options(options: SearchOptions, settings: Settings) -> int:
@@ -241,18 +235,6 @@ async def _read_json(request: Request, settings: Settings) -> tuple[bytes, Searc
         body = ImageSearchJSONRequest.model_validate_json(raw)
     except ValidationError as exc:
         raise validation_error(list(exc.errors()), ("body",)) from exc
-    # What schemas.BASE64_PATTERN declares, checked without a backtracking regex over megabytes.
-    text = body.image_base64.strip()
-    prefix = _DATA_URL.match(text)
-    text = "".join(text[prefix.end() if prefix else 0 :].split())  # line-wrapped base64 is common
-    if len(text) > (settings.max_image_bytes + 2) // 3 * 4:
-        raise ApiError(413, "image_too_large", f"image exceeds {settings.max_image_bytes} bytes")
-    try:
-        if not _BASE64_TEXT.fullmatch(text):
-            raise ValueError("only A-Z, a-z, 0-9, + and / may come before the = padding")
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ApiError(400, "invalid_base64", f"image_base64 is not valid base64: {exc}",
-                       [{"loc": ["body", "image_base64"], "msg": "not valid base64"}]) from exc  # fmt: skip
+    data = decode_base64_image(body.image_base64, max_bytes=settings.max_image_bytes, loc=["body", "image_base64"])
     options = SearchOptions.model_validate(body.model_dump(exclude={"image_base64"}, exclude_unset=True))
     return data, options
