@@ -7,30 +7,37 @@ The bundle's reranker, when it has one, is loaded too (or injected with `reranke
 refuses an index whose stored patch features are not the ones the reranker reads.
 
 Routers: search (/search/text, /search/image), products (/products/{id}[/image], /filters),
-health (/healthz, /readyz, /metrics); the web page at / and /static. OpenAPI docs at /docs
-(Swagger UI served from this app, `search.service.openapi`). Every response carries security
+catalog writes with an API key (PUT and DELETE /products/{id}, POST /products:batch;
+`search.service.writes`), health (/healthz, /readyz, /metrics); the web page at / and /static.
+A running app follows its index: a new version (CURRENT switched by a build, an upsert or a
+write, here or on another replica) is served within a poll or two (`search.service.live`).
+OpenAPI docs at /docs (Swagger UI served from this app, `search.service.openapi`). Every response carries security
 headers (`search.service.headers`); bodies are limited in size and read time (`search.service.limits`).
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from search.service.audit import AuditLog
+from search.service.auth import require_read_key
 from search.service.engine import SearchEngine, open_reranker
 from search.service.errors import install_error_handlers
 from search.service.headers import SecurityHeadersMiddleware
 from search.service.limits import BodySizeLimitMiddleware, BodyTimeoutMiddleware
+from search.service.live import VersionFollower
 from search.service.metrics import MetricsMiddleware, ServiceMetrics
 from search.service.openapi import install_docs
 from search.service.redis_store import masked_url
-from search.service.routers import health, products, search
+from search.service.routers import catalog, health, products, search
 from search.service.settings import Settings
+from search.service.writes import CatalogWriter
 from vitrine.errors import UserError
 from vitrine.protocols import Reranker, SearchIndex, ServingEncoder
 
@@ -72,15 +79,29 @@ def _manifest_bundle(index: SearchIndex) -> Path | None:
     return Path(index.index_dir) / path  # relative to the index
 
 
+def version_opener(index: SearchIndex) -> Callable[[str], SearchIndex] | None:
+    """How to open another version of the served index (live updates, writes), or None when it cannot
+    be done: an index that is not a `ProductIndex` over an index folder (a bare version folder)."""
+    from indexer.layout import IndexLayout
+    from indexer.product_index import ProductIndex
+
+    if not isinstance(index, ProductIndex) or not IndexLayout(index.index_dir).is_index():
+        return None
+    root = Path(index.index_dir)
+    return lambda version: ProductIndex.open(root, version=version)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
     index: SearchIndex | None = None,
     encoder: ServingEncoder | None = None,
     reranker: Reranker | None = None,
+    owns_index: bool = False,
 ) -> FastAPI:
     """The service app. Without `index`/`encoder`, both are opened from settings at start-up;
-    without `reranker`, the encoder's bundle's reranker is loaded when it has one."""
+    without `reranker`, the encoder's bundle's reranker is loaded when it has one. An `index` given
+    here is closed by the app (once a newer version replaces it, or at shutdown) only with `owns_index`."""
     settings = settings or Settings()
     metrics = ServiceMetrics()
 
@@ -89,8 +110,20 @@ def create_app(
         served_index = index if index is not None else open_index(settings)
         served_encoder = encoder if encoder is not None else open_encoder(settings, served_index)
         served_reranker = reranker if reranker is not None else open_reranker(settings, served_index, served_encoder)
-        engine = SearchEngine(settings, served_index, served_encoder, metrics, reranker=served_reranker)
+        opener = version_opener(served_index)
+        engine = SearchEngine(settings, served_index, served_encoder, metrics, reranker=served_reranker,
+                              owns_index=index is None or owns_index, open_version=opener)  # fmt: skip
         engine.start()
+        follower = writer = None
+        if opener is not None:
+            root = Path(served_index.index_dir)
+            follower = VersionFollower(engine, root, settings.index_poll_s)
+            if settings.index_poll_s > 0:
+                follower.start()
+            if settings.write_keys:
+                app.state.audit = AuditLog(settings.audit_log or root / "audit.jsonl")
+                writer = CatalogWriter(engine, root, settings, metrics, app.state.audit, publish=follower.publish)
+        app.state.writer = writer
         app.state.engine = engine
         log.info("serving %d products (index %s, bundle %s, alpha %s, reranker %s, redis %s)", engine.size,
                  engine.version, engine.fingerprint, engine.alphas,
@@ -100,9 +133,11 @@ def create_app(
             yield
         finally:
             app.state.engine = None
-            engine.close()
-            if index is None and hasattr(served_index, "close"):
-                served_index.close()  # opened here: release its version lease (pruning may delete it now)
+            if writer is not None:
+                writer.close()  # commits what is queued
+            if follower is not None:
+                follower.stop()
+            engine.close()  # an index it owns is closed: its version lease is released (pruning may delete it now)
 
     app = FastAPI(
         title="Vitrine",
@@ -116,14 +151,18 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.engine = None
+    app.state.writer = None
+    app.state.audit = None
     install_error_handlers(app)
     # Outermost last: metrics see every response, 413s and 408s included.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(BodyTimeoutMiddleware, idle_s=settings.body_idle_timeout_s, total_s=settings.body_timeout_s)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.include_router(search.router)
-    app.include_router(products.router)
+    reads = [Depends(require_read_key)] if settings.read_keys else []  # reads are open unless keys are set
+    app.include_router(search.router, dependencies=reads)
+    app.include_router(products.router, dependencies=reads)
+    app.include_router(catalog.router)
     app.include_router(health.router)
 
     @app.get("/", include_in_schema=False)

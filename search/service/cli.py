@@ -58,7 +58,7 @@ def run_server(overrides: dict, *, log_level: str = "info") -> int:
     index = open_index(settings)
     encoder = open_encoder(settings, index)
     reranker = open_reranker(settings, index, encoder)
-    app = create_app(settings, index=index, encoder=encoder, reranker=reranker)
+    app = create_app(settings, index=index, encoder=encoder, reranker=reranker, owns_index=True)
     print(f"Vitrine is serving {len(index):,} products at http://{settings.host}:{settings.port}/ (API docs at /docs)", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False, server_header=False,
                 **server_options(settings))  # fmt: skip

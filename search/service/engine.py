@@ -3,12 +3,18 @@
 One `SearchEngine` per app, shared by all requests (thread-safe: onnxruntime sessions,
 the Faiss indexes and the caches all are). Routers validate input and shape responses;
 everything here raises ApiError for expected failures.
+
+The engine serves one index version at a time (`ServedVersion`); `switch_to` swaps in another
+(`search.service.live` calls it when the index's CURRENT changes, the catalog writer after a
+commit). Each query pins the version it started on until it is answered.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -84,6 +90,75 @@ def product_image_url(product_id: str) -> str:
     return f"/products/{quote(product_id, safe='')}/image"
 
 
+class ServedVersion:
+    """One index version as the service serves it: the index, and what derives from it (product records
+    and thumbnails kept in memory, its Redis product store).
+
+    Requests pin one (`SearchEngine.pinned`) for their whole life, so a query finishes on the version
+    it started on. When a newer version is swapped in, the old one is retired: closed (its lease
+    released, so pruning may delete it) as soon as no request holds it.
+    """
+
+    def __init__(self, index: SearchIndex, settings: Settings, link: RedisLink | None, *, owned: bool) -> None:
+        self.index = index
+        self.version = index.version
+        self.size = len(index)
+        self.filter_fields: dict[str, list[str]] = index.filter_fields()
+        self.redis_store = RedisStore(link.client, self.version, prefix=settings.redis_prefix) if link else None
+        self.store_synced = threading.Event()
+        self.sync_lock = threading.Lock()
+        self.thumbs: LRU[bytes] = LRU(settings.thumbnail_cache)
+        # Records of the on-disk store, kept in memory (an index version never changes); Redis reads are not.
+        self.disk_records: LRU[ProductRecord] = LRU(settings.record_cache)
+        self._owned = owned  # opened by the engine (or handed to it to own): closed when retired
+        self._pins = 0
+        self._retired = False
+        self._lock = threading.Lock()
+
+    def pin(self) -> None:
+        with self._lock:
+            assert not (self._retired and self._pins == 0), f"version {self.version} is closed"
+            self._pins += 1
+
+    def try_pin(self) -> bool:
+        """Pin unless retired (background work on a replaced version is not worth starting)."""
+        with self._lock:
+            if self._retired:
+                return False
+            self._pins += 1
+            return True
+
+    def unpin(self) -> None:
+        with self._lock:
+            self._pins -= 1
+            close = self._retired and self._pins == 0
+        if close:
+            self._close()
+
+    def retire(self) -> None:
+        with self._lock:
+            self._retired = True
+            close = self._pins == 0
+        if close:
+            self._close()
+
+    def _close(self) -> None:
+        if self._owned and hasattr(self.index, "close"):
+            self.index.close()
+            log.info("index version %s closed (its lease released)", self.version)
+
+
+def check_index_fits(index: SearchIndex, encoder: ServingEncoder, reranker: Reranker | None) -> None:
+    """UserError unless `index` was embedded by `encoder`'s model (and stores what the reranker reads)."""
+    expected = index.bundle_fingerprint
+    if expected and encoder.fingerprint and encoder.fingerprint != expected:
+        raise UserError(f"index version {index.version} was built with bundle {expected}, the service runs {encoder.fingerprint}")
+    if int(index.embed_dim) != int(encoder.embed_dim):
+        raise UserError(f"index version {index.version} holds {index.embed_dim}-d vectors, the encoder gives {encoder.embed_dim}-d")
+    if reranker is not None:
+        check_reranker_fits_index(reranker.spec, index)
+
+
 class SearchEngine:
     def __init__(
         self,
@@ -92,27 +167,24 @@ class SearchEngine:
         encoder: ServingEncoder,
         metrics: ServiceMetrics,
         reranker: Reranker | None = None,
+        *,
+        owns_index: bool = False,
+        open_version: Callable[[str], SearchIndex] | None = None,
     ) -> None:
+        """`owns_index`: close `index` once a newer version replaces it (or at `close`).
+        `open_version(name)` opens another version of the same index, for `switch_to`; None: no switching."""
         if reranker is not None:
             check_reranker_fits_index(reranker.spec, index)
             metrics.stage_seconds.labels("text", "rerank")  # the series exists before the first reranked query
         self.settings = settings
-        self.index = index
         self.encoder = encoder
         self.metrics = metrics
         self.reranker = reranker
-        self.alphas = index.alphas
         self.embed_dim = int(index.embed_dim)
         self.fingerprint = index.bundle_fingerprint or encoder.fingerprint or "unknown"
-        self.version = index.version
-        self.size = len(index)
-        self.filter_fields: dict[str, list[str]] = index.filter_fields()
-        metrics.index_products.set(self.size)
+        self.open_version = open_version
 
         self.link: RedisLink | None = None
-        self.redis_store: RedisStore | None = None
-        self._store_synced = threading.Event()
-        self._sync_lock = threading.Lock()
         remote = None
         if settings.redis_url:
             self.link = RedisLink(
@@ -121,11 +193,94 @@ class SearchEngine:
             )  # fmt: skip
             self.link.on_state_change = self._redis_state_changed
             remote = RedisEmbeddingCache(self.link, self.fingerprint, self.embed_dim, settings.cache_ttl_s)
-            self.redis_store = RedisStore(self.link.client, self.version, prefix=settings.redis_prefix)
         self.cache = TieredEmbeddingCache(LRUEmbeddingCache(settings.cache_size, self.embed_dim), remote)
-        self._thumbs: LRU[bytes] = LRU(settings.thumbnail_cache)
-        # Records of the on-disk store, kept in memory (an index version never changes); Redis reads are not.
-        self._disk_records: LRU[ProductRecord] = LRU(settings.record_cache)
+        self._served = ServedVersion(index, settings, self.link, owned=owns_index)
+        self._pin_lock = threading.Lock()  # pinning and swapping never interleave
+        self._switch_lock = threading.Lock()  # one switch at a time
+        metrics.index_products.set(self._served.size)
+
+    # ------------------------------------------------------------------ the served version
+
+    @contextmanager
+    def pinned(self) -> Iterator[ServedVersion]:
+        """The served version, held for the block: a switch meanwhile does not close it."""
+        with self._pin_lock:
+            served = self._served
+            served.pin()
+        try:
+            yield served
+        finally:
+            served.unpin()
+
+    @property
+    def served(self) -> ServedVersion:
+        return self._served
+
+    @property
+    def index(self) -> SearchIndex:
+        return self._served.index
+
+    @property
+    def version(self) -> str:
+        return self._served.version
+
+    @property
+    def size(self) -> int:
+        return self._served.size
+
+    @property
+    def filter_fields(self) -> dict[str, list[str]]:
+        return self._served.filter_fields
+
+    @property
+    def alphas(self):
+        return self._served.index.alphas
+
+    @property
+    def redis_store(self) -> RedisStore | None:
+        return self._served.redis_store
+
+    def switch_to(self, version: str) -> bool:
+        """Serve index version `version` from now on (False when already serving it).
+
+        The version is opened and checked before the swap, so a version that cannot be served
+        (missing, another bundle's) raises UserError and the current one stays. Requests already
+        running finish on the version they pinned; the old version is closed after them.
+        """
+        if self.open_version is None:
+            raise UserError("this service cannot switch index versions (the index was not opened from an index folder)")
+        with self._switch_lock:
+            if version == self.version:
+                return False
+            started = time.perf_counter()
+            try:
+                index = self.open_version(version)
+            except UserError:
+                self.metrics.index_switches.labels("failed").inc()
+                raise
+            try:
+                check_index_fits(index, self.encoder, self.reranker)
+                served = ServedVersion(index, self.settings, self.link, owned=True)
+            except BaseException:
+                self.metrics.index_switches.labels("failed").inc()
+                if hasattr(index, "close"):
+                    index.close()
+                raise
+            with self._pin_lock:
+                old, self._served = self._served, served
+            old.retire()
+            seconds = time.perf_counter() - started
+            self.metrics.index_switches.labels("ok").inc()
+            self.metrics.index_switch_seconds.observe(seconds)
+            self.metrics.index_products.set(served.size)
+            log.info("now serving index version %s (%d products; was %s with %d), opened in %.2f s",
+                     served.version, served.size, old.version, old.size, seconds)  # fmt: skip
+        if self.link is not None:
+            threading.Thread(target=self.sync_product_store, args=(served,), name="redis-store-sync", daemon=True).start()
+            if old.redis_store is not None:  # replicas still on it read it a little longer; then Redis drops it
+                stale = old.redis_store
+                self.link.call(lambda c: stale.expire(self.settings.redis_old_store_ttl_s), None)
+        return True
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -136,102 +291,114 @@ class SearchEngine:
             self.sync_product_store()
 
     def close(self) -> None:
+        self._served.retire()
         if self.link is not None:
             self.link.close()
 
     def _redis_state_changed(self, up: bool) -> None:
         self.metrics.redis_up.set(1 if up else 0)
+        served = self._served
+        served.store_synced.clear()
         if up:
             # Redis may have restarted empty: re-check the store off the request path.
-            self._store_synced.clear()
-            threading.Thread(target=self.sync_product_store, name="redis-store-sync", daemon=True).start()
-        else:
-            self._store_synced.clear()
+            threading.Thread(target=self.sync_product_store, args=(served,), name="redis-store-sync", daemon=True).start()
 
-    def sync_product_store(self) -> bool:
-        """Make Redis hold this index version's products; False when Redis is unreachable."""
-        if self.link is None or self.redis_store is None:
+    def sync_product_store(self, served: ServedVersion | None = None) -> bool:
+        """Make Redis hold the products of `served` (default: the served version); False when Redis is unreachable."""
+        served = served or self._served
+        if self.link is None or served.redis_store is None:
             return False
-        if not self._sync_lock.acquire(blocking=False):
+        if not served.try_pin():
+            return False  # replaced meanwhile
+        if not served.sync_lock.acquire(blocking=False):
+            served.unpin()
             return False  # another thread is at it
         try:
-            store = self.redis_store
-            if self.link.call(lambda c: store.is_complete(self.size), False, force=True):
-                self._store_synced.set()
+            store = served.redis_store
+            if self.link.call(lambda c: store.is_complete(served.size), False, force=True):
+                served.store_synced.set()
                 return True
             started = time.perf_counter()
-            bulk = RedisStore(self.link.bulk_client, self.version, prefix=self.settings.redis_prefix)
+            bulk = RedisStore(self.link.bulk_client, served.version, prefix=self.settings.redis_prefix)
             try:
-                written = bulk.populate(self._all_records(), self.size)
+                written = bulk.populate(self._all_records(served.index), served.size)
             except REDIS_ERRORS as exc:
                 log.warning("redis product store %s not filled (reads use the disk store): %s", store.hash_key, exc)
                 return False
             log.info("redis product store %s: wrote %d products in %.1fs", store.hash_key, written,
                      time.perf_counter() - started)  # fmt: skip
-            self._store_synced.set()
+            served.store_synced.set()
             return True
         finally:
-            self._sync_lock.release()
+            served.sync_lock.release()
+            served.unpin()
 
-    def _all_records(self):
-        ids = self.index.ids()
+    @staticmethod
+    def _all_records(index: SearchIndex):
+        ids = index.ids()
         for start in range(0, len(ids), SYNC_CHUNK):
-            for record in self.index.get_many(ids[start : start + SYNC_CHUNK]):
+            for record in index.get_many(ids[start : start + SYNC_CHUNK]):
                 if record is not None:
                     yield record
 
     @property
     def store_synced(self) -> bool:
-        return self._store_synced.is_set()
+        return self._served.store_synced.is_set()
 
     # ------------------------------------------------------------------ products
 
-    def records(self, ids: list[str]) -> list[ProductRecord | None]:
+    def records(self, ids: list[str], served: ServedVersion | None = None) -> list[ProductRecord | None]:
         """Records for ids from the shared Redis store when it is usable, else (or for misses) the disk store.
 
         A miss in a synced Redis store (a record deleted, or damaged: not JSON, fields missing) is
         served from disk and written back, so the store repairs itself."""
+        if served is None:
+            with self.pinned() as pinned:
+                return self.records(ids, pinned)
         found: list[ProductRecord | None] = [None] * len(ids)
-        use_redis = self.redis_store is not None and self.link is not None and self.store_synced and bool(ids)
+        store = served.redis_store
+        use_redis = store is not None and self.link is not None and served.store_synced.is_set() and bool(ids)
         if use_redis:
-            store = self.redis_store
             found = self.link.call(lambda c: store.get_many(ids), [None] * len(ids))
         redis_misses = [i for i, record in enumerate(found) if record is None] if use_redis and self.link.up else []
         missing = []
         for i, record in enumerate(found):
             if record is None:
-                found[i] = self._disk_records.get(ids[i])
+                found[i] = served.disk_records.get(ids[i])
                 if found[i] is None:
                     missing.append(i)
         if missing:
-            for i, record in zip(missing, self.index.get_many([ids[i] for i in missing])):
+            for i, record in zip(missing, served.index.get_many([ids[i] for i in missing])):
                 found[i] = record
                 if record is not None:
-                    self._disk_records.put(ids[i], record)
+                    served.disk_records.put(ids[i], record)
         repairs = [found[i] for i in redis_misses if found[i] is not None]
         if repairs:
             self.link.call(lambda c: store.put_many(repairs), 0)
         return found
 
-    def product(self, product_id: str) -> ProductRecord:
-        record = self.records([product_id])[0]
+    def product(self, product_id: str, served: ServedVersion | None = None) -> ProductRecord:
+        record = self.records([product_id], served)[0]
         if record is None:
             raise ApiError(404, "product_not_found", f"no product with id {product_id!r}")
         return record
 
-    def thumbnail(self, product_id: str) -> bytes:
-        data = self._thumbs.get(product_id)
+    def thumbnail(self, product_id: str, served: ServedVersion | None = None) -> bytes:
+        if served is None:
+            with self.pinned() as pinned:
+                return self.thumbnail(product_id, pinned)
+        data = served.thumbs.get(product_id)
         if data is not None:
             return data
-        if self.index.get(product_id) is None:
+        if served.index.get(product_id) is None:
             raise ApiError(404, "product_not_found", f"no product with id {product_id!r}")
         try:
-            image = self.index.open_image(product_id)
+            image = served.index.open_image(product_id)
         except (OSError, ValueError, LookupError) as exc:
             log.warning("image of product %s unreadable: %s", product_id, exc)
             raise ApiError(404, "image_unavailable", f"the image of product {product_id!r} cannot be read") from exc
         data = jpeg_thumbnail(image, max_px=self.settings.thumbnail_px, quality=self.settings.thumbnail_quality)
-        self._thumbs.put(product_id, data)
+        served.thumbs.put(product_id, data)
         return data
 
     # ------------------------------------------------------------------ rerank
@@ -272,7 +439,7 @@ class SearchEngine:
                 "prior_weight": spec.prior_weight, "precision": spec.precision,
                 "default_on": self.settings.rerank_default, "top_n": self.default_rerank_top_n}  # fmt: skip
 
-    def _rerank(self, text: str, outcome: SearchOutcome, top_n: int) -> None:
+    def _rerank(self, text: str, outcome: SearchOutcome, top_n: int, served: ServedVersion) -> None:
         """Reorder the first `top_n` hits of `outcome` by the reranker's scores (stable on ties); the rest stay after them."""
         from vitrine.runtime.reranker import rerank_order
 
@@ -283,7 +450,7 @@ class SearchEngine:
             return
         head = outcome.hits[:n]
         titles = [record.title if record is not None else "" for record in outcome.records[:n]]
-        patches = self.index.patches([h.id for h in head])
+        patches = served.index.patches([h.id for h in head])
         try:
             scores = self.reranker.score(text, titles, patches, first_stage=np.array([h.score for h in head], np.float32))
         except UserError as exc:  # e.g. a query the reranker's tokenizer cannot read
@@ -303,7 +470,7 @@ class SearchEngine:
         if rerank_top_n is not None and (self.reranker is None or not 1 <= rerank_top_n <= MAX_RERANK_TOP_N):
             raise ValueError(f"rerank_top_n={rerank_top_n!r} needs a reranker and 1..{MAX_RERANK_TOP_N}; see rerank_plan")
         timings: dict[str, float] = {}
-        with self.metrics.stage("text", "total", timings):
+        with self.pinned() as served, self.metrics.stage("text", "total", timings):
             with self.metrics.stage("text", "decode", timings):
                 text = normalise_query(query)
             with self.metrics.stage("text", "encode", timings):
@@ -313,10 +480,10 @@ class SearchEngine:
                     self.cache.put(text, emb)
                 self.metrics.query_cache.labels(tier).inc()
             fetch = k if rerank_top_n is None else max(k, rerank_top_n)
-            outcome = self._search(emb, "text", k=fetch, alpha=alpha, filters=filters, timings=timings)
+            outcome = self._search(emb, "text", k=fetch, alpha=alpha, filters=filters, timings=timings, served=served)
             if rerank_top_n is not None:
                 with self.metrics.stage("text", "rerank", timings):
-                    self._rerank(text, outcome, rerank_top_n)
+                    self._rerank(text, outcome, rerank_top_n, served)
                 outcome.hits, outcome.records = outcome.hits[:k], outcome.records[:k]
                 outcome.rerank_scores = (outcome.rerank_scores or [])[:k]
         outcome.cache = tier
@@ -333,7 +500,8 @@ class SearchEngine:
             except UserError as exc:  # e.g. an image the preprocessing refuses to resize
                 raise ApiError(422, "invalid_image", str(exc)) from exc
             emb = self._check_emb(embs, "image")
-        outcome = self._search(emb, "image", k=k, alpha=alpha, filters=filters, timings=timings)
+        with self.pinned() as served:
+            outcome = self._search(emb, "image", k=k, alpha=alpha, filters=filters, timings=timings, served=served)
         total = (time.perf_counter() - start) * 1000.0 + timings.get("decode", 0.0)
         timings["total"] = total
         self.metrics.stage_seconds.labels("image", "total").observe(total / 1000.0)
@@ -355,17 +523,17 @@ class SearchEngine:
         return emb
 
     def _search(self, emb: np.ndarray, kind: QueryKind, *, k: int, alpha: float | None, filters: dict | None,
-                timings: dict[str, float]) -> SearchOutcome:  # fmt: skip
-        used_alpha = self.alphas.resolve(kind, alpha)
+                timings: dict[str, float], served: ServedVersion) -> SearchOutcome:  # fmt: skip
+        used_alpha = served.index.alphas.resolve(kind, alpha)
         with self.metrics.stage(kind, "search", timings):
             try:
-                hits = self.index.search(emb, k=k, kind=kind, alpha=used_alpha, filters=filters or None)
+                hits = served.index.search(emb, k=k, kind=kind, alpha=used_alpha, filters=filters or None)
             except UnknownFilterError as exc:
                 raise ApiError(422, "unknown_filter", str(exc), [{"loc": ["body", "filters", exc.field], "msg": str(exc)}]) from exc
             except FilterError as exc:
                 raise ApiError(422, "invalid_filter", str(exc), [{"loc": ["body", "filters"], "msg": str(exc)}]) from exc
         with self.metrics.stage(kind, "fuse", timings):
-            records = self.records([h.id for h in hits])
+            records = self.records([h.id for h in hits], served)
         return SearchOutcome(hits=hits, records=records, alpha=used_alpha)
 
 

@@ -6,6 +6,12 @@
     vitrine_query_cache_total{result}                    local | redis | miss
     vitrine_redis_up                                     1 when the last Redis call worked (absent without Redis)
     vitrine_index_products                               products in the served index
+    vitrine_index_switches_total{result}                 ok | failed: switches to another index version
+    vitrine_index_switch_seconds                         opening and checking a new version before the swap
+    vitrine_writes_total{action, result}                 catalog writes over HTTP (action: put | delete | batch)
+    vitrine_write_seconds{action}                        a write, from accepted to durable (and served here)
+    vitrine_write_queue                                  writes accepted and not yet answered
+    vitrine_write_commit_seconds                         one commit of queued writes as a new index version
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ STAGES = ("decode", "encode", "search", "fuse", "rerank", "total")
 # Millisecond-scale work: buckets from 0.5 ms to 10 s.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
                    0.1, 0.2, 0.5, 1.0, 2.5, 10.0)  # fmt: skip
+SLOW_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # index switches and writes
 
 
 class ServiceMetrics:
@@ -37,6 +44,18 @@ class ServiceMetrics:
         self.query_cache = Counter("vitrine_query_cache", "query-embedding cache lookups", ["result"], registry=self.registry)
         self.redis_up = Gauge("vitrine_redis_up", "1 when Redis answered the last call", registry=self.registry)
         self.index_products = Gauge("vitrine_index_products", "products in the served index", registry=self.registry)
+        self.index_switches = Counter("vitrine_index_switches", "switches to another index version", ["result"], registry=self.registry)
+        self.index_switch_seconds = Histogram(
+            "vitrine_index_switch_seconds", "opening and checking a new index version", buckets=SLOW_BUCKETS, registry=self.registry
+        )
+        self.writes = Counter("vitrine_writes", "catalog writes over HTTP", ["action", "result"], registry=self.registry)
+        self.write_seconds = Histogram(
+            "vitrine_write_seconds", "catalog write, accepted to durable", ["action"], buckets=SLOW_BUCKETS, registry=self.registry
+        )
+        self.write_queue = Gauge("vitrine_write_queue", "writes accepted and not yet answered", registry=self.registry)
+        self.write_commit_seconds = Histogram(
+            "vitrine_write_commit_seconds", "one commit of queued writes", buckets=SLOW_BUCKETS, registry=self.registry
+        )
 
     @contextmanager
     def stage(self, kind: str, stage: str, timings: dict[str, float] | None = None) -> Iterator[None]:

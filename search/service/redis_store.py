@@ -237,6 +237,11 @@ class RedisStore:
     def __contains__(self, id: object) -> bool:
         return isinstance(id, str) and bool(self.client.hexists(self.hash_key, id))
 
+    def expire(self, seconds: int) -> None:
+        """Let Redis drop this version's store (and marker) after `seconds`: a newer version is served."""
+        self.client.expire(self.hash_key, seconds)
+        self.client.expire(self.marker_key, seconds)
+
     # -- population from the index's own store
 
     def is_complete(self, expected: int) -> bool:

@@ -7,6 +7,7 @@ a lone surrogate ("\ud800", which no UTF-8 text can carry) are refused.
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
@@ -197,3 +198,112 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     415: {"model": ErrorResponse, "description": "unsupported content type or image format"},
     422: {"model": ErrorResponse, "description": "invalid field values"},
 }
+
+
+# ---------------------------------------------------------------- catalog writes
+
+# Ids of products written over HTTP: URL- and file-name-safe. Any id the index holds can still be
+# read and deleted (GET and DELETE take 1..200 characters).
+PRODUCT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
+MAX_PRODUCT_ID_CHARS = 128
+ATTRIBUTE_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]*$"
+MAX_ATTRIBUTE_NAME_CHARS = 64
+MAX_ATTRIBUTES = 64
+MAX_TITLE_CHARS = 300
+MAX_FIELD_CHARS = 200
+MAX_DESCRIPTION_CHARS = 5000
+RESERVED_ATTRIBUTES = frozenset({"category", "subcategory"})  # top-level fields; filters read them by these names
+ATTRIBUTES_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "maxProperties": MAX_ATTRIBUTES,
+    "propertyNames": {"pattern": ATTRIBUTE_NAME_PATTERN, "maxLength": MAX_ATTRIBUTE_NAME_CHARS,
+                      "not": {"enum": sorted(RESERVED_ATTRIBUTES)}},
+    "additionalProperties": {"type": "string", "maxLength": MAX_FIELD_CHARS},
+}  # fmt: skip
+NewProductId = Annotated[
+    str, Field(min_length=1, max_length=MAX_PRODUCT_ID_CHARS, pattern=PRODUCT_ID_PATTERN, description="letters, digits and . _ : -")
+]
+AnyProductId = Annotated[str, Field(min_length=1, max_length=MAX_FILTER_CHARS, description="an id the index holds")]
+
+
+class ProductFields(BaseModel):
+    """A product as the catalog has it; the photo travels beside it (base64 in JSON, a file in multipart)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: str = Field(min_length=1, max_length=MAX_TITLE_CHARS, json_schema_extra={"pattern": NON_BLANK_PATTERN},
+                       description="what the shopper sees and text queries match: not blank", examples=["Women Red Floral Summer Dress"])  # fmt: skip
+    category: str = Field(default="", max_length=MAX_FIELD_CHARS, examples=["Apparel"])
+    subcategory: str = Field(default="", max_length=MAX_FIELD_CHARS, examples=["Dress"])
+    description: str = Field(default="", max_length=MAX_DESCRIPTION_CHARS)
+    attributes: Annotated[dict[str, str], WithJsonSchema(ATTRIBUTES_SCHEMA)] = Field(
+        default_factory=dict, description="filterable attributes, e.g. gender, baseColour", examples=[{"gender": "Women", "baseColour": "Red"}]
+    )
+
+    @field_validator("title")
+    @classmethod
+    def _title(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("title is blank")
+        return value
+
+    @field_validator("title", "category", "subcategory", "description")
+    @classmethod
+    def _unicode(cls, value: str) -> str:
+        if has_lone_surrogate(value):
+            raise ValueError("not valid Unicode (a lone surrogate)")
+        return value
+
+    @field_validator("attributes", mode="before")
+    @classmethod
+    def _attributes(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValueError('attributes must be an object of name -> text, e.g. {"gender": "Women"}')
+        if len(value) > MAX_ATTRIBUTES:
+            raise ValueError(f"at most {MAX_ATTRIBUTES} attributes")
+        for name, text in value.items():
+            if not isinstance(name, str) or not re.fullmatch(ATTRIBUTE_NAME_PATTERN[1:-1], name) or len(name) > MAX_ATTRIBUTE_NAME_CHARS:
+                raise ValueError(f"attribute name {name!r}: a letter, then letters, digits or _ (at most {MAX_ATTRIBUTE_NAME_CHARS})")
+            if name in RESERVED_ATTRIBUTES:
+                raise ValueError(f"attribute name {name!r} is a product field: set it at the top level")
+            if not isinstance(text, str) or len(text) > MAX_FIELD_CHARS:
+                raise ValueError(f"attribute {name!r}: text of at most {MAX_FIELD_CHARS} characters, got {json_type(text)}")
+            if has_lone_surrogate(text):
+                raise ValueError(f"attribute {name!r}: not valid Unicode (a lone surrogate)")
+        return value
+
+
+IMAGE_BASE64_FIELD = Field(
+    min_length=1,
+    description="the product photo (JPEG, PNG, WebP, GIF or BMP), base64; a data: URL prefix and line breaks are accepted",
+    json_schema_extra={"pattern": BASE64_PATTERN, "contentEncoding": "base64", "contentMediaType": "image/*"},
+)
+
+
+class ProductPut(ProductFields):
+    image_base64: str = IMAGE_BASE64_FIELD
+
+
+class BatchUpsert(ProductPut):
+    id: NewProductId
+
+
+class BatchRequest(BaseModel):
+    """Upserts and deletes applied together as one index version: all of them, or (any row bad) none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    upsert: list[BatchUpsert] = Field(default_factory=list, description="products to add or replace")
+    delete: list[AnyProductId] = Field(default_factory=list, json_schema_extra={"uniqueItems": True},
+                                       description="ids to remove; each must be in the index")  # fmt: skip
+
+
+class WriteResult(BaseModel):
+    id: str
+    result: str = Field(description="added | replaced | unchanged (same fields and photo: nothing re-embedded) | deleted")
+
+
+class WriteResponse(BaseModel):
+    version: str = Field(description="the index version that holds the write (durable, and served by this replica)")
+    results: list[WriteResult]
+    took_ms: float = Field(description="from accepted to durable")

@@ -4,13 +4,16 @@ Every field is documented in deploy/settings.md; keep the two in step.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1 << 20
+KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+KEY_DIGEST = re.compile(r"sha256:[0-9a-fA-F]{64}")
 MAX_RERANK_TOP_N = 100  # cross-encoder rows per query: the rerank cost grows linearly with N
 
 
@@ -80,6 +83,29 @@ class Settings(BaseSettings):
     thumbnail_cache: int = Field(default=2048, ge=0, description="in-process thumbnail LRU entries")
 
     docs: bool = Field(default=True, description="serve OpenAPI docs at /docs and /openapi.json")
+
+    # Live index versions: follow the index's CURRENT switch, and the other replicas' through Redis.
+    index_poll_s: float = Field(default=1.0, ge=0, description="how often CURRENT (and Redis) is checked for a new version; 0: never")
+    redis_old_store_ttl_s: int = Field(default=600, ge=1, description="TTL put on a replaced version's Redis product store")
+
+    # Catalog writes over HTTP (PUT/DELETE /products/{id}, POST /products:batch), with API keys.
+    write_keys: dict[str, str] = Field(default_factory=dict, description="key id -> 'sha256:<hex digest>' of an API key that may write")
+    read_keys: dict[str, str] = Field(default_factory=dict, description="key id -> digest of a key that may read; empty: reads are open")
+    audit_log: Path | None = Field(default=None, description="append-only JSON-lines log of writes; default <index>/audit.jsonl")
+    write_queue_size: int = Field(default=32, ge=1, description="writes accepted and not yet answered; beyond: 429")
+    write_group_max: int = Field(default=16, ge=1, description="queued writes committed together as one index version")
+    write_max_rows: int = Field(default=100, ge=1, description="rows (upserts + deletes) in one POST /products:batch")
+    write_lock_wait_s: float = Field(default=30.0, ge=0, description="wait for another writer of the index before 503")
+
+    @field_validator("write_keys", "read_keys")
+    @classmethod
+    def _check_keys(cls, keys: dict[str, str]) -> dict[str, str]:
+        for key_id, digest in keys.items():
+            if not KEY_ID.fullmatch(key_id):
+                raise ValueError(f"API key id {key_id[:40]!r}: use 1-64 letters, digits, '.', '_' or '-'")
+            if not KEY_DIGEST.fullmatch(digest):
+                raise ValueError(f"API key {key_id!r}: store 'sha256:' and the key's 64-hex-digit SHA-256, never the key")
+        return {key_id: digest.lower() for key_id, digest in keys.items()}
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

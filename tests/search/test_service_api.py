@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import random
@@ -11,6 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from indexer import ProductIndex
+from indexer.layout import IndexLayout
 from search.service import Settings, create_app
 from search.service.deps import get_settings
 from search.service.errors import ApiError
@@ -22,6 +24,8 @@ RED = (200, 30, 30)
 BLUE = (40, 90, 200)
 LIMITS = dict(max_k=20, default_k=10, max_query_chars=64, max_image_bytes=64 * 1024, max_body_bytes=256 * 1024,
               max_image_pixels=1_000_000)  # fmt: skip
+WRITE_KEY = "api-test-write-key-0123456789"
+WRITE_DIGEST = "sha256:" + hashlib.sha256(WRITE_KEY.encode()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +41,8 @@ def index(fixture: IndexFixture) -> ProductIndex:
 
 @pytest.fixture(scope="module")
 def client(index: ProductIndex, fixture: IndexFixture) -> TestClient:
-    app = create_app(Settings(**LIMITS), index=index, encoder=fixture.encoder)
+    # Writes are on (with a key), so the bad-input table reaches their validation; the table never writes.
+    app = create_app(Settings(**LIMITS, write_keys={"api-test": WRITE_DIGEST}, write_max_rows=10), index=index, encoder=fixture.encoder)
     with TestClient(app, raise_server_exceptions=False) as test_client:
         yield test_client
 
@@ -228,6 +233,25 @@ def _form(**fields: str) -> dict:
     return _multipart(image=("a.jpg", jpeg_bytes(), "image/jpeg"), **fields)
 
 
+def _keyed(kwargs: dict | None = None, key: str | None = WRITE_KEY, scheme: str = "Bearer") -> dict:
+    """A write request's kwargs with an Authorization header (the test client's write key by default)."""
+    kwargs = dict(kwargs or {})
+    headers = dict(kwargs.pop("headers", None) or {})
+    if key is not None:
+        headers["Authorization"] = f"{scheme} {key}"
+    return {**kwargs, "headers": headers}
+
+
+def _put(**fields) -> dict:
+    """A keyed PUT /products/{id} JSON body: a good product with these fields changed (None: left out)."""
+    body = {"title": "Red zebra top", "image_base64": GOOD_B64, **fields}
+    return _keyed({"json": {k: v for k, v in body.items() if v is not None}})
+
+
+def _batch(body: object) -> dict:
+    return _keyed({"json": body})
+
+
 BIG_JPEG = noisy_jpeg((320, 320), seed=1)  # > max_image_bytes (64 KiB), < max_body_bytes (256 KiB)
 BOMB_PNG = png_bytes((2000, 2000))  # 4 Mpx declared in a few KiB; the limit is 1 Mpx
 THIN_PNG = png_bytes((1, 10_000))  # ~100 bytes; resized to a 224 px short side it would be 224 x 2,240,000 px
@@ -318,6 +342,76 @@ BAD_INPUTS = [
     ("multipart with too many fields", "post", "/search/image",
      _form(k="3", alpha="0.5", filters="{}", rerank="false", rerank_top_n="5", timing="false", extra="1"), 400, "malformed_multipart"),
     ("form field not in the schema", "post", "/search/image", _form(colour="red"), 422, "validation_error"),
+    # issue 14, part 3: catalog writes (keys first, then every field, the photo and the batch rows)
+    ("write without a key", "put", "/products/new1", {"json": {"title": "Red top", "image_base64": GOOD_B64}}, 401, "missing_api_key"),
+    ("write with a wrong key", "put", "/products/new1", _keyed({"json": {"title": "Red top"}}, key="wrong"), 403, "invalid_api_key"),
+    ("write with basic auth", "put", "/products/new1", _keyed({"json": {"title": "Red top"}}, scheme="Basic"), 401, "missing_api_key"),
+    ("write with an empty bearer", "put", "/products/new1", _keyed(key=""), 401, "missing_api_key"),
+    ("write key as the digest", "delete", "/products/100", _keyed(key=WRITE_DIGEST), 403, "invalid_api_key"),
+    ("delete without a key", "delete", "/products/100", {}, 401, "missing_api_key"),
+    ("batch without a key", "post", "/products:batch", {"json": {"delete": ["100"]}}, 401, "missing_api_key"),
+    ("write id with a space", "put", "/products/a%20b", _put(), 422, "validation_error"),
+    ("write id over 128 chars", "put", "/products/" + "a" * 129, _put(), 422, "validation_error"),
+    ("write id starting with a dot", "put", "/products/.hidden", _put(), 422, "validation_error"),
+    ("write id with a lone surrogate", "put", "/products/%ED%A0%80", _put(), 422, "validation_error"),
+    ("write title missing", "put", "/products/new1", _put(title=None), 422, "validation_error"),
+    ("write title blank", "put", "/products/new1", _put(title=" \t "), 422, "validation_error"),
+    ("write title too long", "put", "/products/new1", _put(title="x" * 301), 422, "validation_error"),
+    ("write title a number", "put", "/products/new1", _put(title=5), 422, "validation_error"),
+    ("write title lone surrogate", "put", "/products/new1",
+     _keyed(_json_text({"title": "\ud800 top", "image_base64": GOOD_B64})), 400, "malformed_json"),
+    ("write unknown field", "put", "/products/new1", _put(price=10), 422, "validation_error"),
+    ("write id in the body", "put", "/products/new1", _put(id="other"), 422, "validation_error"),
+    ("write attributes a list", "put", "/products/new1", _put(attributes=["gender"]), 422, "validation_error"),
+    ("write attribute value a number", "put", "/products/new1", _put(attributes={"gender": 5}), 422, "validation_error"),
+    ("write attribute named category", "put", "/products/new1", _put(attributes={"category": "Bags"}), 422, "validation_error"),
+    ("write attribute name with a space", "put", "/products/new1", _put(attributes={"base colour": "Red"}), 422, "validation_error"),
+    ("write too many attributes", "put", "/products/new1", _put(attributes={f"a{i}": "x" for i in range(65)}), 422, "validation_error"),
+    ("write description too long", "put", "/products/new1", _put(description="x" * 5001), 422, "validation_error"),
+    ("write photo missing", "put", "/products/new1", _put(image_base64=None), 422, "validation_error"),
+    ("write photo empty", "put", "/products/new1", _put(image_base64=""), 422, "validation_error"),
+    ("write photo bad base64", "put", "/products/new1", _put(image_base64="not base64!!"), 400, "invalid_base64"),
+    ("write photo base64 of text", "put", "/products/new1", _put(image_base64=base64.b64encode(b"plain text").decode()), 415, "unsupported_image"),
+    ("write photo a PDF", "put", "/products/new1", _put(image_base64=base64.b64encode(PDF).decode()), 415, "unsupported_image"),
+    ("write photo truncated", "put", "/products/new1", _put(image_base64=base64.b64encode(_truncated_jpeg()).decode()), 422, "invalid_image"),
+    ("write photo thin", "put", "/products/new1", _put(image_base64=base64.b64encode(THIN_PNG).decode()), 422, "image_aspect_ratio"),
+    ("write photo a pixel bomb", "put", "/products/new1", _put(image_base64=base64.b64encode(BOMB_PNG).decode()), 413, "image_too_many_pixels"),
+    ("write photo too many bytes", "put", "/products/new1", _put(image_base64=base64.b64encode(BIG_JPEG).decode()), 413, "image_too_large"),
+    ("write body over the limit", "put", "/products/new1", _put(description="x" * 300_000), 413, "payload_too_large"),
+    ("write malformed JSON", "put", "/products/new1", _keyed(_json_text("x") | {"content": b'{"title": '}), 400, "malformed_json"),
+    ("write body a list", "put", "/products/new1", _keyed({"json": ["Red top"]}), 422, "validation_error"),
+    ("write as text/plain", "put", "/products/new1", _keyed({"content": b"title=x", "headers": {"content-type": "text/plain"}}), 415, "unsupported_media_type"),
+    ("write without a content type", "put", "/products/new1", _keyed({"content": b"{}"}), 415, "unsupported_media_type"),
+    ("write form without the photo", "put", "/products/new1", _keyed({"files": {"title": (None, "Red top")}}), 422, "validation_error"),
+    ("write form photo as text", "put", "/products/new1", _keyed({"files": {"image": (None, "x"), "title": (None, "Red top")}}), 422, "validation_error"),
+    ("write form without a title", "put", "/products/new1", _keyed(_multipart(image=("a.jpg", jpeg_bytes(), "image/jpeg"))), 422, "validation_error"),
+    ("write form PDF part", "put", "/products/new1", _keyed(_multipart(image=("a.pdf", PDF, "application/pdf"), title="Red top")), 415, "unsupported_media_type"),
+    ("write form attributes not JSON", "put", "/products/new1", _keyed(_form(title="Red top", attributes="{gender")), 400, "malformed_json"),
+    ("write form unknown field", "put", "/products/new1", _keyed(_form(title="Red top", price="10")), 422, "validation_error"),
+    ("write form lone surrogate in attributes", "put", "/products/new1",
+     _keyed(_form(title="Red top", attributes=json.dumps({"gender": "\ud800"}))), 422, "validation_error"),
+    ("write form too many parts", "put", "/products/new1",
+     _keyed(_form(title="a", category="b", subcategory="c", description="d", attributes="{}", extra="1")), 400, "malformed_multipart"),
+    ("delete unknown id", "delete", "/products/no-such-id", _keyed(), 404, "product_not_found"),
+    ("delete id over 200 chars", "delete", "/products/" + "a" * 201, _keyed(), 422, "validation_error"),
+    ("batch as a form", "post", "/products:batch", _keyed({"data": {"delete": "100"}}), 415, "unsupported_media_type"),
+    ("batch body a list", "post", "/products:batch", _batch([{"delete": ["100"]}]), 422, "validation_error"),
+    ("batch unknown key", "post", "/products:batch", _batch({"remove": ["100"]}), 422, "validation_error"),
+    ("batch upsert not a list", "post", "/products:batch", _batch({"upsert": {"id": "x"}}), 422, "validation_error"),
+    ("batch row not an object", "post", "/products:batch", _batch({"upsert": ["x"]}), 422, "invalid_rows"),
+    ("batch row without an id", "post", "/products:batch", _batch({"upsert": [{"title": "Red top", "image_base64": GOOD_B64}]}), 422, "invalid_rows"),
+    ("batch row with a bad id", "post", "/products:batch", _batch({"upsert": [{"id": "a/b", "title": "Red top", "image_base64": GOOD_B64}]}), 422, "invalid_rows"),
+    ("batch row with a bad photo", "post", "/products:batch", _batch({"upsert": [{"id": "n1", "title": "Red top", "image_base64": "QUJD"}]}), 422, "invalid_rows"),
+    ("batch row with a thin photo", "post", "/products:batch",
+     _batch({"upsert": [{"id": "n1", "title": "Red top", "image_base64": base64.b64encode(THIN_PNG).decode()}]}), 422, "invalid_rows"),
+    ("batch repeats an id", "post", "/products:batch",
+     _batch({"upsert": [{"id": "n1", "title": "Red top", "image_base64": GOOD_B64}], "delete": ["n1"]}), 422, "invalid_rows"),
+    ("batch deletes an id twice", "post", "/products:batch", _batch({"delete": ["100", "100"]}), 422, "invalid_rows"),
+    ("batch deletes an unknown id", "post", "/products:batch", _batch({"delete": ["100", "no-such-id"]}), 422, "invalid_rows"),
+    ("batch delete id not a string", "post", "/products:batch", _batch({"delete": [100]}), 422, "validation_error"),
+    ("batch over the row limit", "post", "/products:batch", _batch({"delete": [str(i) for i in range(11)]}), 422, "validation_error"),
+    ("batch lone surrogate", "post", "/products:batch", _keyed(_json_text({"delete": ["\udfff"]})), 400, "malformed_json"),
+    ("batch wrong method", "get", "/products:batch", {}, 405, "method_not_allowed"),
     ("unknown product", "get", "/products/no-such-id", {}, 404, "product_not_found"),
     ("unknown product image", "get", "/products/no-such-id/image", {}, 404, "product_not_found"),
     ("unknown route", "get", "/nope", {}, 404, "not_found"),
@@ -334,7 +428,7 @@ def test_bad_input_gets_a_4xx_json_error(client, name, method, path, kwargs, sta
     assert error["code"] == code and error["message"], error
 
 
-def test_bad_inputs_are_at_least_twenty_and_never_500(client):
+def test_bad_inputs_are_at_least_twenty_and_never_500(client, index):
     assert len(BAD_INPUTS) >= 20
     assert len(BIG_JPEG) > LIMITS["max_image_bytes"] and len(BIG_JPEG) * 4 // 3 < LIMITS["max_body_bytes"]
     assert len(BOMB_PNG) < LIMITS["max_image_bytes"]
@@ -342,6 +436,7 @@ def test_bad_inputs_are_at_least_twenty_and_never_500(client):
         getattr(client, method)(path, **kwargs)
     statuses = {line.split('status="')[1].split('"')[0] for line in metric_lines(client, "vitrine_requests_total{")}
     assert statuses and not any(s.startswith("5") for s in statuses), statuses
+    assert IndexLayout(index.index_dir).current().name == index.version  # no bad write was committed
 
 
 def test_pillow_decompression_bomb_error_is_a_413(client, monkeypatch):

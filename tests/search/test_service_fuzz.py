@@ -4,7 +4,7 @@ A real uvicorn server, configured as `vitrine serve` runs it, serves the fixture
 operation, schema-valid (positive) and schema-violating (negative) requests are generated with a
 fixed seed and a bounded count. Condition: no 5xx, no response slower than 5 s, every error is
 JSON in the service's error shape, and responses conform to the schema (status codes, content
-types, bodies).
+types, bodies). The catalog writes are fuzzed with an API key, so they reach their validation.
 """
 from __future__ import annotations
 
@@ -21,12 +21,16 @@ from schemathesis.checks import content_type_conformance, not_a_server_error, re
 
 from indexer import ProductIndex
 from search.service import Settings, create_app
+from search.service.auth import key_digest
 from search.service.connections import server_options
 from tests.support.indexes import IndexFixture, build_fixture_index
 from tests.support.service import LiveServer
 
 SEED = 1
 EXAMPLES_PER_OPERATION = {GenerationMode.POSITIVE: 120, GenerationMode.NEGATIVE: 80}
+WRITE_EXAMPLES = {GenerationMode.POSITIVE: 60, GenerationMode.NEGATIVE: 60}  # each write that passes validation commits
+WRITE_KEY = "fuzz-write-key-0123456789abcdef"
+WRITES = {("PUT", "/products/{product_id}"), ("DELETE", "/products/{product_id}"), ("POST", "/products:batch")}
 MAX_RESPONSE_S = 5.0
 LIMITS = dict(max_k=50, default_k=10, max_query_chars=128, max_image_bytes=256 * 1024, max_body_bytes=512 * 1024)
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
@@ -39,7 +43,7 @@ def fixture(tmp_path_factory: pytest.TempPathFactory) -> IndexFixture:
 
 @pytest.fixture(scope="module")
 def server(fixture: IndexFixture):
-    settings = Settings(**LIMITS)
+    settings = Settings(**LIMITS, write_keys={"fuzz": key_digest(WRITE_KEY)}, write_max_rows=20)
     with ProductIndex.open(fixture.index_dir) as index:
         app = create_app(settings, index=index, encoder=fixture.encoder)
         with LiveServer(app, **server_options(settings)) as live:
@@ -55,9 +59,13 @@ def test_generated_requests_never_get_a_5xx_or_a_slow_answer(server: LiveServer)
     skipped: list[str] = []
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {"/search/text", "/search/image", "/products/{product_id}", "/filters"}
+    assert {(op.method.upper(), op.path) for op in operations} >= WRITES
 
     for operation in operations:
-        for mode, examples in EXAMPLES_PER_OPERATION.items():
+        # Writes are sent with the API key (without one they would all stop at the 401).
+        is_write = (operation.method.upper(), operation.path) in WRITES
+        headers = {"Authorization": f"Bearer {WRITE_KEY}"} if is_write else None
+        for mode, examples in (WRITE_EXAMPLES if is_write else EXAMPLES_PER_OPERATION).items():
 
             @seed(SEED)
             @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck),
@@ -66,7 +74,7 @@ def test_generated_requests_never_get_a_5xx_or_a_slow_answer(server: LiveServer)
             def request_is_answered_well(case: schemathesis.Case) -> None:
                 nonlocal slowest
                 sent = time.perf_counter()
-                response = case.call(base_url=server.url, session=session, timeout=2 * MAX_RESPONSE_S)
+                response = case.call(base_url=server.url, session=session, timeout=2 * MAX_RESPONSE_S, headers=headers)
                 took = time.perf_counter() - sent
                 slowest = max(slowest, took)
                 statuses[response.status_code] += 1

@@ -26,6 +26,7 @@ from indexer import ProductIndex
 from indexer.build import build_index
 from indexer.layout import IndexLayout
 from search.service import Settings, create_app
+from search.service.auth import key_digest
 from search.service.connections import server_options
 from search.service.headers import PAGE_CSP
 from tests.support.indexes import FixtureEncoder, IndexFixture, build_fixture_index, make_index_catalog
@@ -49,9 +50,12 @@ def index(fixture: IndexFixture) -> ProductIndex:
         yield opened
 
 
+WRITE_KEY = "hardening-write-key-0123456789"
+
+
 @pytest.fixture(scope="module")
 def settings() -> Settings:
-    return Settings(**TIMEOUTS)
+    return Settings(**TIMEOUTS, write_keys={"hardening": key_digest(WRITE_KEY)})
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +124,11 @@ def post_head(path: str, content_type: str, length: int) -> bytes:
             f"Content-Length: {length}\r\n\r\n").encode()  # fmt: skip
 
 
+def put_head(path: str, content_type: str, length: int, key: str, method: str = "PUT") -> bytes:
+    return (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+            f"Authorization: Bearer {key}\r\nContent-Length: {length}\r\n\r\n").encode()  # fmt: skip
+
+
 MULTIPART = "multipart/form-data; boundary=xyz"
 # (name, bytes sent, expected status or None for a plain close, code, seconds the server may take)
 SLOW_CLIENTS = [
@@ -131,6 +140,11 @@ SLOW_CLIENTS = [
      408, "request_timeout", TIMEOUTS["body_idle_timeout_s"]),
     ("headers stall halfway", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Wait: ",
      408, "request_timeout", TIMEOUTS["request_head_timeout_s"]),
+    ("write body stalls (keyed PUT declares 100 bytes, sends 9)",
+     put_head("/products/new1", "application/json", 100, WRITE_KEY) + b'{"title":',
+     408, "request_timeout", TIMEOUTS["body_idle_timeout_s"]),
+    ("batch body stalls", put_head("/products:batch", "application/json", 100, WRITE_KEY, method="POST") + b'{"delete"',
+     408, "request_timeout", TIMEOUTS["body_idle_timeout_s"]),
     ("connects and sends nothing", b"", None, None, TIMEOUTS["request_head_timeout_s"]),
     ("headers over the size limit", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 8000,
      431, "request_head_too_large", 0.0),
@@ -292,6 +306,30 @@ def test_openapi_states_what_the_server_enforces(index, fixture):
     assert form["encoding"]["image"]["contentType"].startswith("image/jpeg, image/png, image/webp")
 
 
+def test_openapi_states_the_write_endpoints_keys_and_limits(index, fixture):
+    app = create_app(Settings(write_max_rows=7), index=index, encoder=fixture.encoder)
+    with TestClient(app) as client:
+        schema = client.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["ApiKey"] == {
+        "type": "http", "scheme": "bearer", "description": schema["components"]["securitySchemes"]["ApiKey"]["description"]}
+    put = schema["paths"]["/products/{product_id}"]["put"]
+    delete = schema["paths"]["/products/{product_id}"]["delete"]
+    batch = schema["paths"]["/products:batch"]["post"]
+    for operation in (put, delete, batch):
+        assert operation["security"] == [{"ApiKey": []}]
+        assert {"200", "401", "403", "413", "422", "429", "503"} <= set(operation["responses"])
+    assert "404" in delete["responses"] and "security" not in schema["paths"]["/products/{product_id}"]["get"]
+    product_id = next(p for p in put["parameters"] if p["name"] == "product_id")["schema"]
+    assert product_id["pattern"] == "^[A-Za-z0-9][A-Za-z0-9._:-]*$" and product_id["maxLength"] == 128
+    body = put["requestBody"]["content"]
+    assert body["application/json"]["schema"]["required"] == ["title", "image_base64"]
+    assert body["application/json"]["schema"]["additionalProperties"] is False
+    assert body["multipart/form-data"]["schema"]["required"] == ["title", "image"]
+    rows = batch["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert rows["upsert"]["maxItems"] == rows["delete"]["maxItems"] == 7 and rows["delete"]["uniqueItems"] is True
+    assert "$ref" not in json.dumps(batch["requestBody"])  # inlined: resolvable inside the document
+
+
 # ---------------------------------------------------------------- index versions
 
 
@@ -303,7 +341,8 @@ def test_the_service_leases_the_version_it_serves(tmp_path):
     catalog = make_index_catalog(tmp_path / "catalog", 12)
     out = tmp_path / "index"
     served = build(catalog, out)
-    app = create_app(Settings(index=out), encoder=FixtureEncoder())  # the app opens the index itself
+    # The app opens the index itself; it does not follow CURRENT here (test_service_live.py: the lease moves).
+    app = create_app(Settings(index=out, index_poll_s=0), encoder=FixtureEncoder())
     with TestClient(app) as client:
         assert client.get("/readyz").json()["index"]["version"] == served.name
         build(catalog, out, keep_versions=1)

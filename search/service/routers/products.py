@@ -32,12 +32,13 @@ def get_product(product_id: ProductId, engine: Annotated[SearchEngine, Depends(g
 def get_product_image(
     product_id: ProductId, request: Request, engine: Annotated[SearchEngine, Depends(get_engine)]
 ) -> Response:
-    etag = f'"{engine.version}-{engine.settings.thumbnail_px}-{product_id}"'
-    headers = {"ETag": etag, "Cache-Control": "public, max-age=3600"}
-    if request.headers.get("if-none-match") == etag:
-        engine.product(product_id)  # still 404 for ids that are gone
-        return Response(status_code=304, headers=headers)
-    return Response(engine.thumbnail(product_id), media_type="image/jpeg", headers=headers)
+    with engine.pinned() as served:  # the ETag names the version the image comes from
+        etag = f'"{served.version}-{engine.settings.thumbnail_px}-{product_id}"'
+        headers = {"ETag": etag, "Cache-Control": "public, max-age=3600"}
+        if request.headers.get("if-none-match") == etag:
+            engine.product(product_id, served)  # still 404 for ids that are gone
+            return Response(status_code=304, headers=headers)
+        return Response(engine.thumbnail(product_id, served), media_type="image/jpeg", headers=headers)
 
 
 @router.get("/filters", response_model=FiltersResponse, summary="Filterable fields and their values")
