@@ -55,13 +55,14 @@ class BoundedLoad:
                     problem = None if ok else f"{response.request.method} {response.request.url.path}: {response.status_code} {response.text[:200]}"
                 except httpx.HTTPError as exc:
                     problem = f"request {i}: {type(exc).__name__}: {exc}"
-                if self.pause_s:
-                    time.sleep(self.pause_s)
+                took = time.perf_counter() - started
                 with self._lock:
                     self.done += 1
-                    self.latencies_s.append(time.perf_counter() - started)
+                    self.latencies_s.append(took)
                     if problem:
                         self.failures.append(problem)
+                if self.pause_s:
+                    time.sleep(self.pause_s)
 
     def start(self) -> BoundedLoad:
         self._started = time.perf_counter()
@@ -69,6 +70,11 @@ class BoundedLoad:
         for thread in self._threads:
             thread.start()
         return self
+
+    def stop(self) -> BoundedLoad:
+        """End the load now (the requests in flight finish), then wait for it."""
+        self._deadline = 0.0
+        return self.wait()
 
     def wait(self) -> BoundedLoad:
         for thread in self._threads:
