@@ -2,6 +2,7 @@
 fused top-k, the same filters and errors, ties at the cut, updates as new versions, collections."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -315,3 +316,38 @@ def test_real_catalog_top10_and_filters_agree_with_faiss(fashion_products: Path,
                     assert {h.id for h in got} <= set(faiss.ids()) and len(got) == len(expected)
         assert same / total >= 0.95, f"{same} of {total} top-10 lists identical"
     engine.close()
+
+
+def run_index(argv: list[str]) -> int:
+    import argparse
+
+    from indexer import cli
+
+    parser = argparse.ArgumentParser(prog="vitrine")
+    cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_vitrine_index_loads_each_new_version_into_qdrant(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    fx = build_fixture_index(tmp_path, n=12)
+    out, target = str(fx.index_dir), ["--qdrant-path", str(tmp_path / "q")]
+    assert run_index(["index", "--qdrant-load", "--out", out, *target, "--json"]) == 0
+    loaded = json.loads(capsys.readouterr().out)["qdrant_collection"]
+    assert run_index(["index", "--delete", "100", "--out", out, "--keep-versions", "1", *target]) == 0
+    assert "qdrant: collection vitrine-" in capsys.readouterr().out
+    engine = QdrantEngine.embedded(tmp_path / "q")
+    try:
+        with QdrantIndex.open(fx.index_dir, engine=engine, load=False) as index:
+            assert len(index) == 11 and index.get("100") is None
+            assert engine.collections() == [index.collection] != [loaded]  # the pruned version's collection went too
+    finally:
+        engine.close()
+    for argv, message in ((["index", "--qdrant-load", "--out", out], "needs --qdrant-url or --qdrant-path"),
+                          (["index", "--qdrant-load", "--out", out, "--catalog", "c", *target], "takes only --out"),
+                          (["index", "--qdrant-load", "--out", str(tmp_path / "none"), *target], "not found")):  # fmt: skip
+        with pytest.raises(UserError, match=message):
+            run_index(argv)
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(SystemExit):  # one target only
+        run_index(["index", "--qdrant-load", "--out", out, *target, "--qdrant-url", "http://q:6333"])

@@ -142,3 +142,12 @@ def test_an_unreachable_qdrant_is_a_503_not_a_500(fixture: IndexFixture) -> None
             assert client.get("/products/105").status_code == 200  # records come from the version's store
     finally:
         index.close()
+
+
+def test_embedded_in_memory_needs_no_folder(fixture: IndexFixture) -> None:
+    """VITRINE_QDRANT_PATH=:memory: loads the live version at each start (seconds) and writes nothing."""
+    app = create_app(Settings(index=fixture.index_dir, backend="qdrant", qdrant_path=":memory:"), encoder=fixture.encoder)
+    with TestClient(app) as client:
+        assert app.state.engine.index.engine.location == ":memory:"
+        assert [r["id"] for r in client.post("/search/text", json={"query": "red tshirts", "k": 3}).json()["results"]]
+    assert not (fixture.index_dir / "qdrant").exists() and not Path(":memory:").exists()
