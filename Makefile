@@ -34,7 +34,7 @@ bench:
 
 # The relevance table from scratch: every row of the cached-token recipe on 3 seeds (train, export, eval on test).
 quality:
-	$(PYTHON) bench/quality.py --epochs 10 --rows res,mp,itc,attr,hard --test-rows res,mp --seeds 0,1,2 --out bench/out
+	$(PYTHON) bench/quality.py --epochs 10 --rows convsum,res,mp,itc,attr,hard --test-rows convsum,res --seeds 0,1,2 --out bench/out
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -31,9 +31,10 @@ ROWS = {
     "hard": ("mp + same-type hard negatives (25 %)", [*MODEL, "--hard-negatives", "0.25"]),
     "attr+hard": ("mp + attribute heads + hard negatives", [*MODEL, "--attr-weight", "0.1", "--hard-negatives", "0.25"]),
     "views": ("mp + 2 augmented views per training photo", [*MODEL, "--image-views", "3"]),
-    "res": ("mp + a linear path from the mean-pooled tokens (fashion-lite-apr, the default)", ["--model", "fashion-lite-apr"]),
+    "res": ("mp + a linear path from the mean-pooled tokens (fashion-lite-apr)", ["--model", "fashion-lite-apr"]),
     # Unlocking (issue 11, item 3): what trains above the cache boundary, on top of `res`.
-    "convsum": ("res, image residual from the pooled conv head (frozen)", [*APR, "--image-summary", "conv_head"]),
+    # = fashion-lite-apc, the default (same config; spelled as flags so the rows share the apr caches)
+    "convsum": ("res, image residual from the pooled conv head (frozen; fashion-lite-apc)", [*APR, "--image-summary", "conv_head"]),
     "convhead": ("convsum + the conv head trained (image group 1)", [*APR, "--image-summary", "conv_head", "--image-unlocked-groups", "1"]),
     "stage": ("res + the last block stage trained (image group 2)", [*APR, "--image-unlocked-groups", "2"]),
     "text2": ("res + the top 2 MiniLM layers trained", [*APR, "--text-unlocked-layers", "2"]),

@@ -122,7 +122,7 @@ def attribute_targets(products: list[Product], vocab: dict[str, list[str]]) -> d
 
 
 class TokenRecipeTrainer:
-    """Trains a token-head model (`heads_cfg.type == "attention"`, e.g. fashion-lite-apr) over cached token states."""
+    """Trains a token-head model (`heads_cfg.type == "attention"`, e.g. fashion-lite-apc) over cached token states."""
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config

@@ -82,3 +82,11 @@ def test_unlocked_recipe_trains_only_what_is_above_the_boundary_and_exports(cata
     assert bundle.manifest.parity.image_max_abs_diff < 1e-4 and bundle.manifest.parity.text_max_abs_diff < 1e-4
     assert json.loads((run / "summary.json").read_text())["unlocked"] == {"image_stages": 1, "conv_head": True,
                                                                         "text_layers": 1}
+
+
+def test_default_config_reads_the_pooled_conv_head_in_the_image_residual():
+    from trainer.cli import DEFAULT_MODEL
+
+    model = create_model(DEFAULT_MODEL, pretrained="none")
+    assert model.image_summary == "conv_head" and model.image_head.skip.in_features == 1280
+    assert model.text_head.skip.in_features == 384  # MiniLM's mean token, as in fashion-lite-apr
