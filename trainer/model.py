@@ -357,13 +357,25 @@ class VitrineModel(nn.Module):
             for p in module.parameters():
                 p.requires_grad = False
 
+    @property
+    def image_block_stages(self) -> list[nn.Module]:
+        """The image trunk's block stages, bottom to top (what `image_top_stages` counts)."""
+        return list(self._patch_trunk().blocks)
+
+    @property
+    def text_layers(self) -> list[nn.Module]:
+        """The HF text tower's encoder layers, bottom to top (what `text_top_layers` counts)."""
+        if self._hf_text is None:
+            raise ValueError("this model has no HF text tower")
+        return list(self._hf_text.encoder.layer)
+
     def set_cache_boundary(self, image_stages: int = 0, text_layers: int = 0) -> None:
         """Cut the towers for the cached-token recipe: `image_trunk_features` / `text_token_states` stop
         before the last `image_stages` block stages / `text_layers` text layers, which
         `encode_image_features` / `encode_text_tokens` then run. The composed function is unchanged."""
         if not self.token_heads:
             raise ValueError("a cache boundary inside the towers needs attention heads (heads_cfg.type 'attention')")
-        stages, layers = len(self._patch_trunk().blocks), len(self._hf_text.encoder.layer)
+        stages, layers = len(self.image_block_stages), len(self.text_layers)
         if not 0 <= image_stages <= stages - 1:
             raise ValueError(f"image_stages must be in [0, {stages - 1}], got {image_stages}")
         if not 0 <= text_layers <= layers:

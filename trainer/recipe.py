@@ -185,7 +185,7 @@ class TokenRecipeTrainer:
         train = self.splits["train"]
         self.train_text_rows = torch.from_numpy(self.text.rows([p.title for p in train]))
         self.prune_gates, self.prune_init = self._setup_pruning() if config.prune else ([], [])
-        trainable_params = [g.threshold for g in self.prune_gates]
+        gate_thresholds = [g.threshold for g in self.prune_gates]
         _, title_ids = index_distinct([p.title for p in train])
         self.title_ids = torch.as_tensor(np.asarray(title_ids), dtype=torch.long)
         self.vocab = attribute_vocab(train) if config.attr_weight > 0 else {}
@@ -199,7 +199,7 @@ class TokenRecipeTrainer:
             [p.attribute("articleType") or p.subcategory for p in train], config.batch_size,
             hard_fraction=config.hard_negatives, seed=config.seed,
         )  # fmt: skip
-        params = [p for m in trainable for p in m.parameters()] + [self.model.clip.logit_scale] + trainable_params
+        params = [p for m in trainable for p in m.parameters()] + [self.model.clip.logit_scale] + gate_thresholds
         groups = [{"params": params, "lr": config.lr}] + [
             {"params": [p for m in modules for p in m.parameters()], "lr": lr}
             for modules, lr in ((self.tower_groups["image"], config.image_lr), (self.tower_groups["text"], config.text_lr))
@@ -221,18 +221,18 @@ class TokenRecipeTrainer:
         eval mode: BatchNorm statistics and dropout are those of the pretrained towers; their weights train.
         """
         config, model = self.config, self.model
-        layers = len(model._hf_text.encoder.layer)
+        layers = len(model.text_layers)
         text_layers = layers if config.text_unlocked_layers < 0 else config.text_unlocked_layers
         image_stages = max(0, config.image_unlocked_groups - 1)
         model.set_cache_boundary(image_stages=image_stages, text_layers=text_layers)
         trunk = model.clip.visual.trunk
-        image = list(trunk.blocks)[len(trunk.blocks) - image_stages :] if image_stages else []
+        image = model.image_block_stages[-image_stages:] if image_stages else []
         if config.image_unlocked_groups >= 1:
             if model.image_summary == "conv_head":
                 image += [trunk.conv_head, trunk.bn2]
             else:
                 log.warning("image group 1 (the conv head) is not used by this head (image_summary 'blocks'); it stays frozen")
-        text = list(model._hf_text.encoder.layer)[layers - text_layers :] if text_layers else []
+        text = model.text_layers[layers - text_layers :] if text_layers else []
         for module in image + text:
             module.requires_grad_(True)
         log.info("unlocked: %d image modules (%d block stages), %d text layers", len(image), image_stages, text_layers)

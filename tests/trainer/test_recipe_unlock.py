@@ -29,7 +29,7 @@ def test_any_cache_boundary_computes_the_same_embeddings(overrides):
     pixels = torch.randn(2, 3, model.image_size, model.image_size)
     with torch.no_grad():
         text, image = model.encode_text(ids), model.encode_image(pixels)
-        stages, layers = len(model.clip.visual.trunk.blocks), len(model._hf_text.encoder.layer)
+        stages, layers = len(model.image_block_stages), len(model.text_layers)
         for image_stages, text_layers in [(1, 1), (stages - 1, layers), (2, 0)]:
             model.set_cache_boundary(image_stages=image_stages, text_layers=text_layers)
             cached_image = model.image_trunk_features(pixels)
@@ -64,7 +64,7 @@ def test_unlocked_recipe_trains_only_what_is_above_the_boundary_and_exports(cata
     seed_everything(0)
     model = create_model("tiny-ap", pretrained="none", **config.model_overrides)
     fresh = model.state_dict()
-    stages, layers = len(model.clip.visual.trunk.blocks), len(model._hf_text.encoder.layer)
+    stages, layers = len(model.image_block_stages), len(model.text_layers)
 
     def moved(prefix: str) -> bool:
         return any(not torch.equal(trained[k], fresh[k]) for k in fresh if k.startswith(prefix))
