@@ -301,7 +301,7 @@ def _suffixes(tokens: Sequence[str], max_ngram: int) -> list[tuple[str, ...]]:
     return [tuple(tokens[-n:]) for n in range(1, min(max_ngram, len(tokens)) + 1)]
 
 
-def visual_concepts(graph: "ConceptGraph") -> list[list[int]]:
+def visual_concepts(graph: ConceptGraph) -> list[list[int]]:
     """Per build item (training text), its concept ids a photo can show, hypernyms included."""
     visual = {i for i, kinds in enumerate(graph.kinds) if any(k in VISUAL_CONCEPT_KINDS for k in kinds)}
     return [[c for c in graph.concepts_of(i) if c in visual] for i in range(len(graph.text_concepts))]

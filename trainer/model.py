@@ -134,7 +134,7 @@ class VitrineModel(nn.Module):
                 raise ValueError(f"image tokens must be [B, P, C], got {tuple(feats.shape)}")
             x = feats
             if self.image_top_stages:
-                side = int(round(feats.shape[1] ** 0.5))
+                side = round(feats.shape[1] ** 0.5)
                 if side * side != feats.shape[1]:
                     raise ValueError(f"cached image tokens must form a square grid, got {feats.shape[1]} tokens")
                 x = feats.transpose(1, 2).reshape(feats.shape[0], feats.shape[2], side, side)

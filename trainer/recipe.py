@@ -291,7 +291,7 @@ class TokenRecipeTrainer:
         else:
             tokens = torch.from_numpy(self.grids[split][rows].astype(np.float32))
         if augment:  # horizontal flip of the (square) block map for a random half of the batch
-            h = w = int(round(tokens.shape[1] ** 0.5))
+            h = w = round(tokens.shape[1] ** 0.5)
             flip = torch.rand(tokens.shape[0]) < 0.5
             grid = tokens[flip].view(-1, h, w, tokens.shape[-1]).flip(2)
             tokens[flip] = grid.reshape(-1, h * w, tokens.shape[-1])
