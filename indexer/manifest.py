@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from vitrine.embed import ProductError
 from vitrine.errors import UserError
 from vitrine.runtime.preprocess import PatchSpec
+from vitrine.scoring import Alphas
 
 INDEX_FORMAT = "vitrine-product-index"
 INDEX_FORMAT_VERSION = 1
@@ -107,3 +108,39 @@ def read_manifest(folder: Path) -> IndexManifest:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "manifest"
         raise UserError(f"{path}: invalid manifest: {where}: {first['msg']}") from None
+
+
+class IndexVersionFacts:
+    """What an opened index version says about itself, read from its manifest (shared by every backend).
+
+    Needs `_manifest` (an IndexManifest) and `version_dir` (the version's folder) on the instance.
+    """
+
+    _manifest: IndexManifest
+    version_dir: Path
+
+    @property
+    def alphas(self) -> Alphas:
+        """The bundle's α, per query kind (see `vitrine.scoring`)."""
+        return Alphas.of(self._manifest)
+
+    @property
+    def embed_dim(self) -> int:
+        return self._manifest.embed_dim
+
+    @property
+    def bundle_fingerprint(self) -> str:
+        return self._manifest.bundle.fingerprint or ""
+
+    @property
+    def bundle_path(self) -> str | None:
+        return self._manifest.bundle.path
+
+    @property
+    def patch_spec(self) -> PatchSpec | None:
+        """Grid and dim of the stored patch features, or None when this index has none."""
+        return self._manifest.patches
+
+    @property
+    def version(self) -> str:
+        return self.version_dir.name

@@ -26,12 +26,11 @@ from PIL import Image
 from indexer import faiss_index
 from indexer.filters import FilterColumns, FilterError, UnknownFilterError
 from indexer.layout import IndexLayout, VersionLease
-from indexer.manifest import IndexManifest, read_manifest
+from indexer.manifest import IndexManifest, IndexVersionFacts, read_manifest
 from indexer.store import ProductRecord, ProductStore, SqliteProductStore
 from vitrine.errors import UserError
 from vitrine.images import open_image_ref
-from vitrine.runtime.preprocess import PatchSpec
-from vitrine.scoring import Alphas, Hit, QueryKind, fuse
+from vitrine.scoring import Hit, QueryKind, fuse
 
 __all__ = ["FilterError", "Hit", "ProductIndex", "ProductRecord", "ProductStore", "UnknownFilterError"]
 
@@ -44,7 +43,7 @@ def default_fetch_k(k: int) -> int:
     return max(MIN_FETCH_K, FETCH_K_PER_RESULT * k)
 
 
-class ProductIndex:
+class ProductIndex(IndexVersionFacts):
     """One version of an index directory, opened for search. Thread-safe for concurrent searches."""
 
     # Filtered sets up to this many products are scored exactly (numpy) instead of through Faiss.
@@ -149,35 +148,15 @@ class ProductIndex:
 
     # ------------------------------------------------------------ facts
 
-    @property
-    def alphas(self) -> Alphas:
-        """The bundle's α, per query kind (see `vitrine.scoring`)."""
-        return Alphas.of(self._manifest)
 
-    @property
-    def embed_dim(self) -> int:
-        return self._manifest.embed_dim
 
-    @property
-    def bundle_fingerprint(self) -> str:
-        return self._manifest.bundle.fingerprint or ""
 
-    @property
-    def bundle_path(self) -> str | None:
-        return self._manifest.bundle.path
 
-    @property
-    def patch_spec(self) -> PatchSpec | None:
-        """Grid and dim of the stored patch features, or None when this index has none."""
-        return self._manifest.patches
 
     @property
     def index_type(self) -> str:
         return self._spec.type
 
-    @property
-    def version(self) -> str:
-        return self.version_dir.name
 
     @property
     def store(self) -> SqliteProductStore:

@@ -39,14 +39,13 @@ from PIL import Image
 
 from indexer.filters import FilterColumns, match_key
 from indexer.layout import IndexLayout, VersionLease
-from indexer.manifest import IndexManifest, read_manifest
+from indexer.manifest import IndexManifest, IndexVersionFacts, read_manifest
 from indexer.product_index import default_fetch_k
 from indexer.store import SqliteProductStore
 from vitrine.catalog.record import ProductRecord
 from vitrine.errors import IndexUnavailableError, UserError
 from vitrine.images import open_image_ref
-from vitrine.runtime.preprocess import PatchSpec
-from vitrine.scoring import Alphas, Hit, QueryKind, fuse
+from vitrine.scoring import Hit, QueryKind, fuse
 
 if TYPE_CHECKING:
     from qdrant_client import QdrantClient, models
@@ -420,7 +419,7 @@ def delete_from_qdrant_index(out: str | Path, ids: Iterable[str], engine: Qdrant
 # ---------------------------------------------------------------- searching
 
 
-class QdrantIndex:
+class QdrantIndex(IndexVersionFacts):
     """One index version, searched through its Qdrant collection. Thread-safe for concurrent searches.
 
     Satisfies `vitrine.protocols.SearchIndex`, as `ProductIndex` does, with the same results.
@@ -535,29 +534,11 @@ class QdrantIndex:
 
     # ------------------------------------------------------------ facts
 
-    @property
-    def alphas(self) -> Alphas:
-        return Alphas.of(self._manifest)
 
-    @property
-    def embed_dim(self) -> int:
-        return self._manifest.embed_dim
 
-    @property
-    def bundle_fingerprint(self) -> str:
-        return self._manifest.bundle.fingerprint or ""
 
-    @property
-    def bundle_path(self) -> str | None:
-        return self._manifest.bundle.path
 
-    @property
-    def patch_spec(self) -> PatchSpec | None:
-        return self._manifest.patches
 
-    @property
-    def version(self) -> str:
-        return self.version_dir.name
 
     @property
     def index_type(self) -> str:
