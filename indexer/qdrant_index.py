@@ -462,6 +462,7 @@ class QdrantIndex(IndexVersionFacts):
         # Exact (brute-force) search mirrors a flat Faiss index; HNSW otherwise (local mode is always exact).
         self.exact = bool(manifest.index.get("exact", False)) if exact is None else bool(exact)
         self._closed = False
+        self._vectors: tuple[np.ndarray, np.ndarray] | None = None  # (title, image), mapped by `vectors`
 
     @classmethod
     def open(
@@ -569,6 +570,23 @@ class QdrantIndex(IndexVersionFacts):
         if ref is None:
             raise KeyError(id)
         return open_image_ref(ref, id)
+
+    def vectors(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(title, image) float32 (len(ids), D) stored vectors, as `ProductIndex.vectors`; KeyError for an unknown id.
+
+        Read from the version's own vector files (mapped on first use), which the collection was
+        loaded from: the same values as the points' vectors, without a round trip to Qdrant."""
+        if self._vectors is None:
+            files = self._manifest.files
+            self._vectors = (np.load(self.version_dir / files["text_vectors"], mmap_mode="r"),
+                             np.load(self.version_dir / files["image_vectors"], mmap_mode="r"))  # fmt: skip
+        found = self._store.labels_of(list(ids))
+        unknown = [i for i in ids if i not in found]
+        if unknown:
+            raise KeyError(unknown[0])
+        rows = np.searchsorted(self._labels, np.array([found[i] for i in ids], dtype=np.int64))
+        text, image = self._vectors
+        return np.asarray(text[rows], dtype=np.float32), np.asarray(image[rows], dtype=np.float32)
 
     def patches(self, ids: Sequence[str]) -> np.ndarray:
         """float32 (len(ids), P, C) stored patch features; UserError for an unknown id or an index without them."""

@@ -35,7 +35,7 @@ from search.service.live import VersionFollower
 from search.service.metrics import MetricsMiddleware, ServiceMetrics
 from search.service.openapi import install_docs
 from search.service.redis_store import masked_url
-from search.service.routers import catalog, health, products, search
+from search.service.routers import catalog, health, products, search, similar
 from search.service.settings import Settings
 from search.service.writes import CatalogWriter
 from vitrine.errors import UserError
@@ -162,6 +162,7 @@ def create_app(
     reads = [Depends(require_read_key)] if settings.read_keys else []  # reads are open unless keys are set
     app.include_router(search.router, dependencies=reads)
     app.include_router(products.router, dependencies=reads)
+    app.include_router(similar.router, dependencies=reads)
     app.include_router(catalog.router)
     app.include_router(health.router)
 

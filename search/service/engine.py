@@ -23,8 +23,10 @@ import numpy as np
 from PIL import Image
 
 from indexer.filters import FilterError, UnknownFilterError
+from indexer.product_index import default_fetch_k
 from search.service.cache import LRU, LRUEmbeddingCache, RedisEmbeddingCache, TieredEmbeddingCache, normalise_query
 from search.service.errors import ApiError
+from search.service.facets import count_facets, resolve_facets
 from search.service.images import jpeg_thumbnail
 from search.service.metrics import ServiceMetrics
 from search.service.redis_store import REDIS_ERRORS, RedisLink, RedisStore
@@ -51,6 +53,8 @@ class SearchOutcome:
     cache: str | None = None
     rerank_top_n: int | None = None  # N when reranked, else None
     rerank_scores: list[float | None] | None = None  # per hit; None for hits after the top N
+    facets: dict[str, list[dict[str, object]]] | None = None  # field -> [{value, count}] when asked for
+    facet_top_n: int | None = None  # first-stage candidates the facets counted
 
 
 def check_reranker_fits_index(spec: RerankerSpec, index: SearchIndex) -> None:
@@ -464,9 +468,11 @@ class SearchEngine:
     # ------------------------------------------------------------------ search
 
     def search_text(
-        self, query: str, *, k: int, alpha: float | None, filters: dict | None, rerank_top_n: int | None = None
+        self, query: str, *, k: int, alpha: float | None, filters: dict | None, rerank_top_n: int | None = None,
+        facets: list[str] | None = None,
     ) -> SearchOutcome:
-        """Top k for a text query; with `rerank_top_n` (see rerank_plan) the first-stage top N are reranked."""
+        """Top k for a text query; with `rerank_top_n` (see rerank_plan) the first-stage top N are reranked;
+        with `facets`, value counts over the first-stage top N (search/service/facets.py)."""
         if rerank_top_n is not None and (self.reranker is None or not 1 <= rerank_top_n <= MAX_RERANK_TOP_N):
             raise ValueError(f"rerank_top_n={rerank_top_n!r} needs a reranker and 1..{MAX_RERANK_TOP_N}; see rerank_plan")
         timings: dict[str, float] = {}
@@ -480,7 +486,8 @@ class SearchEngine:
                     self.cache.put(text, emb)
                 self.metrics.query_cache.labels(tier).inc()
             fetch = k if rerank_top_n is None else max(k, rerank_top_n)
-            outcome = self._search(emb, "text", k=fetch, alpha=alpha, filters=filters, timings=timings, served=served)
+            outcome = self._search(emb, "text", k=fetch, alpha=alpha, filters=filters, timings=timings, served=served,
+                                   facets=facets)  # fmt: skip
             if rerank_top_n is not None:
                 with self.metrics.stage("text", "rerank", timings):
                     self._rerank(text, outcome, rerank_top_n, served)
@@ -491,7 +498,7 @@ class SearchEngine:
         return outcome
 
     def search_image(self, image: Image.Image, *, k: int, alpha: float | None, filters: dict | None,
-                     timings: dict[str, float]) -> SearchOutcome:  # fmt: skip
+                     timings: dict[str, float], facets: list[str] | None = None) -> SearchOutcome:  # fmt: skip
         """`timings` may already hold the decode stage, measured by the router."""
         start = time.perf_counter()
         with self.metrics.stage("image", "encode", timings):
@@ -501,7 +508,8 @@ class SearchEngine:
                 raise ApiError(422, "invalid_image", str(exc)) from exc
             emb = self._check_emb(embs, "image")
         with self.pinned() as served:
-            outcome = self._search(emb, "image", k=k, alpha=alpha, filters=filters, timings=timings, served=served)
+            outcome = self._search(emb, "image", k=k, alpha=alpha, filters=filters, timings=timings, served=served,
+                                   facets=facets)  # fmt: skip
         total = (time.perf_counter() - start) * 1000.0 + timings.get("decode", 0.0)
         timings["total"] = total
         self.metrics.stage_seconds.labels("image", "total").observe(total / 1000.0)
@@ -523,18 +531,56 @@ class SearchEngine:
         return emb
 
     def _search(self, emb: np.ndarray, kind: QueryKind, *, k: int, alpha: float | None, filters: dict | None,
-                timings: dict[str, float], served: ServedVersion) -> SearchOutcome:  # fmt: skip
+                timings: dict[str, float], served: ServedVersion, facets: list[str] | None = None,
+                exclude: str | None = None, label: str | None = None) -> SearchOutcome:  # fmt: skip
+        """Top k by the index; `exclude`: an id left out of the answer (and of facet counts);
+        `label`: the metrics' kind when it is not the query kind (similar products)."""
         used_alpha = served.index.alphas.resolve(kind, alpha)
-        with self.metrics.stage(kind, "search", timings):
+        fields = resolve_facets(facets, served.filter_fields) if facets else None
+        depth = k + (exclude is not None)
+        extra: dict[str, int] = {}
+        if fields:  # rank the facet depth from the pool a plain query of k draws from: the top k stay the same
+            extra["fetch_k"] = default_fetch_k(depth)
+            depth = max(depth, self.settings.facet_top_n)
+        with self.metrics.stage(label or kind, "search", timings):
             try:
-                hits = served.index.search(emb, k=k, kind=kind, alpha=used_alpha, filters=filters or None)
+                hits = served.index.search(emb, k=depth, kind=kind, alpha=used_alpha, filters=filters or None, **extra)
             except UnknownFilterError as exc:
                 raise ApiError(422, "unknown_filter", str(exc), [{"loc": ["body", "filters", exc.field], "msg": str(exc)}]) from exc
             except FilterError as exc:
                 raise ApiError(422, "invalid_filter", str(exc), [{"loc": ["body", "filters"], "msg": str(exc)}]) from exc
-        with self.metrics.stage(kind, "fuse", timings):
+        if not fields:
+            hits = [h for h in hits if h.id != exclude][:k]
+        with self.metrics.stage(label or kind, "fuse", timings):
             records = self.records([h.id for h in hits], served)
-        return SearchOutcome(hits=hits, records=records, alpha=used_alpha)
+        if not fields:
+            return SearchOutcome(hits=hits, records=records, alpha=used_alpha)
+        counted = [r for h, r in zip(hits[: self.settings.facet_top_n], records) if h.id != exclude]
+        kept = [i for i, h in enumerate(hits) if h.id != exclude][:k]
+        return SearchOutcome(hits=[hits[i] for i in kept], records=[records[i] for i in kept], alpha=used_alpha,
+                             facets=count_facets(counted, fields), facet_top_n=len(counted))  # fmt: skip
+
+    def similar(self, product_id: str, *, k: int, alpha: float | None, filters: dict | None,
+                facets: list[str] | None = None) -> SearchOutcome:  # fmt: skip
+        """Products like `product_id`: a photo query with its stored image vector (no encoding), itself left out.
+
+        Scored as a photo query is, α·sim(image, title) + (1−α)·sim(image, image) with the index's photo α;
+        404 for an id the served version does not hold, 422 similar_unavailable for an index without stored vectors."""
+        timings: dict[str, float] = {}
+        with self.pinned() as served, self.metrics.stage("similar", "total", timings):
+            vectors = getattr(served.index, "vectors", None)
+            if vectors is None:
+                raise ApiError(422, "similar_unavailable", "this index cannot look up a product's stored vectors")
+            with self.metrics.stage("similar", "encode", timings):  # the "encoding" is a lookup
+                try:
+                    _, image = vectors([product_id])
+                except KeyError:
+                    raise ApiError(404, "product_not_found", f"no product with id {product_id!r}") from None
+            emb = self._check_emb(image, "stored image")
+            outcome = self._search(emb, "image", k=k, alpha=alpha, filters=filters, timings=timings, served=served,
+                                   facets=facets, exclude=product_id, label="similar")  # fmt: skip
+        outcome.timings_ms = timings
+        return outcome
 
 
 def result_parts(kind: QueryKind, hit: Hit) -> dict[str, float]:

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 
 from search.service.settings import MAX_RERANK_TOP_N
 
+MAX_FACETS = 16  # facet fields per request (a catalog has a handful of filterable fields)
+
 MAX_FILTER_VALUES = 100
 MAX_FILTER_CHARS = 200
 # Python's whitespace (str.isspace) spelled out, so the schema's patterns (ECMA regex) and the
@@ -40,6 +42,9 @@ Alpha = Annotated[
     float,
     Field(strict=True, ge=0.0, le=1.0, allow_inf_nan=False, description="weight of the title score; default: the index's α"),
 ]
+FacetNames = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=MAX_FILTER_CHARS)]], Field(min_length=1, max_length=MAX_FACETS)
+]
 RerankTopN = Annotated[
     int, Field(strict=True, ge=1, le=MAX_RERANK_TOP_N, description=f"first-stage hits to rerank (1..{MAX_RERANK_TOP_N})")
 ]
@@ -63,6 +68,19 @@ class SearchOptions(BaseModel):
     )
     rerank_top_n: RerankTopN | None = Field(default=None, description="N; default VITRINE_RERANK_TOP_N or the reranker's own")
     timing: bool = Field(default=False, strict=True, description="include timings_ms, the per-stage breakdown, in the response")
+    facets: FacetNames | None = Field(
+        default=None,
+        description="filterable fields to count values of over the first-stage top N (VITRINE_FACET_TOP_N, at most 100); "
+        "GET /filters lists the fields",
+        examples=[["baseColour", "gender"]],
+    )
+
+    @field_validator("facets")
+    @classmethod
+    def _check_facets(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(has_lone_surrogate(name) for name in value):
+            raise ValueError("facet names must be valid Unicode (no lone surrogates)")
+        return value
 
     @field_validator("filters", mode="before")
     @classmethod
@@ -148,6 +166,11 @@ class SearchResult(BaseModel):
     image_url: str
 
 
+class FacetValue(BaseModel):
+    value: str
+    count: int
+
+
 class SearchResponse(BaseModel):
     results: list[SearchResult]
     k: int
@@ -159,6 +182,10 @@ class SearchResponse(BaseModel):
     cache: str | None = Field(default=None, description="query-embedding cache: local, redis or miss (text only)")
     reranked: bool = Field(default=False, description="the top rerank_top_n first-stage hits were reordered by the reranker")
     rerank_top_n: int | None = Field(default=None, description="N reranked (null when not reranked)")
+    facets: dict[str, list[FacetValue]] | None = Field(
+        default=None, description="only when the request names facets: field -> values with their counts, most frequent first"
+    )
+    facet_top_n: int | None = Field(default=None, description="only with facets: first-stage candidates counted (fewer when filters leave fewer)")
 
 
 class FiltersResponse(BaseModel):
@@ -307,3 +334,10 @@ class WriteResponse(BaseModel):
     version: str = Field(description="the index version that holds the write (durable, and served by this replica)")
     results: list[WriteResult]
     took_ms: float = Field(description="from accepted to durable")
+
+
+# ---------------------------------------------------------------- similar products
+
+
+class SimilarResponse(SearchResponse):
+    product_id: str = Field(description="the product the results are like (never among them)")

@@ -15,6 +15,7 @@ MIB = 1 << 20
 KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 KEY_DIGEST = re.compile(r"sha256:[0-9a-fA-F]{64}")
 MAX_RERANK_TOP_N = 100  # cross-encoder rows per query: the rerank cost grows linearly with N
+MAX_FACET_TOP_N = 100  # facets count over a query's first-stage candidate pool, which holds >= 100 (search/service/facets.py)
 
 
 class Settings(BaseSettings):
@@ -76,6 +77,9 @@ class Settings(BaseSettings):
     rerank_top_n: int | None = Field(
         default=None, ge=1, le=MAX_RERANK_TOP_N, description="first-stage hits reranked by default; unset: the reranker's default_top_n"
     )
+
+    facet_top_n: int = Field(default=MAX_FACET_TOP_N, ge=1, le=MAX_FACET_TOP_N,
+                             description="first-stage candidates that facet counts are over")  # fmt: skip
 
     # Thumbnails served by GET /products/{id}/image.
     thumbnail_px: int = Field(default=256, ge=16, le=2048)
