@@ -3,7 +3,14 @@
 
 const $ = (id) => document.getElementById(id);
 const MAX_FILTER_VALUES = 80; // fields with more values (ids, free text) are not offered as menus
-let lastSearch = null; // {kind: "text", query} | {kind: "image", file}
+const MAX_FACETS = 16; // the API's limit on facet fields per request
+const FACET_VALUES_SHOWN = 6; // most frequent values shown under each filter
+let lastSearch = null; // {kind: "text", query} | {kind: "image", file} | {kind: "similar", id, title}
+
+// Facets: the fields offered as filter menus, counted over the first-stage top N of each search.
+function facetFields() {
+  return [...document.querySelectorAll("#filters select")].map((s) => s.name).slice(0, MAX_FACETS);
+}
 
 function options() {
   const out = { k: Number($("k").value) };
@@ -13,6 +20,8 @@ function options() {
     if (select.value) filters[select.name] = select.value;
   }
   if (Object.keys(filters).length) out.filters = filters;
+  const facets = facetFields();
+  if (facets.length) out.facets = facets;
   return out;
 }
 
@@ -62,10 +71,45 @@ function render(data) {
       .map(([name, value]) => `${name} ${value.toFixed(3)}`)
       .join(" · ");
     card.title = `id ${hit.id}`;
+    card.querySelector(".more-like-this").addEventListener("click", () => {
+      $("query-photo").hidden = true;
+      run({ kind: "similar", id: hit.id, title: hit.title });
+    });
     grid.appendChild(card);
   }
+  renderFacets(data.facets || {}, data.facet_top_n);
   const n = data.results.length;
-  $("status").textContent = `${n} result${n === 1 ? "" : "s"} in ${data.took_ms.toFixed(1)} ms (α ${data.alpha.toFixed(2)})`;
+  const like = lastSearch && lastSearch.kind === "similar" ? ` like “${lastSearch.title}”` : "";
+  $("status").textContent = `${n} result${n === 1 ? "" : "s"}${like} in ${data.took_ms.toFixed(1)} ms (α ${data.alpha.toFixed(2)})`;
+}
+
+// Under each filter menu, its most frequent values among the top N candidates; a click applies one.
+function renderFacets(facets, topN) {
+  for (const select of document.querySelectorAll("#filters select")) {
+    const box = select.parentElement.querySelector(".facet");
+    box.replaceChildren();
+    const values = facets[select.name] || [];
+    box.title = topN ? `counts over the top ${topN} candidates` : "";
+    for (const { value, count } of values.slice(0, FACET_VALUES_SHOWN)) {
+      const chip = document.createElement("button");
+      chip.type = "button";
+      chip.className = "facet-value";
+      chip.dataset.value = value;
+      chip.textContent = value;
+      const number = document.createElement("span");
+      number.className = "count";
+      number.textContent = String(count);
+      chip.appendChild(number);
+      const active = select.value.toLowerCase() === value.toLowerCase();
+      chip.classList.toggle("active", active);
+      chip.addEventListener("click", () => {
+        const option = [...select.options].find((o) => o.value.toLowerCase() === value.toLowerCase());
+        select.value = active || !option ? "" : option.value;
+        if (lastSearch) run(lastSearch);
+      });
+      box.appendChild(chip);
+    }
+  }
 }
 
 async function run(search) {
@@ -74,7 +118,14 @@ async function run(search) {
   $("status").textContent = "searching…";
   try {
     let data;
-    if (search.kind === "text") {
+    if (search.kind === "similar") {
+      const opts = options();
+      const params = new URLSearchParams({ k: String(opts.k) });
+      if (opts.alpha !== undefined) params.set("alpha", String(opts.alpha));
+      if (opts.filters) params.set("filters", JSON.stringify(opts.filters));
+      for (const field of opts.facets || []) params.append("facets", field);
+      data = await callApi(`/products/${encodeURIComponent(search.id)}/similar?${params}`);
+    } else if (search.kind === "text") {
       data = await callApi("/search/text", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
@@ -87,11 +138,13 @@ async function run(search) {
       form.append("k", String(opts.k));
       if (opts.alpha !== undefined) form.append("alpha", String(opts.alpha));
       if (opts.filters) form.append("filters", JSON.stringify(opts.filters));
+      if (opts.facets) form.append("facets", JSON.stringify(opts.facets));
       data = await callApi("/search/image", { method: "POST", body: form });
     }
     render(data);
   } catch (err) {
     $("results").replaceChildren();
+    renderFacets({});
     $("status").textContent = "";
     showError(err.message);
   }
@@ -111,6 +164,9 @@ async function loadFilters() {
       for (const value of values) select.add(new Option(value, value));
       select.addEventListener("change", () => lastSearch && run(lastSearch));
       label.appendChild(select);
+      const facet = document.createElement("div");
+      facet.className = "facet";
+      label.appendChild(facet);
       box.appendChild(label);
     }
   } catch (err) {

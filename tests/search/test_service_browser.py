@@ -1,8 +1,10 @@
-"""The web page in headless Debian Chromium (playwright): type a query, upload a photo, see the grid."""
+"""The web page in headless Debian Chromium (playwright): type a query, upload a photo, see the grid,
+facet counts by the filters, "more like this"."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 
 from search.service import Settings, create_app
@@ -86,3 +88,51 @@ def test_errors_are_shown_not_swallowed(page, tmp_path):
     page.set_input_files("#photo", str(not_a_photo))
     page.wait_for_selector("#error:not([hidden])", timeout=15_000)
     assert "not an image" in page.inner_text("#error")
+
+
+def facet_chips(page, field: str) -> dict[str, int]:
+    return page.evaluate(
+        """(field) => Object.fromEntries([...document.querySelectorAll(`#filters select[name="${field}"] ~ .facet .facet-value`)]
+            .map(b => [b.dataset.value, Number(b.querySelector('.count').textContent)]))""",
+        field,
+    )
+
+
+def test_facet_counts_sit_by_the_filters_and_apply_one_on_click(page, server):
+    page.wait_for_selector("#filters select[name=gender]")
+    page.fill("#query", "blue jeans")
+    page.click("#text-form button[type=submit]")
+    wait_for_grid(page)
+    page.wait_for_selector("#filters select[name=gender] ~ .facet .facet-value")
+    fields = page.evaluate("() => [...document.querySelectorAll('#filters select')].map(s => s.name)")
+    expected = httpx.post(f"{server.url}/search/text", json={"query": "blue jeans", "k": 24, "facets": fields}).json()
+    chips = facet_chips(page, "gender")
+    assert chips == {v["value"]: v["count"] for v in expected["facets"]["gender"]}
+    assert sum(chips.values()) == expected["facet_top_n"] == 24  # the 24-product catalog: every product is a candidate
+
+    page.click("#filters select[name=gender] ~ .facet .facet-value[data-value=Men]")  # applies gender = Men
+    page.wait_for_function("() => document.querySelector('#filters select[name=gender]').value === 'Men' && "
+                           "document.querySelectorAll('#results .card').length > 0 && "
+                           "[...document.querySelectorAll('#results .card .meta')].every(e => e.textContent.startsWith('Men'))")  # fmt: skip
+    page.wait_for_function("() => document.querySelector('#filters select[name=gender] ~ .facet .facet-value.active') !== null")
+    assert set(facet_chips(page, "gender")) == {"Men"}  # counted within the filter
+
+
+def test_more_like_this_shows_the_products_similar_to_a_card(page, server):
+    page.fill("#query", "red tshirts")
+    page.click("#text-form button[type=submit]")
+    wait_for_grid(page)
+    first = page.evaluate("() => ({id: document.querySelector('#results .card').dataset.id, "
+                          "title: document.querySelector('#results .card .title').textContent})")  # fmt: skip
+    page.click("#results .card:first-child .more-like-this")
+    page.wait_for_function("(title) => document.querySelector('#status').textContent.includes(title)", arg=first["title"])
+    grid = wait_for_grid(page)
+    shown = page.evaluate("() => [...document.querySelectorAll('#results .card')].map(c => c.dataset.id)")
+    expected = httpx.get(f"{server.url}/products/{first['id']}/similar", params={"k": 24}).json()
+    assert shown == [r["id"] for r in expected["results"]] and first["id"] not in shown
+    assert "i2t" in grid["parts"] and "i2i" in grid["parts"] and "like" in grid["status"]
+    # Filters apply to "more like this" too, and re-run it.
+    page.select_option("#filters select[name=gender]", "Women")
+    page.wait_for_function("() => document.querySelectorAll('#results .card').length > 0 && "
+                           "[...document.querySelectorAll('#results .card .meta')].every(e => e.textContent.startsWith('Women'))")  # fmt: skip
+    assert first["title"] in page.inner_text("#status")
