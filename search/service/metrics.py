@@ -2,7 +2,7 @@
 
     vitrine_requests_total{method, route, status}
     vitrine_request_seconds{method, route}              whole request, as the ASGI app saw it
-    vitrine_stage_seconds{kind, stage}                   kind: text | image; stage: decode, encode, search, fuse, rerank, total
+    vitrine_stage_seconds{kind, stage}                   kind: text | image | similar; stage: decode, encode, search, fuse, rerank, total
     vitrine_query_cache_total{result}                    local | redis | miss
     vitrine_redis_up                                     1 when the last Redis call worked (absent without Redis)
     vitrine_index_products                               products in the served index

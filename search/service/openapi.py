@@ -71,7 +71,7 @@ def _with_limits(generate: Callable[[], dict[str, Any]], settings: Settings) -> 
 
 
 def apply_limits(schema: dict[str, Any], settings: Settings) -> None:
-    """Write max k and max query length from settings into the search request schemas, and the batch's row limit."""
+    """Write max k and max query length from settings into the search request schemas (and /similar's k), and the batch's row limit."""
     components = schema.get("components", {}).get("schemas", {})
     image_body = schema["paths"]["/search/image"]["post"]["requestBody"]["content"]
     request_schemas = [
@@ -86,6 +86,10 @@ def apply_limits(schema: dict[str, Any], settings: Settings) -> None:
     query = components.get("TextSearchRequest", {}).get("properties", {}).get("query")
     if query is not None:
         _limit(query, maxLength=settings.max_query_chars)
+    similar = schema["paths"].get("/products/{product_id}/similar", {}).get("get", {})
+    for parameter in similar.get("parameters", []):
+        if parameter.get("name") == "k":
+            _limit(parameter.get("schema", {}), maximum=settings.max_k)
     batch = schema["paths"].get("/products:batch", {}).get("post", {}).get("requestBody", {}).get("content", {})
     rows = batch.get("application/json", {}).get("schema", {}).get("properties", {})
     for name in ("upsert", "delete"):  # the batch holds at most write_max_rows rows in all

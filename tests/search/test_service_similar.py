@@ -120,6 +120,8 @@ def test_similar_asks_for_more_than_the_catalog_holds(client, index, fixture):
         ("/products/100/similar", {"alpha": 1.5}, 422, "validation_error"),
         ("/products/100/similar", {"alpha": "nan"}, 422, "validation_error"),
         ("/products/100/similar", {"filters": "{gender: Women"}, 400, "malformed_json"),
+        ("/products/100/similar", {"filters": "[" * 1024 + "]" * 1024}, 400, "malformed_json"),  # deeper than json recurses
+        ("/products/100/similar", {"filters": "{" * 2049}, 422, "validation_error"),  # longer than the parameter allows
         ("/products/100/similar", {"filters": '["Women"]'}, 422, "validation_error"),
         ("/products/100/similar", {"filters": '{"colour": "red"}'}, 422, "unknown_filter"),
         ("/products/100/similar", {"filters": '{"gender": ""}'}, 422, "validation_error"),
@@ -219,6 +221,15 @@ def test_bad_facets_are_a_422(client, facets, code):
         assert "gender" in response.json()["error"]["message"]  # says which fields exist
     form = client.post("/search/image", files={"image": ("q.jpg", jpeg_bytes(), "image/jpeg")}, data={"facets": json.dumps(facets)})
     assert form.status_code == 422 and form.json()["error"]["code"] == code
+
+
+def test_deeply_nested_json_in_a_form_field_is_a_4xx(client):
+    """The multipart form's JSON fields (filters, facets) nested deeper than the JSON parser recurses."""
+    deep = "[" * 5000 + "]" * 5000
+    for name, status in (("filters", 400), ("facets", 422)):
+        response = client.post("/search/image", files={"image": ("q.jpg", jpeg_bytes(), "image/jpeg")}, data={name: deep})
+        assert response.status_code == status, response.text
+        assert response.json()["error"]["code"] in {"malformed_json", "validation_error"}
 
 
 def test_facets_keep_the_results_of_a_larger_catalog(tmp_path: Path):

@@ -226,7 +226,7 @@ def _form_value(name: str, value: str) -> Any:
     else stays a string and fails validation (booleans are strict: rerank=1 or rerank=yes is a 422)."""
     try:
         return json.loads(value)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: nested deeper than the parser recurses
         if name == "filters":
             raise ApiError(400, "malformed_json", "form field filters is not a JSON object",
                            [{"loc": ["body", "filters"], "msg": "not valid JSON"}]) from None  # fmt: skip

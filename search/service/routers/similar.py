@@ -23,7 +23,7 @@ from search.service.settings import Settings
 
 router = APIRouter(tags=["products"], responses=ERROR_RESPONSES)
 QUERY_PARAMS = frozenset({"k", "alpha", "filters", "facets", "timing"})
-MAX_FILTERS_PARAM_CHARS = 8192  # the JSON text of `filters` (the request head is capped at 32 KiB anyway)
+MAX_FILTERS_PARAM_CHARS = 2048  # the JSON text of `filters`: percent-encoded (up to 12 bytes a character), it still fits a request head (32 KiB)
 
 
 @router.get(
@@ -51,7 +51,7 @@ async def similar_products(
     if filters is not None:
         try:
             raw["filters"] = json.loads(filters)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser recurses
             raise ApiError(400, "malformed_json", 'query parameter filters is not JSON: send a URL-encoded object, e.g. {"gender":"Women"}',
                            [{"loc": ["query", "filters"], "msg": "not valid JSON"}]) from None  # fmt: skip
     try:
