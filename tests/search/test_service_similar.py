@@ -270,3 +270,38 @@ def test_similar_and_facets_on_embedded_qdrant_answer_as_on_faiss(fixture: Index
             assert on_qdrant.post("/search/text", json=request).json()["facets"] == on_faiss.post("/search/text", json=request).json()["facets"]
     finally:
         qdrant.close()
+
+
+class ReversingReranker:
+    """A `Reranker` that puts the first-stage order upside down (so a rerank visibly reorders)."""
+
+    layers = 1
+
+    def __init__(self, grid: tuple[int, int], dim: int) -> None:
+        from vitrine.runtime.reranker import RerankerSpec
+
+        self.spec = RerankerSpec(file="-", tokenizer="-", layers=1, hidden_size=8, max_query_tokens=8, max_title_tokens=8,
+                                 patch_grid=grid, patch_dim=dim, default_top_n=5)  # fmt: skip
+
+    def score(self, query, titles, patches, *, first_stage=None) -> np.ndarray:
+        return -np.asarray(first_stage, np.float32)
+
+
+def test_facets_of_a_reranked_query_count_the_first_stage_top_n(tmp_path: Path):
+    from tests.support.indexes import PatchFixtureEncoder
+
+    built = build_fixture_index(tmp_path, n=40, encoder=PatchFixtureEncoder())
+    spec = built.encoder.patch_spec
+    with ProductIndex.open(built.index_dir) as patched:
+        app = create_app(Settings(**LIMITS, facet_top_n=FACET_TOP_N), index=patched, encoder=built.encoder,
+                         reranker=ReversingReranker(tuple(spec.grid), spec.dim))  # fmt: skip
+        with TestClient(app) as reranking:
+            request = {"query": "green tshirts", "k": 3, "rerank_top_n": 6}
+            reranked = reranking.post("/search/text", json=request).json()
+            faceted = reranking.post("/search/text", json={**request, "facets": ["gender", "baseColour"]}).json()
+            plain = reranking.post("/search/text", json={**request, "rerank": False, "facets": ["gender", "baseColour"]}).json()
+        ranked = brute_force(patched, built.encoder.encode_texts(["green tshirts"])[0], patched.alphas.resolve("text", None))
+        expected_counts = brute_counts(patched, ranked[:FACET_TOP_N], ["gender", "baseColour"])
+    assert reranked["reranked"] and [r["id"] for r in reranked["results"]] == ranked[:6][::-1][:3]
+    assert [r["id"] for r in faceted["results"]] == [r["id"] for r in reranked["results"]] and faceted["reranked"]
+    assert faceted["facets"] == plain["facets"] and response_counts(faceted) == expected_counts
