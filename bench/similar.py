@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import random
 import sys
 from pathlib import Path
@@ -76,8 +77,6 @@ def main(argv: list[str] | None = None) -> int:
 
         def similar(pid: str, **params):
             return lambda: client.get(f"/products/{pid}/similar", params={"k": args.k, "timing": "true", **params})
-
-        import json
 
         phases = {
             "similar": lambda i: call("similar", similar(products[i])),

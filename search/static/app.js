@@ -72,7 +72,8 @@ function render(data) {
       .join(" · ");
     card.title = `id ${hit.id}`;
     card.querySelector(".more-like-this").addEventListener("click", () => {
-      $("query-photo").hidden = true;
+      $("query-photo").src = hit.image_url; // the product the results are like
+      $("query-photo").hidden = false;
       run({ kind: "similar", id: hit.id, title: hit.title });
     });
     grid.appendChild(card);

@@ -131,6 +131,7 @@ def test_more_like_this_shows_the_products_similar_to_a_card(page, server):
     expected = httpx.get(f"{server.url}/products/{first['id']}/similar", params={"k": 24}).json()
     assert shown == [r["id"] for r in expected["results"]] and first["id"] not in shown
     assert "i2t" in grid["parts"] and "i2i" in grid["parts"] and "like" in grid["status"]
+    assert page.is_visible("#query-photo") and page.get_attribute("#query-photo", "src") == f"/products/{first['id']}/image"
     # Filters apply to "more like this" too, and re-run it.
     page.select_option("#filters select[name=gender]", "Women")
     page.wait_for_function("() => document.querySelectorAll('#results .card').length > 0 && "
