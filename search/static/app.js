@@ -65,7 +65,8 @@ function render(data) {
     grid.appendChild(card);
   }
   const n = data.results.length;
-  $("status").textContent = `${n} result${n === 1 ? "" : "s"} in ${data.took_ms.toFixed(1)} ms (α ${data.alpha.toFixed(2)})`;
+  const mode = data.mode && data.mode !== "vector" ? `, ${data.mode}` : "";
+  $("status").textContent = `${n} result${n === 1 ? "" : "s"} in ${data.took_ms.toFixed(1)} ms (α ${data.alpha.toFixed(2)}${mode})`;
 }
 
 async function run(search) {
@@ -78,7 +79,7 @@ async function run(search) {
       data = await callApi("/search/text", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ query: search.query, ...options() }),
+        body: JSON.stringify({ query: search.query, ...options(), mode: $("mode").value }),
       });
     } else {
       const form = new FormData();
@@ -157,6 +158,7 @@ $("alpha").addEventListener("change", () => {
   if (lastSearch) run(lastSearch);
 });
 $("k").addEventListener("change", () => lastSearch && run(lastSearch));
+$("mode").addEventListener("change", () => lastSearch && lastSearch.kind === "text" && run(lastSearch));
 $("clear-filters").addEventListener("click", () => {
   for (const select of document.querySelectorAll("#filters select")) select.value = "";
   if (lastSearch) run(lastSearch);
