@@ -40,7 +40,7 @@ LEXICAL_DIR = "lexical"
 IDS_FILE = "ids.json"
 TOKENIZER = "vitrine-bm25-v1"  # bump when `tokenize` changes: older lexical folders are then rebuilt in memory
 MAX_QUERY_TOKENS = 64  # a query's scoring cost grows with its distinct tokens
-STOPWORDS = frozenset("a an and for in of on the to with by at from".split())
+STOPWORDS = frozenset(["a", "an", "and", "for", "in", "of", "on", "the", "to", "with", "by", "at", "from"])
 _JOINED = re.compile(r"(?<![0-9a-z])(?:[a-z]\.){2,}")  # u.s. -> us
 _APOSTROPHE = re.compile(r"(?<=[0-9a-z])['\u2019](?=[0-9a-z])")  # levi's -> levis
 _WORD = re.compile(r"[0-9a-z]+(?:-[0-9a-z]+)*")

@@ -177,8 +177,7 @@ def write_trec_run(path: Path, run: Mapping[str, Sequence[str]], tag: str) -> No
     """TREC run format: `qid Q0 docid rank score tag`, score falling with rank (trec_eval re-sorts by it)."""
     with open(path, "w", encoding="utf-8") as fh:
         for qid, docs in run.items():
-            for rank, doc in enumerate(docs, start=1):
-                fh.write(f"{qid} Q0 {doc} {rank} {len(docs) - rank + 1} {tag}\n")
+            fh.writelines(f"{qid} Q0 {doc} {rank} {len(docs) - rank + 1} {tag}\n" for rank, doc in enumerate(docs, start=1))
 
 
 def render_table(report: Mapping[str, Any]) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from indexer import ProductIndex
-from indexer.build import build_index, delete_from_index, update_index
+from indexer.build import build_index, update_index
 from indexer.layout import IndexLayout
 from indexer.lexical import LEXICAL_DIR, LexicalIndex, document_text, tokenize
 from tests.support.indexes import FixtureEncoder, build_fixture_index, fixture_product, make_index_catalog

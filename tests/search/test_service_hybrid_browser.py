@@ -15,9 +15,8 @@ pytestmark = [pytest.mark.browser]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     fixture = build_fixture_index(tmp_path_factory.mktemp("hybrid-browser"), n=24)
-    with ProductIndex.open(fixture.index_dir) as index:
-        with LiveServer(create_app(Settings(), index=index, encoder=fixture.encoder)) as live:
-            yield live
+    with ProductIndex.open(fixture.index_dir) as index, LiveServer(create_app(Settings(), index=index, encoder=fixture.encoder)) as live:
+        yield live
 
 
 def cards(page) -> dict:
