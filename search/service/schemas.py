@@ -114,7 +114,7 @@ class TextSearchRequest(SearchOptions):
         "words); hybrid: both, fused (see fusion). Filters and rerank apply in every mode",
     )
     fusion: FusionMethod | None = Field(
-        default=None, description="hybrid only: rrf (reciprocal rank fusion) or weighted (min-max normalised sum); default: rrf"
+        default=None, description="hybrid only: weighted (min-max normalised sum, BM25 0.7 : vector 0.3) or rrf (reciprocal rank fusion); default: weighted"
     )
 
     @field_validator("query")
