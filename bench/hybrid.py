@@ -115,13 +115,15 @@ def query_sets(products: Sequence[Any], n: int, seed: int) -> dict[str, list[tup
 
 
 def metrics(runs: Sequence[Sequence[str]], queries: Sequence[tuple[str, set[str]]]) -> dict[str, float]:
-    ndcg, p10, r1 = [], [], []
+    ndcg, p10, capped, r1 = [], [], [], []
     for ranked, (_, relevant) in zip(runs, queries):
         judged = dict.fromkeys(relevant, 1)
         ndcg.append(ndcg_at(ranked, judged, K))
         p10.append(precision_at(ranked, judged, K))
+        capped.append(precision_at(ranked, judged, K) * K / min(K, len(relevant)))
         r1.append(float(bool(ranked) and ranked[0] in relevant))
-    return {"nDCG@10": float(np.mean(ndcg)), "P@10": float(np.mean(p10)), "R@1": float(np.mean(r1))}
+    return {"nDCG@10": float(np.mean(ndcg)), "P@10": float(np.mean(p10)), "R@1": float(np.mean(r1)),
+            "P@10_capped": float(np.mean(capped))}  # relevant in the top 10 / min(10, relevant): the T2P protocol's R@10_capped
 
 
 def p10_ceiling(queries: Sequence[tuple[str, set[str]]]) -> float:
@@ -240,6 +242,12 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"| {mode} | " + " | ".join(cells) + " |")
         lines.append("\nP@10 ceiling (mean min(10, relevant) / 10): "
                      + ", ".join(f"{s} {100 * v:.1f}" for s, v in result["p10_ceiling"].items()) + "\n")  # fmt: skip
+        lines.append("P@10 capped (relevant in the top 10 / min(10, relevant); 100 = as good as the judgments allow):\n")
+        lines.append("| mode | " + " | ".join(ALL_SETS) + " |")
+        lines.append("|---|" + "---|" * len(ALL_SETS))
+        for mode in modes:
+            lines.append(f"| {mode} | " + " | ".join(f"{100 * result['sets'][s][mode]['P@10_capped']:.1f}" for s in ALL_SETS) + " |")
+        lines.append("")
         if split == "test":
             lines.append("ms/query (engine, in process): " + json.dumps({s: result["sets"][s]["ms_per_query"] for s in ALL_SETS}) + "\n")
     lines.append(f"fusion picked on val: {report['picked']} (mean nDCG@10 over the sets: "

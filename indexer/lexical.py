@@ -7,8 +7,8 @@ Each version folder holds its own lexical index (`lexical/`: bm25s's sparse scor
 vocabulary, plus `ids.json`, the product of every document row). Documents are in label order, the
 row order of the vector files, so a row mask from `FilterColumns` filters lexical results as it
 filters vector ones. A build writes it; an upsert or delete rebuilds it from the new version's
-product store inside the staging folder (bm25s has no incremental update; 21,100 titles take about
-a second), so it is published by the same atomic CURRENT switch as the vectors and never disagrees
+product store inside the staging folder (bm25s has no incremental update; 21,100 products take about
+10 s on a busy 2-core machine), so it is published by the same atomic CURRENT switch as the vectors and never disagrees
 with them. A version written before lexical indexes existed gets one built in memory on first use.
 
 Tokens (`tokenize`): Unicode-folded and lower-cased; "U.S." and "Levi's" join to "us" and
