@@ -145,12 +145,15 @@ def ensure_index(root: Path, split: str, data: Path, bundle: Path) -> Path:
 
 
 def first_stage(engine: Any, queries: Sequence[tuple[str, set[str]]], depth: int) -> tuple[list[dict], list[dict]]:
-    """Per query, the vector and the BM25 top `depth` (id -> score), as the engine's hybrid mode reads them."""
+    """Per query, the vector and the BM25 top `depth` (id -> score), as the engine's hybrid mode reads them
+    (the vector list with fetch_k = depth, whose top 10 is also exactly the vector mode's top 10)."""
+    from search.service.cache import normalise_query
+
     vector, lexical = [], []
     for text, _ in queries:
-        for mode, out in (("vector", vector), ("lexical", lexical)):
-            outcome = engine.search_text(text, k=depth, alpha=None, filters=None, mode=mode)
-            out.append({h.id: h.score for h in outcome.hits})
+        emb = engine.encoder.encode_texts([normalise_query(text)])[0]
+        vector.append({h.id: h.score for h in engine.index.search(emb, k=depth, kind="text", fetch_k=depth)})
+        lexical.append({h.id: h.score for h in engine.search_text(text, k=depth, alpha=None, filters=None, mode="lexical").hits})
     return vector, lexical
 
 

@@ -555,7 +555,9 @@ class SearchEngine:
         depth = k if mode == "lexical" else hybrid_depth(k)
         with self.metrics.stage("text", "search", timings), filter_errors():
             lexical = {h.id: h.score for h in index.lexical_search(text, k=depth, filters=filters or None)}
-            vector = index.search(emb, k=depth, kind="text", alpha=used_alpha, filters=filters or None) if mode == "hybrid" else []
+            # fetch_k=depth: the candidates a vector top-10 reads; the fused list needs no deeper vector list
+            vector = (index.search(emb, k=depth, kind="text", alpha=used_alpha, filters=filters or None, fetch_k=depth)
+                      if mode == "hybrid" else [])  # fmt: skip
         with self.metrics.stage("text", "fuse", timings):
             if mode == "lexical":
                 ranked = list(lexical.items())

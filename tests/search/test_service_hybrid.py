@@ -61,7 +61,7 @@ def test_hybrid_mode_fuses_the_two_rankings(client, index, fixture, query, fusio
     body = search(client, query=query, k=k, mode="hybrid", fusion=fusion)
     emb = fixture.encoder.encode_texts([query])[0]
     depth = hybrid_depth(k)
-    vector = {h.id: h.score for h in index.search(emb, k=depth)}
+    vector = {h.id: h.score for h in index.search(emb, k=depth, fetch_k=depth)}
     lexical = {h.id: h.score for h in index.lexical_search(query, k=depth)}
     expected = fuse_lists([vector, lexical], method=fusion, weights=[1 - DEFAULT_LEXICAL_WEIGHT, DEFAULT_LEXICAL_WEIGHT], k=k)
     assert [(r["id"], r["score"]) for r in body["results"]] == [(i, pytest.approx(s)) for i, s in expected]
