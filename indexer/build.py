@@ -9,6 +9,9 @@ embedded, and only index types that cannot remove ids are rebuilt (from stored v
 With a bundle that has patch features, each version also stores them (`patches.npy`,
 float16 (n, P, C), rows aligned with the vector files); upserts and deletes copy the
 kept rows a chunk at a time from the previous version's memory-mapped file.
+
+Each version also holds its BM25 lexical index (`lexical/`, `indexer.lexical`), written from the
+version's own product store: built with it, and rebuilt by every upsert and delete.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import numpy as np
 
 from indexer import faiss_index
 from indexer.layout import DEFAULT_KEEP_VERSIONS, IndexLayout, IndexNotFoundError
+from indexer.lexical import write_lexical
 from indexer.manifest import (
     MAX_HISTORY,
     MAX_LISTED_ERRORS,
@@ -223,6 +227,7 @@ def _manifest(
     next_label: int,
     catalog: dict[str, Any] | None,
     patches: PatchSpec | None,
+    lexical: dict[str, Any] | None = None,
 ) -> IndexManifest:
     history = [] if previous is None else [*previous.history, previous.build][-MAX_HISTORY:]
     return IndexManifest(
@@ -240,6 +245,7 @@ def _manifest(
         index=spec.to_dict(),
         files=_files(patches),
         patches=patches,
+        lexical=lexical,
         build=operation,
         errors=errors[:MAX_LISTED_ERRORS],
         catalog=catalog if catalog is not None else (previous.catalog if previous is not None else None),
@@ -295,6 +301,7 @@ def build_index(
         with SqliteProductStore.create(staging / FILES["store"]) as store:
             labels = store.put_many(_stored(result))
             next_label = store.next_label
+            lexical = write_lexical(staging, (record for _, record in store.scan()))
         vectors = _Vectors(labels, result.text, result.image)
         vectors.save(staging)
         if embedder.patch_spec is not None:
@@ -314,6 +321,7 @@ def build_index(
             previous=None, operation=operation, errors=errors, bundle=bundle_info(encoder, bundle_path),
             alphas=encoder.alphas, embed_dim=dim, spec=spec,
             vectors=vectors, next_label=next_label, catalog=catalog_info(catalog), patches=embedder.patch_spec,
+            lexical=lexical,
         )  # fmt: skip
         write_manifest(staging, manifest)
         final = _publish(layout, staging, keep_versions)
@@ -475,6 +483,7 @@ def update_index(
                     labels = store.put_many(_stored(result)) if result.products else np.zeros(0, np.int64)
                     store.delete(delete_ids)
                     next_label = store.next_label
+                    lexical = write_lexical(staging, (record for _, record in store.scan()))  # rebuilt: bm25s has no update
                 old = _Vectors.load(live)
                 n_old = old.labels.size
                 # Rows of the new version, as rows of [old rows..., embedded rows...]: old rows in place
@@ -507,6 +516,7 @@ def update_index(
                     previous=previous, operation=operation, errors=errors, bundle=previous.bundle,
                     alphas=Alphas.of(previous), embed_dim=previous.embed_dim, spec=spec, vectors=vectors,
                     next_label=next_label, catalog=catalog_info(upserts) if offered else None, patches=previous.patches,
+                    lexical=lexical,
                 )  # fmt: skip
                 write_manifest(staging, manifest)
                 final = _publish(layout, staging, keep_versions)

@@ -78,6 +78,8 @@ class IndexManifest(BaseModel):
     catalog: dict[str, Any] | None = None  # source, format, report of the catalog last read
     # The bundle's patch features (grid, dim) when the version stores them (files["patches"]); else None.
     patches: PatchSpec | None = None
+    # The BM25 index in `lexical/` (indexer.lexical): library, tokenizer, documents; None in versions that predate it.
+    lexical: dict[str, Any] | None = None
     history: list[Operation] = Field(default_factory=list)  # earlier operations, oldest first
 
 

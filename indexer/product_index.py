@@ -26,6 +26,7 @@ from PIL import Image
 from indexer import faiss_index
 from indexer.filters import FilterColumns, FilterError, UnknownFilterError
 from indexer.layout import IndexLayout, VersionLease
+from indexer.lexical import LexicalSearch
 from indexer.manifest import IndexManifest, IndexVersionFacts, read_manifest
 from indexer.store import ProductRecord, ProductStore, SqliteProductStore
 from vitrine.errors import UserError
@@ -43,7 +44,7 @@ def default_fetch_k(k: int) -> int:
     return max(MIN_FETCH_K, FETCH_K_PER_RESULT * k)
 
 
-class ProductIndex(IndexVersionFacts):
+class ProductIndex(LexicalSearch, IndexVersionFacts):
     """One version of an index directory, opened for search. Thread-safe for concurrent searches."""
 
     # Filtered sets up to this many products are scored exactly (numpy) instead of through Faiss.
@@ -247,6 +248,20 @@ class ProductIndex(IndexVersionFacts):
             else:
                 rows = self._overfetch(query, fetch, mask, allowed)
         return self._rank(query, rows, int(k), alpha)
+
+    def score_ids(self, query_emb: np.ndarray, ids: Sequence[str], *, kind: QueryKind = "text",
+                  alpha: float | None = None) -> list[Hit]:  # fmt: skip
+        """The fused score and its parts of each of `ids` (in that order), exactly as `search` scores
+        them: for hybrid search, whose lexical candidates the vector search may not have fetched."""
+        query = self._query(query_emb)
+        alpha = self.alphas.resolve(kind, alpha)
+        if not len(ids):
+            return []
+        rows = self._rows_of_ids(ids)
+        title = self._similarities(self._text, rows, query)
+        image = self._similarities(self._image, rows, query)
+        score = fuse(title, image, alpha)
+        return [Hit(str(i), float(s), float(t), float(m)) for i, s, t, m in zip(ids, score, title, image)]
 
     def _query(self, query_emb: np.ndarray) -> np.ndarray:
         query = np.asarray(query_emb, dtype=np.float32)

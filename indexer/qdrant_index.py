@@ -39,6 +39,7 @@ from PIL import Image
 
 from indexer.filters import FilterColumns, match_key
 from indexer.layout import IndexLayout, VersionLease
+from indexer.lexical import LexicalSearch
 from indexer.manifest import IndexManifest, IndexVersionFacts, read_manifest
 from indexer.product_index import default_fetch_k
 from indexer.store import SqliteProductStore
@@ -419,7 +420,7 @@ def delete_from_qdrant_index(out: str | Path, ids: Iterable[str], engine: Qdrant
 # ---------------------------------------------------------------- searching
 
 
-class QdrantIndex(IndexVersionFacts):
+class QdrantIndex(LexicalSearch, IndexVersionFacts):
     """One index version, searched through its Qdrant collection. Thread-safe for concurrent searches.
 
     Satisfies `vitrine.protocols.SearchIndex`, as `ProductIndex` does, with the same results.
@@ -637,6 +638,26 @@ class QdrantIndex(IndexVersionFacts):
         id_array = np.array(ids, dtype=str)
         order = np.lexsort((id_array, -score))[: int(k)]  # by score, then id
         return [Hit(str(id_array[i]), float(score[i]), float(title[i]), float(image[i])) for i in order]
+
+    def score_ids(self, query_emb: np.ndarray, ids: Sequence[str], *, kind: QueryKind = "text",
+                  alpha: float | None = None) -> list[Hit]:  # fmt: skip
+        """As `ProductIndex.score_ids`: the stored vectors of `ids` come back from the collection."""
+        query = self._query(query_emb)
+        alpha = self.alphas.resolve(kind, alpha)
+        if not len(ids):
+            return []
+        found = self._store.labels_of(list(ids))
+        unknown = [i for i in ids if i not in found]
+        if unknown:
+            raise KeyError(unknown[0])
+        labels = [int(found[i]) for i in ids]
+        points = self.engine.call(lambda c: c.retrieve(self.collection, ids=labels, with_vectors=list(VECTORS)))
+        by_label = {int(p.id): p for p in points}
+        q = query.astype(np.float64)
+        title = np.array([by_label[label].vector["text"] for label in labels], dtype=np.float32).astype(np.float64) @ q
+        image = np.array([by_label[label].vector["image"] for label in labels], dtype=np.float32).astype(np.float64) @ q
+        score = fuse(title, image, alpha)
+        return [Hit(str(i), float(s), float(t), float(m)) for i, s, t, m in zip(ids, score, title, image)]
 
     def _query(self, query_emb: np.ndarray) -> np.ndarray:
         query = np.asarray(query_emb, dtype=np.float32)

@@ -147,4 +147,7 @@ class SearchIndex(Protocol):
         kind: QueryKind = "text",
         alpha: float | None = None,
         filters: Mapping[str, str | list[str]] | None = None,
-    ) -> list[Hit]: ...
+        fetch_k: int | None = None,
+    ) -> list[Hit]:
+        """Top-k by fused score; `fetch_k`: candidates taken from each vector index (None: max(100, 10k))."""
+        ...

@@ -27,6 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--qdrant-path", type=Path, default=None, help="embedded Qdrant folder (default <index>/qdrant, $VITRINE_QDRANT_PATH)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(func=serve)
+    # The search layer also scores its pipeline on judged queries: `vitrine eval --qrels` (search.qrels).
+    from search.qrels import extend_eval
+
+    extend_eval(subparsers)
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ from search.service.redis_store import REDIS_ERRORS, RedisLink, RedisStore
 from search.service.settings import MAX_RERANK_TOP_N, Settings
 from vitrine.catalog.record import ProductRecord
 from vitrine.errors import UserError
+from vitrine.fusion import DEFAULT_FUSION, DEFAULT_LEXICAL_WEIGHT, FusionMethod, SearchMode, fuse_lists, hybrid_depth
 from vitrine.protocols import Reranker, SearchIndex, ServingEncoder
 from vitrine.runtime.reranker import RerankerSpec
 from vitrine.scoring import Hit, QueryKind
@@ -55,6 +56,9 @@ class SearchOutcome:
     rerank_scores: list[float | None] | None = None  # per hit; None for hits after the top N
     facets: dict[str, list[dict[str, object]]] | None = None  # field -> [{value, count}] when asked for
     facet_top_n: int | None = None  # first-stage candidates the facets counted
+    mode: SearchMode = "vector"
+    # lexical / hybrid: per hit, the vector parts, the vector score (the reranker's prior) and BM25's
+    parts: list[dict[str, float]] | None = None
 
 
 def check_reranker_fits_index(spec: RerankerSpec, index: SearchIndex) -> None:
@@ -456,22 +460,26 @@ class SearchEngine:
         titles = [record.title if record is not None else "" for record in outcome.records[:n]]
         patches = served.index.patches([h.id for h in head])
         try:
-            scores = self.reranker.score(text, titles, patches, first_stage=np.array([h.score for h in head], np.float32))
+            first_stage = [h.score for h in head] if outcome.parts is None else [p["vector"] for p in outcome.parts[:n]]
+            scores = self.reranker.score(text, titles, patches, first_stage=np.array(first_stage, np.float32))
         except UserError as exc:  # e.g. a query the reranker's tokenizer cannot read
             raise ApiError(422, "invalid_query", str(exc)) from exc
         assert scores.shape == (n,), (scores.shape, n)
         order = [int(i) for i in rerank_order(np.arange(n), scores)]
         outcome.hits = [head[i] for i in order] + outcome.hits[n:]
         outcome.records = [outcome.records[i] for i in order] + outcome.records[n:]
+        if outcome.parts is not None:
+            outcome.parts = [outcome.parts[i] for i in order] + outcome.parts[n:]
         outcome.rerank_scores = [float(scores[i]) for i in order] + [None] * (len(outcome.hits) - n)
 
     # ------------------------------------------------------------------ search
 
     def search_text(
         self, query: str, *, k: int, alpha: float | None, filters: dict | None, rerank_top_n: int | None = None,
-        facets: list[str] | None = None,
+        mode: SearchMode = "vector", fusion: FusionMethod | None = None, facets: list[str] | None = None,
     ) -> SearchOutcome:
-        """Top k for a text query; with `rerank_top_n` (see rerank_plan) the first-stage top N are reranked;
+        """Top k for a text query; with `rerank_top_n` (see rerank_plan) the first-stage top N are reranked.
+        `mode`: rank by the embeddings (vector), by BM25 (lexical), or both fused (hybrid, by `fusion`);
         with `facets`, value counts over the first-stage top N (search/service/facets.py)."""
         if rerank_top_n is not None and (self.reranker is None or not 1 <= rerank_top_n <= MAX_RERANK_TOP_N):
             raise ValueError(f"rerank_top_n={rerank_top_n!r} needs a reranker and 1..{MAX_RERANK_TOP_N}; see rerank_plan")
@@ -486,8 +494,19 @@ class SearchEngine:
                     self.cache.put(text, emb)
                 self.metrics.query_cache.labels(tier).inc()
             fetch = k if rerank_top_n is None else max(k, rerank_top_n)
-            outcome = self._search(emb, "text", k=fetch, alpha=alpha, filters=filters, timings=timings, served=served,
-                                   facets=facets)  # fmt: skip
+            if mode == "vector":
+                outcome = self._search(emb, "text", k=fetch, alpha=alpha, filters=filters, timings=timings, served=served,
+                                       facets=facets)  # fmt: skip
+            else:
+                fields = resolve_facets(facets, served.filter_fields) if facets else None
+                depth = max(fetch, self.settings.facet_top_n) if fields else fetch
+                outcome = self._search_lexical(text, emb, mode, fusion or DEFAULT_FUSION, k=depth, alpha=alpha,
+                                               filters=filters, timings=timings, served=served)  # fmt: skip
+                if fields:  # counted over the fused top N, then cut to what was asked for
+                    outcome.facets = count_facets(outcome.records[: self.settings.facet_top_n], fields)
+                    outcome.facet_top_n = min(len(outcome.records), self.settings.facet_top_n)
+                    outcome.hits, outcome.records = outcome.hits[:fetch], outcome.records[:fetch]
+                    outcome.parts = outcome.parts[:fetch] if outcome.parts is not None else None
             if rerank_top_n is not None:
                 with self.metrics.stage("text", "rerank", timings):
                     self._rerank(text, outcome, rerank_top_n, served)
@@ -542,13 +561,8 @@ class SearchEngine:
         if fields:  # rank the facet depth from the pool a plain query of k draws from: the top k stay the same
             extra["fetch_k"] = default_fetch_k(depth)
             depth = max(depth, self.settings.facet_top_n)
-        with self.metrics.stage(label or kind, "search", timings):
-            try:
-                hits = served.index.search(emb, k=depth, kind=kind, alpha=used_alpha, filters=filters or None, **extra)
-            except UnknownFilterError as exc:
-                raise ApiError(422, "unknown_filter", str(exc), [{"loc": ["body", "filters", exc.field], "msg": str(exc)}]) from exc
-            except FilterError as exc:
-                raise ApiError(422, "invalid_filter", str(exc), [{"loc": ["body", "filters"], "msg": str(exc)}]) from exc
+        with self.metrics.stage(label or kind, "search", timings), filter_errors():
+            hits = served.index.search(emb, k=depth, kind=kind, alpha=used_alpha, filters=filters or None, **extra)
         if not fields:
             hits = [h for h in hits if h.id != exclude][:k]
         with self.metrics.stage(label or kind, "fuse", timings):
@@ -581,6 +595,47 @@ class SearchEngine:
                                    facets=facets, exclude=product_id, label="similar")  # fmt: skip
         outcome.timings_ms = timings
         return outcome
+
+    def _search_lexical(self, text: str, emb: np.ndarray, mode: SearchMode, fusion: FusionMethod, *, k: int,
+                        alpha: float | None, filters: dict | None, timings: dict[str, float],
+                        served: ServedVersion) -> SearchOutcome:  # fmt: skip
+        """mode lexical (BM25's top k) or hybrid (the vector and BM25 top `hybrid_depth(k)` fused, `vitrine.fusion`).
+
+        Every hit also gets its exact vector score and parts (`score_ids`), which the reranker's prior reads."""
+        index = served.index
+        used_alpha = index.alphas.resolve("text", alpha)
+        depth = k if mode == "lexical" else hybrid_depth(k)
+        with self.metrics.stage("text", "search", timings), filter_errors():
+            lexical = {h.id: h.score for h in index.lexical_search(text, k=depth, filters=filters or None)}
+            # fetch_k=depth: the candidates a vector top-10 reads; the fused list needs no deeper vector list
+            vector = (index.search(emb, k=depth, kind="text", alpha=used_alpha, filters=filters or None, fetch_k=depth)
+                      if mode == "hybrid" else [])  # fmt: skip
+        with self.metrics.stage("text", "fuse", timings):
+            if mode == "lexical":
+                ranked = list(lexical.items())
+            else:
+                weights = [1.0 - DEFAULT_LEXICAL_WEIGHT, DEFAULT_LEXICAL_WEIGHT]
+                ranked = fuse_lists([{h.id: h.score for h in vector}, lexical], method=fusion, weights=weights, k=k)
+            scored = {h.id: h for h in vector}
+            missing = [ident for ident, _ in ranked if ident not in scored]
+            scored.update((h.id, h) for h in index.score_ids(emb, missing, kind="text", alpha=used_alpha))
+            hits = [Hit(ident, float(score), scored[ident].title_sim, scored[ident].image_sim) for ident, score in ranked]
+            parts = [
+                {"vector": scored[h.id].score, **({"bm25": lexical[h.id]} if h.id in lexical else {})} for h in hits
+            ]
+            records = self.records([h.id for h in hits], served)
+        return SearchOutcome(hits=hits, records=records, alpha=used_alpha, mode=mode, parts=parts)
+
+
+@contextmanager
+def filter_errors() -> Iterator[None]:
+    """A filter the index cannot apply is the request's fault: 422 with the field."""
+    try:
+        yield
+    except UnknownFilterError as exc:
+        raise ApiError(422, "unknown_filter", str(exc), [{"loc": ["body", "filters", exc.field], "msg": str(exc)}]) from exc
+    except FilterError as exc:
+        raise ApiError(422, "invalid_filter", str(exc), [{"loc": ["body", "filters"], "msg": str(exc)}]) from exc
 
 
 def result_parts(kind: QueryKind, hit: Hit) -> dict[str, float]:

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from search.service.settings import MAX_RERANK_TOP_N
+from vitrine.fusion import FusionMethod, SearchMode
 
 MAX_FACETS = 16  # facet fields per request (a catalog has a handful of filterable fields)
 
@@ -125,6 +126,14 @@ class TextSearchRequest(SearchOptions):
         examples=["women red handbags"],
         json_schema_extra={"pattern": NON_BLANK_PATTERN},
     )
+    mode: SearchMode = Field(
+        default="vector",
+        description="vector: rank by the embeddings; lexical: by BM25 over titles and attribute values (brands, exact "
+        "words); hybrid: both, fused (see fusion). Filters and rerank apply in every mode",
+    )
+    fusion: FusionMethod | None = Field(
+        default=None, description="hybrid only: weighted (min-max normalised sum, BM25 0.7 : vector 0.3) or rrf (reciprocal rank fusion); default: weighted"
+    )
 
     @field_validator("query")
     @classmethod
@@ -159,7 +168,10 @@ class SearchResult(BaseModel):
     title: str
     score: float = Field(description="first-stage fused score α·sim(q, title) + (1−α)·sim(q, image)")
     rerank_score: float | None = Field(default=None, description="the cross-encoder's logit; only on reranked results")
-    parts: dict[str, float] = Field(description="{t2t, t2i} for text queries, {i2t, i2i} for image queries")
+    parts: dict[str, float] = Field(
+        description="{t2t, t2i} for text queries, {i2t, i2i} for image queries; lexical and hybrid add vector "
+        "(the fused vector score) and bm25 (when BM25 found the product)"
+    )
     category: str
     subcategory: str
     attributes: dict[str, str]
@@ -175,6 +187,8 @@ class SearchResponse(BaseModel):
     results: list[SearchResult]
     k: int
     alpha: float
+    mode: str = Field(default="vector", description="vector | lexical | hybrid: how the results were ranked (score is BM25's "
+                      "in lexical mode, the fused rank score in hybrid)")  # fmt: skip
     took_ms: float
     timings_ms: dict[str, float] | None = Field(
         default=None, description="only when the request sets timing: ms per stage (decode, encode, search, fuse, rerank, total)"

@@ -81,7 +81,8 @@ function render(data) {
   renderFacets(data.facets || {}, data.facet_top_n);
   const n = data.results.length;
   const like = lastSearch && lastSearch.kind === "similar" ? ` like “${lastSearch.title}”` : "";
-  $("status").textContent = `${n} result${n === 1 ? "" : "s"}${like} in ${data.took_ms.toFixed(1)} ms (α ${data.alpha.toFixed(2)})`;
+  const mode = data.mode && data.mode !== "vector" ? `, ${data.mode}` : "";
+  $("status").textContent = `${n} result${n === 1 ? "" : "s"}${like} in ${data.took_ms.toFixed(1)} ms (α ${data.alpha.toFixed(2)}${mode})`;
 }
 
 // Under each filter menu, its most frequent values among the top N candidates; a click applies one.
@@ -130,7 +131,7 @@ async function run(search) {
       data = await callApi("/search/text", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ query: search.query, ...options() }),
+        body: JSON.stringify({ query: search.query, ...options(), mode: $("mode").value }),
       });
     } else {
       const form = new FormData();
@@ -214,6 +215,7 @@ $("alpha").addEventListener("change", () => {
   if (lastSearch) run(lastSearch);
 });
 $("k").addEventListener("change", () => lastSearch && run(lastSearch));
+$("mode").addEventListener("change", () => lastSearch && lastSearch.kind === "text" && run(lastSearch));
 $("clear-filters").addEventListener("click", () => {
   for (const select of document.querySelectorAll("#filters select")) select.value = "";
   if (lastSearch) run(lastSearch);

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -248,3 +249,30 @@ def test_timings_only_when_asked_and_the_rerank_stage_is_measured(client):
     assert set(photo["timings_ms"]) == {"decode", "encode", "search", "fuse", "total"}
     counts = [line for line in client.get("/metrics").text.splitlines() if line.startswith("vitrine_stage_seconds_count")]
     assert any('kind="text",stage="rerank"' in line and not line.endswith(" 0.0") for line in counts), counts
+
+
+@pytest.mark.parametrize("mode", ["lexical", "hybrid"])
+def test_lexical_and_hybrid_hits_are_reranked_with_their_vector_score_as_the_prior(client, index, built, reranker, mode):
+    query, n = "women red tshirts no 5", 8
+    plain = search(client, query=query, k=n, mode=mode, rerank=False)["results"]
+    body = search(client, query=query, k=n, mode=mode, rerank_top_n=n)
+    assert body["reranked"] is True and body["mode"] == mode
+    titles, patches = [r["title"] for r in plain], index.patches([r["id"] for r in plain])
+    prior = np.array([r["parts"]["vector"] for r in plain])  # the exact vector score, not BM25's or the fused rank score
+    scores = reranker.score(normalise_query(query), titles, patches, first_stage=prior)
+    order = sorted(range(len(plain)), key=lambda i: (-float(scores[i]), i))
+    assert [r["id"] for r in body["results"]] == [plain[i]["id"] for i in order]
+    assert [r["rerank_score"] for r in body["results"]] == pytest.approx([float(scores[i]) for i in order], abs=1e-5)
+
+
+def test_judged_queries_score_the_reranked_modes(built, tmp_path, capsys):
+    from vitrine.cli import main
+
+    (tmp_path / "qrels.txt").write_text("q1 0 105 1\nq2 0 110 1\n")
+    (tmp_path / "queries.tsv").write_text("q1\twomen red tshirts no 5\nq2\tmen bags no 10\n")
+    out = tmp_path / "out"
+    assert main(["eval", "--qrels", str(tmp_path / "qrels.txt"), "--queries", str(tmp_path / "queries.tsv"),
+                 "--index", str(built.index_dir), "--depth", "10", "--out", str(out)]) == 0  # fmt: skip
+    report = json.loads((out / "metrics.json").read_text())
+    assert list(report["modes"]) == ["vector", "lexical", "hybrid", "vector+rerank", "hybrid+rerank"]  # the default with a reranker
+    assert (out / "run.hybrid+rerank.trec").read_text().count("q1 Q0") == 10

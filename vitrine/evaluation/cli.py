@@ -74,10 +74,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--catalog", type=Path, required=True, help="catalog file or folder (any format vitrine reads)"
+        "--catalog", type=Path, default=None, help="catalog file or folder (any format vitrine reads); required"
     )
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    which = parser.add_mutually_exclusive_group(required=True)
+    which = parser.add_mutually_exclusive_group()  # one of them is required: checked in main_eval
     which.add_argument(
         "--encoder",
         metavar="MODULE:ATTR",
@@ -104,9 +104,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--queries",
-        type=positive_int,
+        type=count_or_file,
         default=1000,
-        help="sample protocol: queries per direction (default: 1000; fewer if the split is smaller)",
+        metavar="N|FILE",
+        help="sample protocol: queries per direction (default: 1000; fewer if the split is smaller); "
+        "with --qrels, the queries FILE",
     )
     parser.add_argument(
         "--candidates",
@@ -175,7 +177,19 @@ def load_products(catalog: Path, split: str, limit: int | None) -> tuple[list, d
     return read.products, {"catalog_format": read.format, "catalog_rows_skipped": int(skipped)}
 
 
+def count_or_file(value: str) -> int | Path:
+    """--queries: a count (the sample protocol's), or a file (judged queries, with --qrels)."""
+    return positive_int(value) if value.strip().lstrip("+-").isdigit() else Path(value)
+
+
 def main_eval(args: argparse.Namespace) -> int:
+    from vitrine.errors import UserError
+
+    if args.catalog is None or (args.encoder is None and args.bundle is None):
+        raise UserError("vitrine eval needs --catalog and one of --encoder or --bundle "
+                        "(or --qrels FILE --queries FILE --index DIR to score the search pipeline on judged queries)")  # fmt: skip
+    if isinstance(args.queries, Path):
+        raise UserError(f"--queries {args.queries} is a file: judged queries need --qrels (and --index)")
     from vitrine.evaluation.encoder import load_bundle_encoder, load_encoder
     from vitrine.evaluation.evaluator import EvalConfig, run_evaluation
     from vitrine.evaluation.report import render_markdown, write_report

@@ -60,20 +60,21 @@ def to_response(kind: str, outcome: SearchOutcome, k: int, *, timing: bool = Fal
     were not reranked) are left out of the JSON (the routes use response_model_exclude_unset)."""
     results = []
     rerank_scores = outcome.rerank_scores or [None] * len(outcome.hits)
-    for hit, record, rerank_score in zip(outcome.hits, outcome.records, rerank_scores):
+    more_parts = outcome.parts or [{}] * len(outcome.hits)
+    for hit, record, rerank_score, more in zip(outcome.hits, outcome.records, rerank_scores, more_parts):
         if record is None:
             continue  # the index and its store disagree; never show a blank card
         extra = {} if rerank_score is None else {"rerank_score": rerank_score}
         results.append(
             SearchResult(
-                id=hit.id, title=record.title, score=float(hit.score), parts=result_parts(kind, hit),
+                id=hit.id, title=record.title, score=float(hit.score), parts={**result_parts(kind, hit), **more},
                 category=record.category, subcategory=record.subcategory, attributes=record.attributes,
                 image_url=product_image_url(hit.id), **extra,
             )
         )  # fmt: skip
     timings = {name: round(ms, 3) for name, ms in outcome.timings_ms.items()}
     return SearchResponse(
-        results=results, k=k, alpha=outcome.alpha, took_ms=timings.get("total", 0.0), cache=outcome.cache,
+        results=results, k=k, alpha=outcome.alpha, mode=outcome.mode, took_ms=timings.get("total", 0.0), cache=outcome.cache,
         reranked=outcome.rerank_top_n is not None, rerank_top_n=outcome.rerank_top_n,
         **({"timings_ms": timings} if timing else {}),
         **({"facets": outcome.facets, "facet_top_n": outcome.facet_top_n} if outcome.facets is not None else {}),
@@ -95,7 +96,10 @@ def search_text(
     if len(body.query) > settings.max_query_chars:
         raise field_error(["body", "query"], f"query is longer than {settings.max_query_chars} characters")
     top_n = engine.rerank_plan(body.rerank, body.rerank_top_n)
-    outcome = engine.search_text(body.query, k=k, alpha=body.alpha, filters=body.filters, rerank_top_n=top_n, facets=body.facets)
+    if body.fusion is not None and body.mode != "hybrid":
+        raise field_error(["body", "fusion"], f"fusion applies to mode hybrid only, not {body.mode}")
+    outcome = engine.search_text(body.query, k=k, alpha=body.alpha, filters=body.filters, rerank_top_n=top_n,
+                                 mode=body.mode, fusion=body.fusion, facets=body.facets)  # fmt: skip
     return to_response("text", outcome, k, timing=body.timing)
 
 
