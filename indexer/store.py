@@ -215,6 +215,13 @@ class SqliteProductStore:
             row = self._db.execute("SELECT image_ref FROM products WHERE id = ?", (id,)).fetchone()
         return None if row is None else json.loads(row[0])
 
+    def file_image_paths(self) -> set[str]:
+        """The paths of the images stored as files (image_ref kind "file"), as recorded."""
+        with self._lock:
+            rows = self._db.execute("SELECT image_ref FROM products WHERE image_ref LIKE '%\"file\"%'").fetchall()
+        refs = (json.loads(row[0]) for row in rows)
+        return {str(ref["path"]) for ref in refs if ref.get("kind") == "file" and "path" in ref}
+
     def content_hashes(self) -> dict[str, str]:
         """id -> content hash of every product."""
         with self._lock:
