@@ -46,11 +46,10 @@ def referenced_uploads(layout: IndexLayout, cache: dict[str, frozenset[str]] | N
     versions = layout.finished_versions()
     for version in versions:
         if cache is None or version.name not in cache:
-            with SqliteProductStore(version / read_manifest(version).files["store"]) as store:
-                paths = [Path(p) for p in store.file_image_paths()]
             # By name (content-addressed) in any folder called uploads: a copied or moved index keeps
             # the photos its versions name, rather than lose them to a path that differs.
-            found = frozenset(p.name for p in paths if p.parent.name == UPLOADS_DIR)
+            with SqliteProductStore(version / read_manifest(version).files["store"]) as store:
+                found = frozenset(Path(p).name for p in store.file_image_paths(UPLOADS_DIR))
             if cache is None:
                 names |= found
                 continue
