@@ -46,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mode.add_argument("--delete", nargs="+", metavar="ID", help="remove these product ids")
     mode.add_argument("--gc", action="store_true",
                       help="remove partial folders left by killed builds and all but the newest --keep-versions "
-                           "versions, except the live one and versions a running server is reading")  # fmt: skip
+                           "versions, except the live one and versions a running server is reading, and photos "
+                           "in uploads/ that no version refers to (older than an hour)")  # fmt: skip
     mode.add_argument("--qdrant-load", action="store_true",
                       help="only load the live version into Qdrant (--qdrant-url or --qdrant-path)")  # fmt: skip
     parser.add_argument("--index-type", help=INDEX_TYPES_HELP + " (default: flat)")
@@ -168,8 +169,12 @@ def main_gc(args: argparse.Namespace) -> int:
 
     if args.catalog or args.bundle or args.index_type:
         raise UserError("--gc takes only --out and --keep-versions (no --catalog, --bundle or --index-type)")
+    from indexer.uploads import clean_uploads
+
     layout = IndexLayout(args.out)
     cleanup = layout.gc(keep=args.keep_versions)
+    with layout.lock():  # photos written over HTTP that no version kept refers to any more
+        cleanup.removed += clean_uploads(layout)
     if args.json:
         record = {
             "removed": [{"path": str(path), "bytes": size} for path, size in cleanup.removed],

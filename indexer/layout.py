@@ -5,7 +5,8 @@
       versions/<name>/             one complete index (manifest, vectors, Faiss indexes, store)
       versions/<name>.partial/     a version being written; never read
       .lock                        held (flock) by whoever writes a new version
-      uploads/<sha256>.<ext>       images written over HTTP (`store_upload`), shared by all versions
+      uploads/<sha256>.<ext>       images written over HTTP (`store_upload`), shared by all versions;
+                                   those no version refers to are removed by `indexer.uploads`
 
 A build writes a whole new version beside the live one and only then switches
 CURRENT, so a build that dies halfway leaves readers on the previous version. A
@@ -248,6 +249,7 @@ class IndexLayout:
         self.uploads.mkdir(parents=True, exist_ok=True)
         path = self.uploads / f"{hashlib.sha256(data).hexdigest()}.{suffix}"
         if path.is_file() and path.stat().st_size == len(data):
+            os.utime(path)  # stored again: a fresh mtime keeps it from `indexer.uploads.clean_uploads` meanwhile
             return path
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         with open(tmp, "wb") as fh:

@@ -24,6 +24,15 @@ import numpy as np
 from PIL import Image
 
 from indexer import faiss_index
+from indexer.candidates import (
+    MIN_FETCH_K,
+    check_counts,
+    check_query,
+    default_fetch_k,
+    exact_similarities,
+    fetch_size,
+    rank_union,
+)
 from indexer.filters import FilterColumns, FilterError, UnknownFilterError
 from indexer.layout import IndexLayout, VersionLease
 from indexer.lexical import LexicalSearch
@@ -33,15 +42,10 @@ from vitrine.errors import UserError
 from vitrine.images import open_image_ref
 from vitrine.scoring import Hit, QueryKind, fuse
 
-__all__ = ["FilterError", "Hit", "ProductIndex", "ProductRecord", "ProductStore", "UnknownFilterError"]
+__all__ = ["MIN_FETCH_K", "FilterError", "Hit", "ProductIndex", "ProductRecord", "ProductStore", "UnknownFilterError",
+           "default_fetch_k"]  # fmt: skip
 
-MIN_FETCH_K = 100
-FETCH_K_PER_RESULT = 10
 _SIM_CHUNK = 8192  # rows per exact-similarity block
-
-
-def default_fetch_k(k: int) -> int:
-    return max(MIN_FETCH_K, FETCH_K_PER_RESULT * k)
 
 
 class ProductIndex(LexicalSearch, IndexVersionFacts):
@@ -224,17 +228,14 @@ class ProductIndex(LexicalSearch, IndexVersionFacts):
         """Top-k products for one query embedding (D,), by fused score; see the module docstring.
 
         `alpha` None: the bundle's α for this query `kind`."""
-        query = self._query(query_emb)
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        query = check_query(query_emb, self.embed_dim)
+        check_counts(k, fetch_k)
         alpha = self.alphas.resolve(kind, alpha)
-        if fetch_k is not None and (isinstance(fetch_k, bool) or not isinstance(fetch_k, (int, np.integer)) or fetch_k < 1):
-            raise ValueError(f"fetch_k must be a positive integer, got {fetch_k!r}")
         mask = self._columns.mask(filters) if filters else None  # validates fields even on an empty index
         n = len(self)
         if n == 0:
             return []
-        fetch = min(n, max(int(k), int(fetch_k) if fetch_k is not None else default_fetch_k(int(k))))
+        fetch = fetch_size(n, k, fetch_k)
         if mask is None:
             rows = self._candidates(query, fetch)
         else:
@@ -253,7 +254,7 @@ class ProductIndex(LexicalSearch, IndexVersionFacts):
                   alpha: float | None = None) -> list[Hit]:  # fmt: skip
         """The fused score and its parts of each of `ids` (in that order), exactly as `search` scores
         them: for hybrid search, whose lexical candidates the vector search may not have fetched."""
-        query = self._query(query_emb)
+        query = check_query(query_emb, self.embed_dim)
         alpha = self.alphas.resolve(kind, alpha)
         if not len(ids):
             return []
@@ -262,16 +263,6 @@ class ProductIndex(LexicalSearch, IndexVersionFacts):
         image = self._similarities(self._image, rows, query)
         score = fuse(title, image, alpha)
         return [Hit(str(i), float(s), float(t), float(m)) for i, s, t, m in zip(ids, score, title, image)]
-
-    def _query(self, query_emb: np.ndarray) -> np.ndarray:
-        query = np.asarray(query_emb, dtype=np.float32)
-        if query.ndim == 2 and query.shape[0] == 1:
-            query = query[0]
-        if query.shape != (self.embed_dim,):
-            raise ValueError(f"query embedding has shape {query.shape}; this index holds {self.embed_dim}-d vectors")
-        if not np.isfinite(query).all():
-            raise ValueError("query embedding has non-finite values")
-        return np.ascontiguousarray(query)
 
     def _rows(self, labels: np.ndarray) -> np.ndarray:
         rows = np.searchsorted(self._labels, labels)
@@ -309,19 +300,15 @@ class ProductIndex(LexicalSearch, IndexVersionFacts):
         return allowed  # everything would be fetched: score the filtered set exactly
 
     def _similarities(self, vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
-        """Exact float64 inner products, row by row (identical vectors give identical scores)."""
-        q = query.astype(np.float64)
+        """Exact similarities of these rows, a block at a time (the vectors may be memory-mapped)."""
         out = np.empty(rows.size, dtype=np.float64)
         for start in range(0, rows.size, _SIM_CHUNK):
             block = rows[start : start + _SIM_CHUNK]
-            out[start : start + block.size] = (np.asarray(vectors[block], dtype=np.float64) * q).sum(axis=1)
+            out[start : start + block.size] = exact_similarities(vectors[block], query)
         return out
 
     def _rank(self, query: np.ndarray, rows: np.ndarray, k: int, alpha: float) -> list[Hit]:
         rows = np.unique(rows)
         title = self._similarities(self._text, rows, query)
         image = self._similarities(self._image, rows, query)
-        score = fuse(title, image, alpha)
-        ids = self._ids[rows]
-        order = np.lexsort((ids, -score))[:k]  # by score, then id
-        return [Hit(str(ids[i]), float(score[i]), float(title[i]), float(image[i])) for i in order]
+        return rank_union(self._ids[rows], title, image, alpha, k)

@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 from PIL import Image
 
+from indexer.candidates import check_counts, check_query, exact_similarities, fetch_size, rank_union
 from indexer.filters import FilterColumns, match_key
 from indexer.layout import IndexLayout, VersionLease
 from indexer.lexical import LexicalSearch
 from indexer.manifest import IndexManifest, IndexVersionFacts, read_manifest
-from indexer.product_index import default_fetch_k
 from indexer.store import SqliteProductStore
 from vitrine.catalog.record import ProductRecord
 from vitrine.errors import IndexUnavailableError, UserError
@@ -617,32 +617,24 @@ class QdrantIndex(LexicalSearch, IndexVersionFacts):
         """Top-k products for one query embedding (D,), by fused score (see the module docstring).
 
         Same arguments, checks and results as `ProductIndex.search`."""
-        query = self._query(query_emb)
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        query = check_query(query_emb, self.embed_dim)
+        check_counts(k, fetch_k)
         alpha = self.alphas.resolve(kind, alpha)
-        if fetch_k is not None and (isinstance(fetch_k, bool) or not isinstance(fetch_k, (int, np.integer)) or fetch_k < 1):
-            raise ValueError(f"fetch_k must be a positive integer, got {fetch_k!r}")
         wanted = self._columns.normalise(filters) if filters else None  # validates fields even on an empty index
         n = len(self)
         if n == 0 or (wanted is not None and any(not keys for keys in wanted.values())):
             return []
-        fetch = min(n, max(int(k), int(fetch_k) if fetch_k is not None else default_fetch_k(int(k))))
-        ids, title_vectors, image_vectors = self._candidates(query, fetch, self._payload_filter(wanted))
+        ids, title_vectors, image_vectors = self._candidates(query, fetch_size(n, k, fetch_k), self._payload_filter(wanted))
         if not ids:
             return []
-        q = query.astype(np.float64)
-        title = (title_vectors.astype(np.float64) * q).sum(axis=1)  # as ProductIndex: float64, row by row
-        image = (image_vectors.astype(np.float64) * q).sum(axis=1)
-        score = fuse(title, image, alpha)
-        id_array = np.array(ids, dtype=str)
-        order = np.lexsort((id_array, -score))[: int(k)]  # by score, then id
-        return [Hit(str(id_array[i]), float(score[i]), float(title[i]), float(image[i])) for i in order]
+        title = exact_similarities(title_vectors, query)  # as ProductIndex, to the bit
+        image = exact_similarities(image_vectors, query)
+        return rank_union(np.array(ids, dtype=str), title, image, alpha, int(k))
 
     def score_ids(self, query_emb: np.ndarray, ids: Sequence[str], *, kind: QueryKind = "text",
                   alpha: float | None = None) -> list[Hit]:  # fmt: skip
         """As `ProductIndex.score_ids`: the stored vectors of `ids` come back from the collection."""
-        query = self._query(query_emb)
+        query = check_query(query_emb, self.embed_dim)
         alpha = self.alphas.resolve(kind, alpha)
         if not len(ids):
             return []
@@ -653,21 +645,10 @@ class QdrantIndex(LexicalSearch, IndexVersionFacts):
         labels = [int(found[i]) for i in ids]
         points = self.engine.call(lambda c: c.retrieve(self.collection, ids=labels, with_vectors=list(VECTORS)))
         by_label = {int(p.id): p for p in points}
-        q = query.astype(np.float64)
-        title = np.array([by_label[label].vector["text"] for label in labels], dtype=np.float32).astype(np.float64) @ q
-        image = np.array([by_label[label].vector["image"] for label in labels], dtype=np.float32).astype(np.float64) @ q
+        title = exact_similarities(np.array([by_label[label].vector["text"] for label in labels], dtype=np.float32), query)
+        image = exact_similarities(np.array([by_label[label].vector["image"] for label in labels], dtype=np.float32), query)
         score = fuse(title, image, alpha)
         return [Hit(str(i), float(s), float(t), float(m)) for i, s, t, m in zip(ids, score, title, image)]
-
-    def _query(self, query_emb: np.ndarray) -> np.ndarray:
-        query = np.asarray(query_emb, dtype=np.float32)
-        if query.ndim == 2 and query.shape[0] == 1:
-            query = query[0]
-        if query.shape != (self.embed_dim,):
-            raise ValueError(f"query embedding has shape {query.shape}; this index holds {self.embed_dim}-d vectors")
-        if not np.isfinite(query).all():
-            raise ValueError("query embedding has non-finite values")
-        return np.ascontiguousarray(query)
 
     def _payload_filter(self, wanted: dict[str, list[str]] | None) -> models.Filter | None:
         """Every field must match one of its values: a Qdrant filter over the `match_key` payloads."""

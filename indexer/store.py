@@ -215,6 +215,15 @@ class SqliteProductStore:
             row = self._db.execute("SELECT image_ref FROM products WHERE id = ?", (id,)).fetchone()
         return None if row is None else json.loads(row[0])
 
+    def file_image_paths(self, folder_name: str) -> set[str]:
+        """The recorded paths of the images stored as files (image_ref kind "file") in a folder called
+        `folder_name`. SQLite narrows the rows by text first, so a catalog's other images are not parsed."""
+        with self._lock:
+            rows = self._db.execute("SELECT image_ref FROM products WHERE image_ref LIKE ?", (f"%/{folder_name}/%",)).fetchall()
+        refs = [json.loads(row[0]) for row in rows]
+        paths = [str(ref["path"]) for ref in refs if ref.get("kind") == "file" and "path" in ref]
+        return {path for path in paths if Path(path).parent.name == folder_name}
+
     def content_hashes(self) -> dict[str, str]:
         """id -> content hash of every product."""
         with self._lock:

@@ -11,7 +11,10 @@ and only then is each write answered: an acknowledged write is on disk, fsynced,
 A write whose rows the indexer refuses (an id to delete that is gone by now, a photo the model
 cannot embed) fails alone: it is taken out of its group, which is committed again without it.
 Photos are kept in the index's `uploads/` folder (content-addressed) before the version that
-refers to them is written. Every write ends as one line of the audit log (`search.service.audit`).
+refers to them is written; once a group has committed or failed, the photos no version refers to
+any more are removed (`indexer.uploads`): those of failed writes, and those of products replaced or
+deleted once the versions holding them are pruned. Every write ends as one line of the audit log
+(`search.service.audit`).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from typing import Any
 
 from indexer.build import RejectedProductsError, UnknownProductsError, update_index
 from indexer.layout import IndexBusyError, IndexLayout
+from indexer.uploads import StoredUpload, clean_uploads
 from search.service.audit import AuditLog
 from search.service.engine import SearchEngine
 from search.service.errors import ApiError
@@ -39,6 +43,7 @@ from vitrine.errors import UserError
 
 log = logging.getLogger(__name__)
 BUSY_RETRY_S = 0.2  # another process holds the index's writer lock: try again this often
+MAX_UNCLEANED = 10_000  # photos whose clean-up is put off, remembered at most
 
 
 @dataclass
@@ -50,9 +55,11 @@ class ProductUpload:
     image: bytes
     suffix: str  # jpg, png, ... (from the bytes)
     row: int | None = None  # its row in a batch request
+    stored: StoredUpload | None = None  # the photo in uploads/, once stored
 
     def product(self, layout: IndexLayout) -> Product:
         path = layout.store_upload(self.image, self.suffix)
+        self.stored = StoredUpload.of(path)
         f = self.fields
         return Product(id=self.id, title=f.title, images=(FileImage(path),), category=f.category,
                        subcategory=f.subcategory, description=f.description, attributes=dict(f.attributes))  # fmt: skip
@@ -112,6 +119,8 @@ class CatalogWriter:
         self._jobs: deque[WriteJob] = deque()
         self._accepted = 0  # queued and being committed: what the 429 bounds
         self._commit_s = 1.0  # recent seconds per commit (for Retry-After)
+        self._upload_refs: dict[str, frozenset[str]] = {}  # version -> the uploads it refers to (versions never change)
+        self._uncleaned: list[StoredUpload] = []  # photos of finished writes whose clean-up was put off (index busy)
         self._closed = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="catalog-writer", daemon=True)
@@ -163,6 +172,23 @@ class CatalogWriter:
             except Exception:  # a bug: answer every write of the group, keep the thread alive
                 log.exception("catalog writer: commit failed")
                 self._finish(group, exc=ApiError(500, "internal_error", "internal server error"))
+            self._clean_uploads(group)
+
+    def _clean_uploads(self, group: list[WriteJob]) -> None:
+        """Remove the photos no version refers to: this group's, if its write failed (or if the product came
+        out unchanged under another file), and older orphans (see `indexer.uploads`). Best effort, after
+        the answers: a writer elsewhere holding the lock, or a disk error, leaves them to the next group."""
+        self._uncleaned += [upload.stored for job in group for upload in job.upserts if upload.stored is not None]
+        del self._uncleaned[:-MAX_UNCLEANED]  # an index busy for ever: the oldest are left to the age rule
+        try:
+            with self.layout.lock():
+                clean_uploads(self.layout, own=self._uncleaned, cache=self._upload_refs)
+        except IndexBusyError:
+            log.debug("uploads not cleaned: another process is writing the index")
+        except (OSError, UserError) as exc:
+            log.warning("uploads not cleaned: %s", exc)
+        else:
+            self._uncleaned = []
 
     def _take_group(self) -> list[WriteJob]:
         """The oldest writes, up to write_group_max, that touch pairwise different ids (order is kept)."""

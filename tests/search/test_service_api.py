@@ -387,6 +387,8 @@ BAD_INPUTS = [
     ("write form without a title", "put", "/products/new1", _keyed(_multipart(image=("a.jpg", jpeg_bytes(), "image/jpeg"))), 422, "validation_error"),
     ("write form PDF part", "put", "/products/new1", _keyed(_multipart(image=("a.pdf", PDF, "application/pdf"), title="Red top")), 415, "unsupported_media_type"),
     ("write form attributes not JSON", "put", "/products/new1", _keyed(_form(title="Red top", attributes="{gender")), 400, "malformed_json"),
+    ("write form attributes nested too deep", "put", "/products/new1", _keyed(_form(title="Red top", attributes="[" * 60_000)), 400, "malformed_json"),
+    ("form filters nested too deep", "post", "/search/image", _form(filters="[" * 60_000), 400, "malformed_json"),
     ("write form unknown field", "put", "/products/new1", _keyed(_form(title="Red top", price="10")), 422, "validation_error"),
     ("write form lone surrogate in attributes", "put", "/products/new1",
      _keyed(_form(title="Red top", attributes=json.dumps({"gender": "\ud800"}))), 422, "validation_error"),

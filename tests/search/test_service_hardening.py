@@ -148,6 +148,19 @@ SLOW_CLIENTS = [
     ("connects and sends nothing", b"", None, None, TIMEOUTS["request_head_timeout_s"]),
     ("headers over the size limit", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 8000,
      431, "request_head_too_large", 0.0),
+    # A head that arrives whole in one read is parsed within it: it must be measured all the same.
+    ("query string over the size limit, whole", b"GET /healthz?q=" + b"a" * 8000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+     431, "request_head_too_large", 0.0),
+    ("header over the size limit, whole, with its body",
+     post_head("/search/text", "application/json", 16).replace(b"\r\n\r\n", b"\r\nX-Big: " + b"a" * 8000 + b"\r\n\r\n")
+     + b'{"query": "red"}', 431, "request_head_too_large", 0.0),
+    ("many small headers over the size limit", b"GET /healthz HTTP/1.1\r\n" + b"X-A: b\r\n" * 1000 + b"\r\n",
+     431, "request_head_too_large", 0.0),
+    ("URL over 64 KiB, the parser's own limit", b"GET /" + b"a" * 73_000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+     431, "request_head_too_large", 0.0),
+    ("5 MB header", b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 5_000_000 + b"\r\n\r\n",
+     431, "request_head_too_large", 0.0),
+    ("not HTTP", b"HELLO THERE\r\n\r\n", 400, "invalid_http_request", 0.0),
 ]  # fmt: skip
 
 
@@ -159,6 +172,55 @@ def test_slow_and_oversized_clients_are_answered_and_closed(server, name, sent, 
     assert result.status == status, result
     if code is not None:
         assert json.loads(result.body)["error"]["code"] == code
+
+
+def raw_head(size: int, where: str) -> bytes:
+    """A GET of /healthz whose head (request line, headers, blank line) is exactly `size` bytes,
+    the padding in the query string or in one header."""
+    if where == "query":
+        head = b"GET /healthz?q= HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        return head.replace(b"?q=", b"?q=" + b"a" * (size - len(head)))
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: \r\n\r\n"
+    return head.replace(b"X-Pad: ", b"X-Pad: " + b"a" * (size - len(head)))
+
+
+@pytest.mark.parametrize("where", ["query", "header"])
+def test_the_head_limit_is_the_same_for_every_size_over_it(server, where):
+    """At the limit: served. One byte over it, and anything larger, whole or streamed: the same 431
+    JSON, never the parser's plain 400 nor a 200 (the fuzzing found both at 40 and 73 KB)."""
+    limit = TIMEOUTS["max_request_head_bytes"]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(raw_head(limit, where))
+        assert read_response(sock)[0] == 200
+        sock.sendall(raw_head(limit, where))  # keep-alive: the next head is measured afresh
+        assert read_response(sock)[0] == 200
+    for size in (limit + 1, 2 * limit, 40_000, 65_536, 73_000, 300_000):
+        result = exchange(server.port, raw_head(size, where), wait_s=3 * GRACE_S)
+        assert result.status == 431 and result.closed, (size, result)
+        assert json.loads(result.body)["error"] == {
+            "code": "request_head_too_large", "message": f"request line and headers exceed {limit} bytes"}
+
+
+def test_the_default_head_limit_refuses_the_fuzzed_heads(index, fixture):
+    """The two heads the fuzzing found, against the default 32 KiB limit."""
+    settings = Settings()
+    app = create_app(settings, index=index, encoder=fixture.encoder)
+    with LiveServer(app, **server_options(settings)) as live:
+        assert httpx.get(f"{live.url}/healthz", params={"q": "a" * 30_000}, timeout=10).status_code == 200
+        for size in (40_000, 73_000):
+            result = exchange(live.port, raw_head(size, "query"), wait_s=3 * GRACE_S)
+            assert result.status == 431, (size, result)
+            assert json.loads(result.body)["error"]["code"] == "request_head_too_large"
+
+
+def test_a_url_the_parser_cannot_split_is_414_when_the_head_limit_allows_it(index, fixture):
+    settings = Settings(max_request_head_bytes=256 * 1024)
+    app = create_app(settings, index=index, encoder=fixture.encoder)
+    with LiveServer(app, **server_options(settings)) as live:
+        assert exchange(live.port, raw_head(60_000, "query"), wait_s=GRACE_S).status == 200
+        result = exchange(live.port, raw_head(70_000, "query"), wait_s=3 * GRACE_S)
+        assert result.status == 414 and json.loads(result.body)["error"]["code"] == "uri_too_long"
+        assert exchange(live.port, raw_head(200_000, "header"), wait_s=3 * GRACE_S).status == 200
 
 
 def test_a_body_that_trickles_in_is_cut_off_at_the_total_deadline(server):

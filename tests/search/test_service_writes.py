@@ -6,7 +6,9 @@ Bad input of every kind is in the bad-input table of test_service_api.py; here a
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -303,3 +305,56 @@ def test_writes_under_load_on_two_replicas_sharing_redis(tmp_path, redis_server)
           f"DELETE in {delete_ms:.0f} ms; replica B served the PUT {seen_b} s and the DELETE {gone_b} s after the ack")  # fmt: skip
     assert failed == [] and done == 300
     assert seen_b is not None and gone_b is not None
+
+
+# ---------------------------------------------------------------- uploads/
+
+
+def upload_names(index_dir: Path) -> set[str]:
+    return {path.name for path in (index_dir / "uploads").iterdir()}
+
+
+def photo_name(colour) -> str:
+    return hashlib.sha256(jpeg_bytes(colour)).hexdigest() + ".jpg"
+
+
+def test_photos_of_failed_writes_are_removed_and_committed_ones_kept(index_dir):
+    """A write that fails (the index busy) leaves no photo behind, whether its clean-up ran at once or
+    was put off to the next write (the lock was still held); the committed write's photo stays."""
+    with TestClient(create_app(settings_for(index_dir, write_lock_wait_s=0.5), encoder=FixtureEncoder())) as client:
+        release, holder = hold_writer_lock(index_dir)
+        try:
+            busy = client.put("/products/b1", json=product("Busy zebra", GREEN), headers=AUTH)
+        finally:
+            release.set()
+            holder.join(10)
+        assert busy.status_code == 503
+        assert client.put("/products/b2", json=product("Fine zebra", RED), headers=AUTH).status_code == 200
+        assert wait_until(lambda: upload_names(index_dir) == {photo_name(RED)}, 10.0) is not None, upload_names(index_dir)
+        assert client.get("/products/b2/image").status_code == 200
+
+
+def test_photos_of_replaced_products_go_once_no_version_holds_them_and_young_orphans_stay(index_dir):
+    """A replaced product's photo stays while a kept version refers to it; once pruned away it goes after
+    the age limit (an unreferenced young photo may be another writer's, still on its way)."""
+    uploads = index_dir / "uploads"
+    with TestClient(create_app(settings_for(index_dir), encoder=FixtureEncoder())) as client:
+        def put(id, colour):
+            answer = client.put(f"/products/{id}", json=product(f"Zebra {id}", colour), headers=AUTH)
+            assert answer.status_code == 200, answer.text
+
+        put("p1", RED)
+        put("p1", BLUE)  # the version before still refers to the red photo
+        assert upload_names(index_dir) == {photo_name(RED), photo_name(BLUE)}
+        put("p2", GREEN)  # the red version is pruned (2 are kept), but its photo is young
+        assert photo_name(RED) in upload_names(index_dir)
+        hour_ago = time.time() - 2 * 3600
+        os.utime(uploads / photo_name(RED), (hour_ago, hour_ago))
+        (uploads / "another-writers-photo.jpg").write_bytes(b"on its way")
+        (uploads / "killed.jpg.123.456.tmp").write_bytes(b"half")
+        os.utime(uploads / "killed.jpg.123.456.tmp", (hour_ago, hour_ago))
+        gone = client.delete("/products/p2", headers=AUTH)
+        assert gone.status_code == 200
+        expected = {photo_name(BLUE), photo_name(GREEN), "another-writers-photo.jpg"}  # green: the version before
+        assert wait_until(lambda: upload_names(index_dir) == expected, 10.0) is not None, upload_names(index_dir)
+        assert client.get("/products/p1/image").status_code == 200

@@ -9,21 +9,18 @@ queue (bad input, a full queue) are audited here; the writer audits the rest.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.datastructures import UploadFile
 
 from search.service.auth import require_write_key
 from search.service.deps import get_settings
 from search.service.errors import ApiError, field_error, validation_error
+from search.service.forms import IMAGE_FIELD, UPLOAD_MEDIA_TYPES, json_field, read_image_form
 from search.service.images import decode_base64_image, decode_upload, image_suffix
-from search.service.limits import BodyLimitError
-from search.service.routers.search import UPLOAD_MEDIA_TYPES
 from search.service.schemas import (
     ATTRIBUTES_SCHEMA,
     MAX_DESCRIPTION_CHARS,
@@ -45,9 +42,7 @@ from search.service.schemas import (
 from search.service.settings import Settings
 from search.service.writes import CatalogWriter, ProductUpload, WriteJob, WriteOutcome
 
-IMAGE_FIELD = "image"
 FORM_FIELDS = frozenset({"title", "category", "subcategory", "description", "attributes"})
-FORM_FIELD_MAX_BYTES = 64 * 1024
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -268,46 +263,12 @@ def _batch_uploads(envelope: BatchEnvelope, settings: Settings) -> list[ProductU
 
 
 async def _read_form(request: Request, settings: Settings) -> tuple[ProductFields, bytes]:
+    form = await read_image_form(request, text_fields=FORM_FIELDS, max_image_bytes=settings.max_image_bytes)
+    raw: dict[str, Any] = dict(form.fields)
+    if "attributes" in raw:
+        raw["attributes"] = json_field(raw["attributes"], loc=["body", "attributes"], message="form field attributes is not a JSON object")
     try:
-        form = await request.form(max_files=1, max_fields=len(FORM_FIELDS), max_part_size=FORM_FIELD_MAX_BYTES)
-    except (ApiError, BodyLimitError):
-        raise
-    except Exception as exc:  # multipart parse errors: starlette raises HTTPException or MultiPartException
-        raise ApiError(400, "malformed_multipart", f"cannot parse the multipart body: {getattr(exc, 'detail', exc)}") from exc
-    try:
-        unknown = sorted(set(form.keys()) - FORM_FIELDS - {IMAGE_FIELD})
-        if unknown:
-            expected = ", ".join([IMAGE_FIELD, *sorted(FORM_FIELDS)])
-            raise field_error(["body", unknown[0]], f"unknown form field {unknown[0]!r}; expected {expected}")
-        upload = form.get(IMAGE_FIELD)
-        if upload is None:
-            raise field_error(["body", IMAGE_FIELD], f"missing file field {IMAGE_FIELD!r}")
-        if not isinstance(upload, UploadFile):
-            raise field_error(["body", IMAGE_FIELD], f"{IMAGE_FIELD!r} must be a file upload, not a text field")
-        declared = (upload.content_type or "application/octet-stream").split(";")[0].strip().lower()
-        if declared not in UPLOAD_MEDIA_TYPES:
-            raise ApiError(415, "unsupported_media_type",
-                           f"the {IMAGE_FIELD!r} part is declared {declared}; send one of {', '.join(UPLOAD_MEDIA_TYPES)}",
-                           [{"loc": ["body", IMAGE_FIELD], "msg": f"unsupported media type {declared}"}])  # fmt: skip
-        data = await upload.read(settings.max_image_bytes + 1)
-        if len(data) > settings.max_image_bytes:
-            raise ApiError(413, "image_too_large", f"image exceeds {settings.max_image_bytes} bytes")
-        raw: dict[str, Any] = {}
-        for name in FORM_FIELDS & set(form.keys()):
-            value = form.get(name)
-            if not isinstance(value, str):
-                raise field_error(["body", name], "must be a text field, not a file")
-            raw[name] = value
-        if "attributes" in raw:
-            try:
-                raw["attributes"] = json.loads(raw["attributes"])
-            except json.JSONDecodeError:
-                raise ApiError(400, "malformed_json", "form field attributes is not a JSON object",
-                               [{"loc": ["body", "attributes"], "msg": "not valid JSON"}]) from None  # fmt: skip
-        try:
-            fields = ProductFields.model_validate(raw)
-        except ValidationError as exc:
-            raise validation_error(list(exc.errors()), ("body",)) from exc
-        return fields, data
-    finally:
-        await form.close()
+        fields = ProductFields.model_validate(raw)
+    except ValidationError as exc:
+        raise validation_error(list(exc.errors()), ("body",)) from exc
+    return fields, form.image

@@ -8,13 +8,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
 
 from search.service.deps import get_engine, get_settings, require_json
 from search.service.engine import SearchEngine, SearchOutcome, product_image_url, result_parts
 from search.service.errors import ApiError, field_error, validation_error
-from search.service.images import UPLOAD_FORMATS, decode_base64_image, decode_upload
-from search.service.limits import BodyLimitError
+from search.service.forms import IMAGE_FIELD, UPLOAD_MEDIA_TYPES, json_field, read_image_form
+from search.service.images import decode_base64_image, decode_upload
 from search.service.schemas import (
     ERROR_RESPONSES,
     FILTERS_SCHEMA,
@@ -28,12 +27,7 @@ from search.service.settings import MAX_RERANK_TOP_N, Settings
 
 router = APIRouter(prefix="/search", tags=["search"], responses=ERROR_RESPONSES)
 
-IMAGE_FIELD = "image"
 FORM_FIELDS = frozenset({"k", "alpha", "filters", "rerank", "rerank_top_n", "timing", "facets"})
-FORM_FIELD_MAX_BYTES = 64 * 1024  # text fields of the multipart form (the file has its own limit)
-# The media types an upload may declare for its image part: the image formats that are decoded, and
-# the generic type browsers send for files without a known extension. The bytes decide the format.
-UPLOAD_MEDIA_TYPES = tuple(f"image/{fmt.lower()}" for fmt in UPLOAD_FORMATS) + ("application/octet-stream",)
 
 
 def check_options(options: SearchOptions, settings: Settings) -> int:
@@ -184,56 +178,23 @@ async def search_image(
 
 
 async def _read_multipart(request: Request, settings: Settings) -> tuple[bytes, SearchOptions]:
+    form = await read_image_form(request, text_fields=FORM_FIELDS, max_image_bytes=settings.max_image_bytes)
+    raw = {name: _form_value(name, value) for name, value in form.fields.items()}
     try:
-        form = await request.form(max_files=1, max_fields=len(FORM_FIELDS), max_part_size=FORM_FIELD_MAX_BYTES)
-    except (ApiError, BodyLimitError):  # too large, or too slow: their own 413 / 408
-        raise
-    except Exception as exc:  # multipart parse errors: starlette raises HTTPException or MultiPartException
-        raise ApiError(400, "malformed_multipart", f"cannot parse the multipart body: {getattr(exc, 'detail', exc)}") from exc
-    try:
-        unknown = sorted(set(form.keys()) - FORM_FIELDS - {IMAGE_FIELD})
-        if unknown:
-            expected = ", ".join([IMAGE_FIELD, *sorted(FORM_FIELDS)])
-            raise field_error(["body", unknown[0]], f"unknown form field {unknown[0]!r}; expected {expected}")
-        upload = form.get(IMAGE_FIELD)
-        if upload is None:
-            raise field_error(["body", IMAGE_FIELD], f"missing file field {IMAGE_FIELD!r}")
-        if not isinstance(upload, UploadFile):
-            raise field_error(["body", IMAGE_FIELD], f"{IMAGE_FIELD!r} must be a file upload, not a text field")
-        declared = (upload.content_type or "application/octet-stream").split(";")[0].strip().lower()
-        if declared not in UPLOAD_MEDIA_TYPES:
-            raise ApiError(
-                415, "unsupported_media_type",
-                f"the {IMAGE_FIELD!r} part is declared {declared}; send one of {', '.join(UPLOAD_MEDIA_TYPES)}",
-                [{"loc": ["body", IMAGE_FIELD], "msg": f"unsupported media type {declared}"}],
-            )  # fmt: skip
-        data = await upload.read(settings.max_image_bytes + 1)
-        if len(data) > settings.max_image_bytes:
-            raise ApiError(413, "image_too_large", f"image exceeds {settings.max_image_bytes} bytes")
-        raw: dict[str, Any] = {}
-        for name in FORM_FIELDS & set(form.keys()):
-            value = form.get(name)
-            if not isinstance(value, str):
-                raise field_error(["body", name], "must be a text field, not a file")
-            raw[name] = _form_value(name, value)
-        try:
-            options = SearchOptions.model_validate(raw)
-        except ValidationError as exc:
-            raise validation_error(list(exc.errors()), ("body",)) from exc
-        return data, options
-    finally:
-        await form.close()
+        options = SearchOptions.model_validate(raw)
+    except ValidationError as exc:
+        raise validation_error(list(exc.errors()), ("body",)) from exc
+    return form.image, options
 
 
 def _form_value(name: str, value: str) -> Any:
     """Form fields are text: JSON-decode them (k=5 -> 5, rerank=false -> False, filters={...}); anything
     else stays a string and fails validation (booleans are strict: rerank=1 or rerank=yes is a 422)."""
+    if name == "filters":
+        return json_field(value, loc=["body", "filters"], message="form field filters is not a JSON object")
     try:
         return json.loads(value)
-    except (json.JSONDecodeError, RecursionError):  # RecursionError: nested deeper than the parser recurses
-        if name == "filters":
-            raise ApiError(400, "malformed_json", "form field filters is not a JSON object",
-                           [{"loc": ["body", "filters"], "msg": "not valid JSON"}]) from None  # fmt: skip
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser recurses
         return value
 
 

@@ -7,7 +7,6 @@ bookmarkable and cacheable; the product itself is never among the results.
 """
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -16,7 +15,8 @@ from pydantic import ValidationError
 
 from search.service.deps import get_engine, get_settings
 from search.service.engine import SearchEngine
-from search.service.errors import ApiError, field_error, validation_error
+from search.service.errors import field_error, validation_error
+from search.service.forms import json_field
 from search.service.routers.search import to_response
 from search.service.schemas import ERROR_RESPONSES, MAX_FACETS, ErrorResponse, SearchOptions, SimilarResponse
 from search.service.settings import Settings
@@ -49,11 +49,8 @@ async def similar_products(
         raise field_error(["query", unknown[0]], f"unknown query parameter {unknown[0]!r}; expected {', '.join(sorted(QUERY_PARAMS))}")
     raw: dict[str, Any] = {"k": k, "alpha": alpha, "timing": timing, "facets": facets}
     if filters is not None:
-        try:
-            raw["filters"] = json.loads(filters)
-        except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser recurses
-            raise ApiError(400, "malformed_json", 'query parameter filters is not JSON: send a URL-encoded object, e.g. {"gender":"Women"}',
-                           [{"loc": ["query", "filters"], "msg": "not valid JSON"}]) from None  # fmt: skip
+        raw["filters"] = json_field(filters, loc=["query", "filters"],
+                                    message='query parameter filters is not JSON: send a URL-encoded object, e.g. {"gender":"Women"}')  # fmt: skip
     try:
         options = SearchOptions.model_validate({name: value for name, value in raw.items() if value is not None})
     except ValidationError as exc:
