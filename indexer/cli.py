@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vitrine.cliargs import positive_int
+from vitrine.cliargs import non_negative_float, non_negative_int, positive_int
 
 if TYPE_CHECKING:
     from indexer.qdrant_index import QdrantEngine
@@ -34,7 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "With --qdrant-url (a Qdrant server or cluster) or --qdrant-path (an embedded Qdrant folder), the\n"
             "live version is also loaded into a Qdrant collection after the operation, and collections of\n"
             "versions no longer on disk are dropped (the API key is read from $VITRINE_QDRANT_API_KEY):\n"
-            "  load:    vitrine index --qdrant-load --out I --qdrant-url http://qdrant:6333 [--qdrant-shards 2 --qdrant-replicas 2]"
+            "  load:    vitrine index --qdrant-load --out I --qdrant-url http://qdrant:6333 [--qdrant-shards 2 --qdrant-replicas 2]\n\n"
+            "With --ray, a build embeds on Ray Data: a pool of actors, each with the bundle loaded once\n"
+            "(a local Ray instance without an address; image paths must be readable by every worker):\n"
+            "  ray:     vitrine index --bundle B --catalog C --out I --ray [ADDRESS] [--ray-actors 2 --ray-threads 1]"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -65,6 +68,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     qdrant.add_argument("--qdrant-collection", default="vitrine", help="collection prefix, one per index (default: vitrine)")
     qdrant.add_argument("--qdrant-shards", type=positive_int, help="shards of a new collection (server; default: Qdrant's)")
     qdrant.add_argument("--qdrant-replicas", type=positive_int, help="copies of each shard (cluster; default: Qdrant's)")
+    ray = parser.add_argument_group("Ray (build only: embed on a Ray cluster, `pip install vitrine[ray]`)")
+    ray.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                     help="embed with Ray Data actors: at ADDRESS (ray://host:10001, auto), or a local instance "
+                          "when no address is given")  # fmt: skip
+    ray.add_argument("--ray-actors", type=positive_int, default=1, help="encoder actors (default: 1)")
+    ray.add_argument("--ray-threads", type=positive_int, default=1,
+                     help="threads (and CPUs reserved) per actor (default: 1)")  # fmt: skip
+    ray.add_argument("--ray-gpus", type=non_negative_float, default=0.0,
+                     help="GPUs per actor; > 0 runs the bundle on onnxruntime-gpu's CUDA provider (default: 0)")  # fmt: skip
+    ray.add_argument("--ray-cpus", type=positive_int, help="CPUs of a local Ray instance (default: all)")
+    ray.add_argument("--ray-block-size", type=positive_int, default=256,
+                     help="products per Ray block, the unit a failed task retries (default: 256)")  # fmt: skip
+    ray.add_argument("--ray-retries", type=non_negative_int, default=3,
+                     help="restarts of a dead actor and retries of a failed block (default: 3)")  # fmt: skip
     parser.set_defaults(func=main_index)
 
 
@@ -85,6 +102,8 @@ def main_index(args: argparse.Namespace) -> int:
     else:
         if args.catalog is None:
             raise UserError("--catalog is required to build or upsert")
+        if args.ray is not None and args.upsert:
+            raise UserError("--ray builds a whole index; an upsert embeds only the changed products, in this process")
         encoder, bundle = _encoder(args)
         catalog = _read_catalog(args, progress)
         from indexer.build import build_index, upsert_index
@@ -96,6 +115,8 @@ def main_index(args: argparse.Namespace) -> int:
                 args.out, catalog, encoder, batch_size=args.batch_size, threads=args.threads,
                 progress=progress, keep_versions=args.keep_versions,
             )  # fmt: skip
+        elif args.ray is not None:
+            result = _build_on_ray(args, catalog, encoder, bundle, progress)
         else:
             result = build_index(
                 catalog, encoder, args.out, index_type=args.index_type or "flat", batch_size=args.batch_size,
@@ -117,6 +138,23 @@ def main_index(args: argparse.Namespace) -> int:
         if collection:
             print(f"qdrant: collection {collection} holds the live version")
     return 0
+
+
+def _build_on_ray(args: argparse.Namespace, catalog, encoder, bundle: Path, progress: bool):
+    """build_index with the embedding step on Ray actors; the rest of the build is the same code."""
+    from indexer.build import build_index
+    from indexer.ray_embed import BundleLoader, RayEmbedding, RayOptions, ray_session
+
+    options = RayOptions(actors=args.ray_actors, threads_per_actor=args.ray_threads, gpus_per_actor=args.ray_gpus,
+                         block_size=args.ray_block_size, retries=args.ray_retries)  # fmt: skip
+    device = "cuda" if args.ray_gpus > 0 else "cpu"
+    step = RayEmbedding(BundleLoader(bundle.expanduser().absolute(), threads=args.ray_threads, device=device), options, progress)
+    with ray_session(args.ray, num_cpus=args.ray_cpus):
+        return build_index(
+            catalog, encoder, args.out, index_type=args.index_type or "flat", batch_size=args.batch_size,
+            threads=args.ray_threads, bundle_path=bundle, progress=progress, keep_versions=args.keep_versions,
+            embed_step=step,
+        )  # fmt: skip
 
 
 def _qdrant_engine(args: argparse.Namespace) -> QdrantEngine | None:
