@@ -240,15 +240,16 @@ def ray_session(address: str | None = LOCAL, *, num_cpus: int | None = None) -> 
         import ray
     except ImportError as exc:  # the extra is optional: say how to get it
         raise UserError('--ray needs Ray Data: pip install "vitrine[ray]"') from exc
+    local = address in (None, LOCAL)
+    if num_cpus is not None and not local:
+        raise UserError("--ray-cpus sizes a local Ray instance; a cluster at an address has its own CPUs")
     if ray.is_initialized():
         yield
         return
-    if address in (None, LOCAL):
+    if local:
         ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
                  _node_ip_address="127.0.0.1", logging_level=logging.WARNING, configure_logging=False)  # fmt: skip
     else:
-        if num_cpus is not None:
-            raise UserError("--ray-cpus sizes a local Ray instance; a cluster at an address has its own CPUs")
         ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
     try:
         yield

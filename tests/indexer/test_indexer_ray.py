@@ -5,6 +5,7 @@ One local Ray instance with 2 CPUs serves the whole module (starting Ray takes s
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from indexer.ray_embed import BundleLoader, RayEmbedding, RayOptions, ray_sessio
 from tests.support.catalogs import write_corrupt_jpeg
 from tests.support.indexes import PatchFixtureEncoder, fixture_product, make_index_catalog
 from vitrine.catalog import read_catalog
+from vitrine.errors import UserError
 from vitrine.runtime import load_bundle
 
 pytest.importorskip("ray.data")
@@ -156,3 +158,19 @@ def test_without_retries_a_failed_block_fails_the_build(local_ray, tmp_path: Pat
     with pytest.raises(Exception, match="transient"):
         build_index(read_catalog(root), FlakyEncoder(), tmp_path / "first", threads=1, embed_step=step)
     assert ProductIndex.open(tmp_path / "first").manifest["build"]["embedded"] == 20  # the previous version stays live
+
+
+def test_vitrine_index_ray_command(local_ray, tiny_bundle: Path, catalog_dir: Path, tmp_path: Path, capsys) -> None:
+    from tests.indexer.test_indexer_cli import run
+
+    out = tmp_path / "index"
+    argv = ["index", "--bundle", str(tiny_bundle), "--catalog", str(catalog_dir), "--out", str(out), "--limit", "40"]
+    assert run([*argv, "--ray", "--ray-actors", "2", "--ray-block-size", "16", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["operation"]["embedded"] == 39 and [e["id"] for e in record["errors"]] == ["103"]
+    with ProductIndex.open(out) as index:
+        assert len(index) == 39 and index.manifest["bundle"]["path"] == str(tiny_bundle)
+    with pytest.raises(UserError, match="an upsert embeds only the changed products"):
+        run(["index", "--upsert", "--catalog", str(catalog_dir), "--out", str(out), "--ray"])
+    with pytest.raises(UserError, match="sizes a local Ray instance"):
+        run([*argv, "--ray", "ray://head:10001", "--ray-cpus", "4"])
