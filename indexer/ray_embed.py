@@ -86,7 +86,9 @@ class RayRunStats:
     wall_seconds: float = 0.0
     actor_seconds: float = 0.0  # summed over blocks: ProductEmbedder.embed time inside the actors
     first_result_seconds: float | None = None  # until the first block came back (actor start-up + one block)
-    driver_seconds: float = 0.0  # the driver's own work: pickling the products, placing the returned rows
+    feed_seconds: float = 0.0  # the driver pickling the products into the dataset
+    collect_seconds: float = 0.0  # the driver placing the returned rows
+    record_bytes: int = 0  # pickled product records put into the dataset
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -162,16 +164,19 @@ class RayEmbedding:
         context.actor_task_retry_on_errors = opts.retries > 0  # an encoder exception: retry the block
         context.enable_progress_bars = self.progress
         try:
+            # References, not pixels, cross the object store (~0.3 KB a product, spilled to disk when it fills);
+            # results stream back a block at a time under Ray Data's backpressure.
             items = [{"row": i, "product": pickle.dumps(p)} for i, p in enumerate(products)]
+            self.stats.record_bytes = sum(len(item["product"]) for item in items)
             dataset = ray.data.from_items(items, override_num_blocks=self.stats.blocks)
             del items
-            self.stats.driver_seconds = time.perf_counter() - start
+            self.stats.feed_seconds = time.perf_counter() - start
             with warnings.catch_warnings():
                 # Ray Data restarts actors and retries blocks without bound by default; bounding them still takes
                 # max_restarts / max_task_retries as ray_remote_args, deprecated (without a replacement yet) in 2.60.
                 warnings.simplefilter("ignore", DeprecationWarning)
                 encoded = dataset.map_batches(
-                ProductEncoderActor,
+                    ProductEncoderActor,
                     fn_constructor_kwargs={"load_encoder": self.load_encoder, "batch_size": embedder.batch_size,
                                            "threads": opts.threads_per_actor},
                     batch_size=opts.block_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=opts.actors),
@@ -213,7 +218,7 @@ class RayEmbedding:
             for k in np.flatnonzero(~good):
                 row = int(rows[k])
                 errors[row] = ProductError(id=products[row].id, stage=str(batch["stage"][k]), message=str(batch["message"][k]))
-            self.stats.driver_seconds += time.perf_counter() - placing
+            self.stats.collect_seconds += time.perf_counter() - placing
         if not seen.all():  # Ray lost no block unless something is badly wrong: never index a partial catalog
             raise RuntimeError(f"Ray returned {int(seen.sum()):,} of {n:,} products")
         kept = np.flatnonzero(ok)
