@@ -85,7 +85,9 @@ class RayRunStats:
     blocks: int = 0
     wall_seconds: float = 0.0
     actor_seconds: float = 0.0  # summed over blocks: ProductEmbedder.embed time inside the actors
-    first_result_seconds: float | None = None  # until the first block came back (actor start-up + one block)
+    first_block_started_seconds: float | None = None  # until an actor started its first block (start-up, bundle load)
+    last_block_finished_seconds: float | None = None  # until the last block was embedded
+    first_result_seconds: float | None = None  # until the driver got its first block back
     feed_seconds: float = 0.0  # the driver pickling the products into the dataset
     collect_seconds: float = 0.0  # the driver placing the returned rows
     record_bytes: int = 0  # pickled product records put into the dataset
@@ -103,8 +105,11 @@ class ProductEncoderActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = np.asarray(batch["row"], np.int64)
         products: list[Product] = [pickle.loads(data) for data in batch["product"]]
+        started = time.time()  # wall clock, comparable across processes: when blocks ran, not only how long
         result = self.embedder.embed(products)
-        return _rows_of(result, products, rows, self.embedder)
+        out = _rows_of(result, products, rows, self.embedder)
+        out["block_started"], out["block_finished"] = np.full(len(rows), started), np.full(len(rows), time.time())
+        return out
 
 
 def _rows_of(
@@ -129,7 +134,6 @@ def _rows_of(
     out = {
         "row": rows, "ok": stage == "", "stage": stage, "message": message, "text": text, "image": image,
         "image_ref": image_ref, "content_hash": content_hash,
-        "seconds": np.full(n, result.seconds / max(n, 1)),  # the block's embedding time, spread over its rows
     }  # fmt: skip
     if embedder.patch_spec is not None:
         patches = np.zeros((n, *embedder.patch_spec.shape), PATCH_DTYPE)
@@ -156,7 +160,7 @@ class RayEmbedding:
     def __call__(self, embedder: ProductEmbedder, products: Sequence[Product]) -> EmbeddingResult:
         import ray.data
 
-        start = time.perf_counter()
+        start, start_epoch = time.perf_counter(), time.time()
         opts, n = self.options, len(products)
         self.stats = RayRunStats(products=n, blocks=-(-n // opts.block_size))
         context = ray.data.DataContext.get_current()
@@ -183,7 +187,8 @@ class RayEmbedding:
                     num_cpus=opts.threads_per_actor, num_gpus=opts.gpus_per_actor or None,
                     max_restarts=opts.retries, max_task_retries=opts.retries,
                 )  # fmt: skip
-            result = self._collect(embedder, products, encoded.iter_batches(batch_size=None, batch_format="numpy"), start)
+            result = self._collect(embedder, products, encoded.iter_batches(batch_size=None, batch_format="numpy"), start,
+                                   start_epoch)  # fmt: skip
         finally:
             context.actor_task_retry_on_errors, context.enable_progress_bars = saved
         self.stats.wall_seconds = time.perf_counter() - start
@@ -191,7 +196,7 @@ class RayEmbedding:
         return result
 
     def _collect(self, embedder: ProductEmbedder, products: Sequence[Product],
-                 batches: Iterator[dict[str, np.ndarray]], start: float) -> EmbeddingResult:  # fmt: skip
+                 batches: Iterator[dict[str, np.ndarray]], start: float, start_epoch: float) -> EmbeddingResult:  # fmt: skip
         """Place each returned row at its row number; rows of a retried block count once."""
         n, dim, spec = len(products), embedder.dim, embedder.patch_spec
         text = np.zeros((n, dim), np.float32)
@@ -201,13 +206,14 @@ class RayEmbedding:
         ok = np.zeros(n, bool)
         refs: dict[int, tuple[dict[str, Any], str]] = {}
         errors: dict[int, ProductError] = {}
+        blocks: set[tuple[float, float]] = set()  # (started, finished) of each embedded block
         for batch in batches:
             placing = time.perf_counter()
             if self.stats.first_result_seconds is None:
                 self.stats.first_result_seconds = placing - start
             rows = batch["row"]
             seen[rows] = True
-            self.stats.actor_seconds += float(batch["seconds"].sum())
+            blocks.update(zip(batch["block_started"].tolist(), batch["block_finished"].tolist()))
             good = batch["ok"].astype(bool)
             ok[rows] = good
             text[rows[good]], image[rows[good]] = batch["text"][good], batch["image"][good]
@@ -219,6 +225,10 @@ class RayEmbedding:
                 row = int(rows[k])
                 errors[row] = ProductError(id=products[row].id, stage=str(batch["stage"][k]), message=str(batch["message"][k]))
             self.stats.collect_seconds += time.perf_counter() - placing
+        if blocks:
+            self.stats.actor_seconds = sum(finished - started for started, finished in blocks)
+            self.stats.first_block_started_seconds = min(started for started, _ in blocks) - start_epoch
+            self.stats.last_block_finished_seconds = max(finished for _, finished in blocks) - start_epoch
         if not seen.all():  # Ray lost no block unless something is badly wrong: never index a partial catalog
             raise RuntimeError(f"Ray returned {int(seen.sum()):,} of {n:,} products")
         kept = np.flatnonzero(ok)
