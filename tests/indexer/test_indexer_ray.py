@@ -1,7 +1,8 @@
 """Building on Ray Data (`indexer.ray_embed`) gives the single-process index: the same vectors, patches,
 errors and search results; a block whose actor dies or whose encoder raises is retried, not lost.
 
-One local Ray instance with 2 CPUs serves the whole module (starting Ray takes seconds).
+One local Ray instance with 2 CPUs serves the whole module (starting Ray takes seconds). Needs the ray
+extra (`make setup` installs it): without it, the tests fail with the install hint, never skip.
 """
 from __future__ import annotations
 
@@ -24,14 +25,12 @@ from vitrine.catalog import read_catalog
 from vitrine.errors import UserError
 from vitrine.runtime import load_bundle
 
-pytest.importorskip("ray.data")
 pytestmark = [
     pytest.mark.torch,  # the real ONNX bundle is exported with the trainer
     pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*"),  # Ray Data's own settings, not ours
 ]
 
 N_PRODUCTS = 300
-BAD_IMAGES = {"103": "corrupt", "250": "garbage"}  # found while embedding, in two different blocks
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +42,7 @@ def local_ray():
 @pytest.fixture(scope="module")
 def catalog_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = make_index_catalog(tmp_path_factory.mktemp("ray-catalog"), N_PRODUCTS)
+    # two images that only fail when decoded, in different blocks of 64
     write_corrupt_jpeg(root / "images" / "103.jpg")
     (root / "images" / "250.jpg").write_bytes(b"not a jpeg at all")
     return root
