@@ -18,6 +18,9 @@ INDEX_TYPES_HELP = (
 )
 
 
+RAY_DEFAULTS = {"actors": 1, "threads": 1, "gpus": 0.0, "cpus": None, "block_size": 256, "retries": 3}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "index",
@@ -72,15 +75,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ray.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                      help="embed with Ray Data actors: at ADDRESS (ray://host:10001, auto), or a local instance "
                           "when no address is given")  # fmt: skip
-    ray.add_argument("--ray-actors", type=positive_int, default=1, help="encoder actors (default: 1)")
-    ray.add_argument("--ray-threads", type=positive_int, default=1,
+    ray.add_argument("--ray-actors", type=positive_int, metavar="N", default=RAY_DEFAULTS["actors"],
+                     help="encoder actors (default: 1)")  # fmt: skip
+    ray.add_argument("--ray-threads", type=positive_int, metavar="N", default=RAY_DEFAULTS["threads"],
                      help="threads (and CPUs reserved) per actor (default: 1)")  # fmt: skip
-    ray.add_argument("--ray-gpus", type=non_negative_float, default=0.0,
+    ray.add_argument("--ray-gpus", type=non_negative_float, metavar="G", default=RAY_DEFAULTS["gpus"],
                      help="GPUs per actor; > 0 runs the bundle on onnxruntime-gpu's CUDA provider (default: 0)")  # fmt: skip
-    ray.add_argument("--ray-cpus", type=positive_int, help="CPUs of a local Ray instance (default: all)")
-    ray.add_argument("--ray-block-size", type=positive_int, default=256,
+    ray.add_argument("--ray-cpus", type=positive_int, metavar="N", help="CPUs of a local Ray instance (default: all)")
+    ray.add_argument("--ray-block-size", type=positive_int, metavar="N", default=RAY_DEFAULTS["block_size"],
                      help="products per Ray block, the unit a failed task retries (default: 256)")  # fmt: skip
-    ray.add_argument("--ray-retries", type=non_negative_int, default=3,
+    ray.add_argument("--ray-retries", type=non_negative_int, metavar="N", default=RAY_DEFAULTS["retries"],
                      help="restarts of a dead actor and retries of a failed block (default: 3)")  # fmt: skip
     parser.set_defaults(func=main_index)
 
@@ -102,6 +106,10 @@ def main_index(args: argparse.Namespace) -> int:
     else:
         if args.catalog is None:
             raise UserError("--catalog is required to build or upsert")
+        tuned = [o for o in ("actors", "threads", "gpus", "cpus", "block_size", "retries")
+                 if getattr(args, f"ray_{o}") != RAY_DEFAULTS[o]]  # fmt: skip
+        if tuned and args.ray is None:
+            raise UserError(f"--ray-{tuned[0].replace('_', '-')} is an option of --ray")
         if args.ray is not None and args.upsert:
             raise UserError("--ray builds a whole index; an upsert embeds only the changed products, in this process")
         encoder, bundle = _encoder(args)

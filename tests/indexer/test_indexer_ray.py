@@ -174,3 +174,5 @@ def test_vitrine_index_ray_command(local_ray, tiny_bundle: Path, catalog_dir: Pa
         run(["index", "--upsert", "--catalog", str(catalog_dir), "--out", str(out), "--ray"])
     with pytest.raises(UserError, match="sizes a local Ray instance"):
         run([*argv, "--ray", "ray://head:10001", "--ray-cpus", "4"])
+    with pytest.raises(UserError, match="--ray-actors is an option of --ray"):
+        run([*argv, "--ray-actors", "2"])
