@@ -39,8 +39,6 @@ from vitrine.embed import PATCH_DTYPE, EmbeddingResult, ProductEmbedder, Product
 from vitrine.errors import UserError
 from vitrine.protocols import ServingEncoder
 
-log = logging.getLogger(__name__)
-
 LOCAL = "local"  # `--ray` without an address: start a Ray instance on this machine
 DEFAULT_BLOCK_SIZE = 256  # products per dataset block: one actor task, one retry unit
 EMBEDDING_STAGE = "embedding"  # ProductEmbedder reports non-finite vectors after all bad data
@@ -91,9 +89,6 @@ class RayRunStats:
     feed_seconds: float = 0.0  # the driver pickling the products into the dataset
     collect_seconds: float = 0.0  # the driver placing the returned rows
     record_bytes: int = 0  # pickled product records put into the dataset
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 class ProductEncoderActor:
