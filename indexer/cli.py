@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -157,7 +158,8 @@ def _build_on_ray(args: argparse.Namespace, catalog, encoder, bundle: Path, prog
                          block_size=args.ray_block_size, retries=args.ray_retries)  # fmt: skip
     device = "cuda" if args.ray_gpus > 0 else "cpu"
     step = RayEmbedding(BundleLoader(bundle.expanduser().absolute(), threads=args.ray_threads, device=device), options, progress)
-    with ray_session(args.ray, num_cpus=args.ray_cpus):
+    # Ray prints cluster events (a worker died, its task is retried) on stdout; stdout is the command's result.
+    with contextlib.redirect_stdout(sys.stderr), ray_session(args.ray, num_cpus=args.ray_cpus):
         return build_index(
             catalog, encoder, args.out, index_type=args.index_type or "flat", batch_size=args.batch_size,
             threads=args.ray_threads, bundle_path=bundle, progress=progress, keep_versions=args.keep_versions,

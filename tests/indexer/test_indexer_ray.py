@@ -90,6 +90,25 @@ def test_ray_build_equals_single_process(local_ray, tiny_bundle: Path, catalog_d
     _assert_same_index(tmp_path / "single", tmp_path / "ray", encoder.encode_texts(titles))
 
 
+def test_vitrine_index_ray_command(local_ray, tiny_bundle: Path, catalog_dir: Path, tmp_path: Path, capsys) -> None:
+    # before the tests that kill actors: Ray reports a dead worker on the driver's stdout, at its own pace
+    from tests.indexer.test_indexer_cli import run
+
+    out = tmp_path / "index"
+    argv = ["index", "--bundle", str(tiny_bundle), "--catalog", str(catalog_dir), "--out", str(out), "--limit", "40"]
+    assert run([*argv, "--ray", "--ray-actors", "2", "--ray-block-size", "16", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["operation"]["embedded"] == 39 and [e["id"] for e in record["errors"]] == ["103"]
+    with ProductIndex.open(out) as index:
+        assert len(index) == 39 and index.manifest["bundle"]["path"] == str(tiny_bundle)
+    with pytest.raises(UserError, match="an upsert embeds only the changed products"):
+        run(["index", "--upsert", "--catalog", str(catalog_dir), "--out", str(out), "--ray"])
+    with pytest.raises(UserError, match="sizes a local Ray instance"):
+        run([*argv, "--ray", "ray://head:10001", "--ray-cpus", "4"])
+    with pytest.raises(UserError, match="--ray-actors is an option of --ray"):
+        run([*argv, "--ray-actors", "2"])
+
+
 @dataclass(frozen=True)
 class FlakyEncoderLoader:
     """In the actors: an encoder whose process dies at one product's first batch and that raises at
@@ -159,20 +178,3 @@ def test_without_retries_a_failed_block_fails_the_build(local_ray, tmp_path: Pat
         build_index(read_catalog(root), FlakyEncoder(), tmp_path / "first", threads=1, embed_step=step)
     assert ProductIndex.open(tmp_path / "first").manifest["build"]["embedded"] == 20  # the previous version stays live
 
-
-def test_vitrine_index_ray_command(local_ray, tiny_bundle: Path, catalog_dir: Path, tmp_path: Path, capsys) -> None:
-    from tests.indexer.test_indexer_cli import run
-
-    out = tmp_path / "index"
-    argv = ["index", "--bundle", str(tiny_bundle), "--catalog", str(catalog_dir), "--out", str(out), "--limit", "40"]
-    assert run([*argv, "--ray", "--ray-actors", "2", "--ray-block-size", "16", "--json"]) == 0
-    record = json.loads(capsys.readouterr().out)
-    assert record["operation"]["embedded"] == 39 and [e["id"] for e in record["errors"]] == ["103"]
-    with ProductIndex.open(out) as index:
-        assert len(index) == 39 and index.manifest["bundle"]["path"] == str(tiny_bundle)
-    with pytest.raises(UserError, match="an upsert embeds only the changed products"):
-        run(["index", "--upsert", "--catalog", str(catalog_dir), "--out", str(out), "--ray"])
-    with pytest.raises(UserError, match="sizes a local Ray instance"):
-        run([*argv, "--ray", "ray://head:10001", "--ray-cpus", "4"])
-    with pytest.raises(UserError, match="--ray-actors is an option of --ray"):
-        run([*argv, "--ray-actors", "2"])
