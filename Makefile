@@ -8,7 +8,7 @@ TORCH_PAIR := torch==2.15.0 torchvision==0.29.2
 
 setup: setup-system
 	$(PIP) install $(TORCH_PAIR)
-	$(PIP) install -e ".[train,serve,qdrant,dev]"
+	$(PIP) install -e ".[train,serve,qdrant,ray,dev]"
 
 # Debian packages the tests drive for real: Redis and headless Chromium.
 setup-system:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -59,6 +59,13 @@ FILES = {
 }
 PATCHES_FILE = "patches.npy"  # float16 (n, P, C) patch features, row i for labels[i]; only with a patch bundle
 _PATCH_CHUNK = 2048  # rows copied at a time (~64 MB at 49 x 320)
+
+
+class EmbeddingStep(Protocol):
+    """What turns a build's products into vectors: `embedder.embed` here, or a distributed engine
+    (`indexer.ray_embed.RayEmbedding`) running the same ProductEmbedder. Everything after it is shared."""
+
+    def __call__(self, embedder: ProductEmbedder, products: Sequence[Product]) -> EmbeddingResult: ...
 
 
 @dataclass
@@ -275,11 +282,13 @@ def build_index(
     bundle_path: str | Path | None = None,
     progress: bool = False,
     keep_versions: int = DEFAULT_KEEP_VERSIONS,
+    embed_step: EmbeddingStep | None = None,
 ) -> IndexBuildResult:
     """Embed every product of `catalog` (a Catalog or a list of Products) into a new version of `out`.
 
     Products with bad data are skipped and listed in the manifest; an encoder failure raises
-    and leaves the previous version live.
+    and leaves the previous version live. `embed_step` replaces the in-process embedding
+    (default `ProductEmbedder.embed`), e.g. with Ray actors.
     """
     start = time.perf_counter()
     layout = IndexLayout(out)
@@ -291,7 +300,7 @@ def build_index(
     embedder = ProductEmbedder(encoder, batch_size=batch_size, threads=threads, progress=progress)
     faiss_index.resolve_spec(index_type, len(products), embedder.dim)  # a bad index type fails now, not after embedding
     with layout.lock(), layout.staging() as staging:
-        result = embedder.embed(products)
+        result = embedder.embed(products) if embed_step is None else embed_step(embedder, products)
         errors += result.errors
         if not result.products:
             raise UserError(f"none of the {len(products):,} products could be indexed; first problem: "

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vitrine.cliargs import positive_int
+from vitrine.cliargs import non_negative_float, non_negative_int, positive_int
 
 if TYPE_CHECKING:
     from indexer.qdrant_index import QdrantEngine
@@ -16,6 +17,9 @@ INDEX_TYPES_HELP = (
     "flat (exact inner product), hnsw, ivfpq, auto (flat up to 100k products, hnsw up to 2M, then ivfpq), "
     "or a Faiss factory string such as 'HNSW64,Flat'"
 )
+
+
+RAY_DEFAULTS = {"actors": 1, "threads": 1, "gpus": 0.0, "cpus": None, "block_size": 256, "retries": 3}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "With --qdrant-url (a Qdrant server or cluster) or --qdrant-path (an embedded Qdrant folder), the\n"
             "live version is also loaded into a Qdrant collection after the operation, and collections of\n"
             "versions no longer on disk are dropped (the API key is read from $VITRINE_QDRANT_API_KEY):\n"
-            "  load:    vitrine index --qdrant-load --out I --qdrant-url http://qdrant:6333 [--qdrant-shards 2 --qdrant-replicas 2]"
+            "  load:    vitrine index --qdrant-load --out I --qdrant-url http://qdrant:6333 [--qdrant-shards 2 --qdrant-replicas 2]\n\n"
+            "With --ray, a build embeds on Ray Data: a pool of actors, each with the bundle loaded once\n"
+            "(a local Ray instance without an address; image paths must be readable by every worker):\n"
+            "  ray:     vitrine index --bundle B --catalog C --out I --ray [ADDRESS] [--ray-actors 2 --ray-threads 1]"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -66,6 +73,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     qdrant.add_argument("--qdrant-collection", default="vitrine", help="collection prefix, one per index (default: vitrine)")
     qdrant.add_argument("--qdrant-shards", type=positive_int, help="shards of a new collection (server; default: Qdrant's)")
     qdrant.add_argument("--qdrant-replicas", type=positive_int, help="copies of each shard (cluster; default: Qdrant's)")
+    ray = parser.add_argument_group("Ray (build only: embed on a Ray cluster, `pip install vitrine[ray]`)")
+    ray.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                     help="embed with Ray Data actors: at ADDRESS (ray://host:10001, auto), or a local instance "
+                          "when no address is given")  # fmt: skip
+    ray.add_argument("--ray-actors", type=positive_int, metavar="N", default=RAY_DEFAULTS["actors"],
+                     help="encoder actors (default: 1)")  # fmt: skip
+    ray.add_argument("--ray-threads", type=positive_int, metavar="N", default=RAY_DEFAULTS["threads"],
+                     help="threads (and CPUs reserved) per actor (default: 1)")  # fmt: skip
+    ray.add_argument("--ray-gpus", type=non_negative_float, metavar="G", default=RAY_DEFAULTS["gpus"],
+                     help="GPUs per actor; > 0 runs the bundle on onnxruntime-gpu's CUDA provider (default: 0)")  # fmt: skip
+    ray.add_argument("--ray-cpus", type=positive_int, metavar="N", help="CPUs of a local Ray instance (default: all)")
+    ray.add_argument("--ray-block-size", type=positive_int, metavar="N", default=RAY_DEFAULTS["block_size"],
+                     help="products per Ray block, the unit a failed task retries (default: 256)")  # fmt: skip
+    ray.add_argument("--ray-retries", type=non_negative_int, metavar="N", default=RAY_DEFAULTS["retries"],
+                     help="restarts of a dead actor and retries of a failed block (default: 3)")  # fmt: skip
     parser.set_defaults(func=main_index)
 
 
@@ -86,6 +108,12 @@ def main_index(args: argparse.Namespace) -> int:
     else:
         if args.catalog is None:
             raise UserError("--catalog is required to build or upsert")
+        tuned = [o for o in ("actors", "threads", "gpus", "cpus", "block_size", "retries")
+                 if getattr(args, f"ray_{o}") != RAY_DEFAULTS[o]]  # fmt: skip
+        if tuned and args.ray is None:
+            raise UserError(f"--ray-{tuned[0].replace('_', '-')} is an option of --ray")
+        if args.ray is not None and args.upsert:
+            raise UserError("--ray builds a whole index; an upsert embeds only the changed products, in this process")
         encoder, bundle = _encoder(args)
         catalog = _read_catalog(args, progress)
         from indexer.build import build_index, upsert_index
@@ -97,6 +125,8 @@ def main_index(args: argparse.Namespace) -> int:
                 args.out, catalog, encoder, batch_size=args.batch_size, threads=args.threads,
                 progress=progress, keep_versions=args.keep_versions,
             )  # fmt: skip
+        elif args.ray is not None:
+            result = _build_on_ray(args, catalog, encoder, bundle, progress)
         else:
             result = build_index(
                 catalog, encoder, args.out, index_type=args.index_type or "flat", batch_size=args.batch_size,
@@ -118,6 +148,24 @@ def main_index(args: argparse.Namespace) -> int:
         if collection:
             print(f"qdrant: collection {collection} holds the live version")
     return 0
+
+
+def _build_on_ray(args: argparse.Namespace, catalog, encoder, bundle: Path, progress: bool):
+    """build_index with the embedding step on Ray actors; the rest of the build is the same code."""
+    from indexer.build import build_index
+    from indexer.ray_embed import BundleLoader, RayEmbedding, RayOptions, ray_session
+
+    options = RayOptions(actors=args.ray_actors, threads_per_actor=args.ray_threads, gpus_per_actor=args.ray_gpus,
+                         block_size=args.ray_block_size, retries=args.ray_retries)  # fmt: skip
+    device = "cuda" if args.ray_gpus > 0 else "cpu"
+    step = RayEmbedding(BundleLoader(bundle.expanduser().absolute(), threads=args.ray_threads, device=device), options, progress)
+    # Ray prints cluster events (a worker died, its task is retried) on stdout; stdout is the command's result.
+    with contextlib.redirect_stdout(sys.stderr), ray_session(args.ray, num_cpus=args.ray_cpus):
+        return build_index(
+            catalog, encoder, args.out, index_type=args.index_type or "flat", batch_size=args.batch_size,
+            threads=args.ray_threads, bundle_path=bundle, progress=progress, keep_versions=args.keep_versions,
+            embed_step=step,
+        )  # fmt: skip
 
 
 def _qdrant_engine(args: argparse.Namespace) -> QdrantEngine | None:
