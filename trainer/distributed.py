@@ -6,8 +6,9 @@ torchrun it is the single process (rank 0 of 1) and every method below is the id
 single-process and the distributed run share one code path.
 
 Backend: nccl on CUDA (device cuda:LOCAL_RANK), gloo on the CPU. The contrastive losses see the whole
-global batch: features are all-gathered with gradient (`torch.distributed.nn.functional.all_gather`,
-whose backward sums each process's share of the gradient), labels and title ids without.
+global batch: features are all-gathered with gradient (`all_gather_single`, torch's replacement for the
+`torch.distributed.nn.all_gather` open_clip calls; its backward sums every process's gradient of this
+process's share), labels and title ids without.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
+from torch.distributed._functional_collectives import all_gather_single
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class Distributed:
         """Every process's `tensor`, concatenated in rank order along dim 0, with gradient to this one's share."""
         if not self.enabled:
             return tensor
-        return torch.cat(dist_fn.all_gather(tensor), dim=0)
+        return all_gather_single(tensor.contiguous(), 0, dist.group.WORLD)
 
     @torch.no_grad()
     def gather_labels(self, tensor: Tensor) -> Tensor:
@@ -97,14 +98,25 @@ class Distributed:
         dist.all_gather(out, tensor.contiguous())
         return torch.cat(out, dim=0)
 
+    @staticmethod
+    def _collective_device() -> torch.device:
+        """Where a tensor made for a collective lives: nccl reduces CUDA tensors only."""
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def same_everywhere(self, value: int) -> bool:
+        """Whether every process holds `value` (the epoch each resumed from)."""
+        if not self.enabled:
+            return True
+        return bool((self.gather_labels(torch.tensor([value], device=self._collective_device())) == value).all())
+
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """The mean over processes of per-process numbers (the epoch's logged losses)."""
         if not self.enabled or not values:
             return values
         keys = sorted(values)
-        buffer = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+        buffer = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self._collective_device())
         dist.all_reduce(buffer)
-        return {k: float(v) / self.world_size for k, v in zip(keys, buffer.tolist())}
+        return {k: float(v) / self.world_size for k, v in zip(keys, buffer.cpu().tolist())}
 
     @torch.no_grad()
     def broadcast(self, module: nn.Module) -> None:

@@ -208,8 +208,8 @@ class TokenRecipeTrainer:
         self.itc = ClipLoss(local_loss=True, gather_with_grad=True, rank=self.dist.rank, world_size=self.dist.world_size)
         # The attribute heads stay outside: they score the gathered global batch, identically on every process,
         # so their gradients agree without averaging (and a head with no labelled row in a batch breaks nothing).
-        # The towers stay in eval mode (frozen BatchNorm statistics): no buffers to broadcast.
-        self.forward_step = self.dist.wrap(TokenForward(self.model), self.device, broadcast_buffers=False)
+        # The towers stay in eval mode (frozen BatchNorm statistics): buffers are synced once, at the start.
+        self.forward_step = self.dist.wrap(TokenForward(self.model), self.device, forward_sync_buffers=False)
         self.evaluators = ValidationEvaluators.for_val(queries=config.val_queries, seed=config.seed)
         self.epoch, self.best_score, self.history = 0, -1.0, []
 
@@ -480,6 +480,9 @@ class TokenRecipeTrainer:
             if self.vocab and ckpt.get("attribute_heads"):
                 self.image_attributes.load_state_dict(ckpt["attribute_heads"]["image"])
                 self.text_attributes.load_state_dict(ckpt["attribute_heads"]["text"])
+        if not self.dist.same_everywhere(self.epoch):
+            raise UserError(f"the processes resumed from different epochs (rank {self.dist.rank}: {self.epoch}); "
+                            "--out must be one folder every process reads")
 
     # ------------------------------------------------------------------ run
 
