@@ -23,7 +23,8 @@ from trainer.batches import CatalogBatchSampler, ShardedBatchSampler
 from trainer.bundle import export_checkpoint
 from trainer.distributed import Distributed
 from trainer.recipe import TokenRecipeTrainer
-from trainer.train import TrainConfig
+from trainer.train import TrainConfig, train
+from vitrine.errors import UserError
 from vitrine.runtime import load_bundle
 
 pytestmark = pytest.mark.torch  # needs the train extra
@@ -86,6 +87,14 @@ def test_sharded_batches_split_the_single_process_batch():
         assert np.array_equal(np.concatenate(parts), whole[: len(parts[0]) * 3])  # the global batch, in order
     with pytest.raises(ValueError, match="fewer than 2 rows"):
         ShardedBatchSampler(CatalogBatchSampler(types, 4), 0, 3)
+
+
+def test_what_does_not_gather_refuses_to_run_in_several_processes(catalog, tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="--cva runs in one process"):
+        TokenRecipeTrainer(config(catalog, tmp_path / "cva", cva=True), Distributed(0, WORLD, 0))
+    monkeypatch.setenv("WORLD_SIZE", str(WORLD))  # as torchrun sets it
+    with pytest.raises(UserError, match="trains in one process"):
+        train(config(catalog, tmp_path / "pooled", model="tiny"))
 
 
 def test_two_process_step_gradients_equal_the_full_batch_gradients(catalog, tmp_path):
