@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "cached, and the heads train for many epochs (--no-multi-positive, --attr-weight, --hard-negatives, "
             "--image-views, --cva, --prune, and unlocking above the cache: --image-unlocked-groups, "
             "--text-unlocked-layers). Other models (fashion-lite, open_clip names) train projections or unlocked layers "
-            "(--text-unlocked-layers, --image-unlocked-groups, --cva, --prune)."
+            "(--text-unlocked-layers, --image-unlocked-groups, --cva, --prune). The cached-token recipe also runs "
+            "data-parallel under torchrun: torchrun --nproc_per_node N -m vitrine.cli train ... (README, Scaling out)."
         ),
     )
     p.add_argument("--catalog", required=True, help="catalog path (JSONL, Kaggle styles.csv folder, Fashion-Gen .h5)")

@@ -53,17 +53,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def step_gradients(trainer: TokenRecipeTrainer, rows: np.ndarray) -> tuple[float, dict[str, torch.Tensor]]:
-    """This process's loss and the trainable parameters' gradients after one backward on its shard of `rows`."""
+def step_gradients(trainer: TokenRecipeTrainer, rows: np.ndarray) -> dict[str, tuple[float, dict[str, torch.Tensor]]]:
+    """Per contrastive loss (the multi-positive InfoNCE; open_clip's ClipLoss with local_loss and gather_with_grad),
+    this process's loss and the trainable parameters' gradients after one backward on its shard of `rows`."""
     trainer._train_mode()
     trainer._draw_augmentation()
-    losses = trainer.batch_losses(trainer.batches.shard(rows))
-    losses["total"].backward()
     modules = {"model": trainer.model, "image_attr": trainer.image_attributes, "text_attr": trainer.text_attributes}
-    grads = {f"{m}.{name}": p.grad.detach().clone() for m, module in modules.items()
-             for name, p in module.named_parameters() if p.requires_grad}  # fmt: skip
-    assert all(g is not None for g in grads.values())
-    return float(losses["total"].detach()), grads
+    out = {}
+    for name, multi_positive in (("multi_positive", True), ("clip_loss", False)):
+        trainer.config.multi_positive = multi_positive
+        for module in modules.values():
+            module.zero_grad(set_to_none=True)
+        losses = trainer.batch_losses(trainer.batches.shard(rows))
+        losses["total"].backward()
+        grads = {f"{m}.{n}": p.grad.detach().clone() for m, module in modules.items()
+                 for n, p in module.named_parameters() if p.requires_grad}  # fmt: skip
+        out[name] = float(losses["total"].detach()), grads
+    return out
 
 
 def gradient_worker(rank: int, port: int, catalog: str, out: str, rows: np.ndarray, results: str) -> None:
@@ -104,21 +110,24 @@ def test_two_process_step_gradients_equal_the_full_batch_gradients(catalog, tmp_
     rows = np.argsort(title_ids, kind="stable")[:16].reshape(-1, 2).T.reshape(-1)
     halves = title_ids[rows[:8]], title_ids[rows[8:]]
     assert set(halves[0]) & set(halves[1]), "the batch must pair titles across the two processes"
-    loss, expected = step_gradients(single, rows)
+    expected = step_gradients(single, rows)
+    assert expected["multi_positive"][0] != expected["clip_loss"][0]  # identical titles are positives in one of them
 
     results = tmp_path / "results"
     results.mkdir()
     mp.spawn(gradient_worker, args=(free_port(), str(catalog), str(tmp_path / "ddp"), rows, str(results)), nprocs=WORLD)
     ranks = [torch.load(results / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
-    assert np.mean([r[0] for r in ranks]) == pytest.approx(loss, rel=1e-5)  # the mean of local losses
-    for rank_loss, grads in ranks:
-        assert grads.keys() == expected.keys()
-        worst = max(float((grads[k] - expected[k]).abs().max()) for k in expected)
-        scale = max(float(g.abs().max()) for g in expected.values())
-        assert worst <= 1e-5 * max(1.0, scale), f"max abs gradient difference {worst:.2e} (largest gradient {scale:.2e})"
-    # The local losses differ (each scores its own rows): the averaging, not the inputs, made the gradients equal.
-    assert ranks[0][0] != ranks[1][0]
+    for loss_name, (loss, full) in expected.items():
+        assert np.mean([r[loss_name][0] for r in ranks]) == pytest.approx(loss, rel=1e-5)  # the mean of local losses
+        scale = max(float(g.abs().max()) for g in full.values())
+        for rank in ranks:
+            grads = rank[loss_name][1]
+            assert grads.keys() == full.keys()
+            worst = max(float((grads[k] - full[k]).abs().max()) for k in full)
+            assert worst <= 1e-5 * max(1.0, scale), f"{loss_name}: max abs gradient difference {worst:.2e} (largest {scale:.2e})"
+        # The local losses differ (each scores its own rows): the averaging, not the inputs, made the gradients equal.
+        assert ranks[0][loss_name][0] != ranks[1][loss_name][0]
 
 
 def torchrun(catalog: Path, out: Path, epochs: int) -> subprocess.CompletedProcess:
