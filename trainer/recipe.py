@@ -151,6 +151,9 @@ class TokenRecipeTrainer:
         self.dist = dist or Distributed.from_env()
         if self.dist.enabled and config.cva:
             raise UserError("--cva runs in one process only: its in-batch concept negatives are not gathered across processes")
+        if config.batch_size < 2 * self.dist.world_size:
+            raise UserError(f"--batch-size {config.batch_size} is the global batch: give each of the {self.dist.world_size} "
+                            "processes at least 2 rows")
         self.out = Path(config.out)
         self.out.mkdir(parents=True, exist_ok=True)
         seed_everything(config.seed)

@@ -98,6 +98,8 @@ def test_sharded_batches_split_the_single_process_batch():
 def test_what_does_not_gather_refuses_to_run_in_several_processes(catalog, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="--cva runs in one process"):
         TokenRecipeTrainer(config(catalog, tmp_path / "cva", cva=True), Distributed(0, WORLD, 0))
+    with pytest.raises(UserError, match="global batch"):
+        TokenRecipeTrainer(config(catalog, tmp_path / "small", batch_size=3), Distributed(0, WORLD, 0))
     monkeypatch.setenv("WORLD_SIZE", str(WORLD))  # as torchrun sets it
     with pytest.raises(UserError, match="trains in one process"):
         train(config(catalog, tmp_path / "pooled", model="tiny"))
