@@ -46,3 +46,37 @@ class CatalogBatchSampler:
                 picked += [int(i) for i in rng.choice(group, size=take, replace=False)]
             batch = np.unique(np.concatenate([uniform, np.array(picked, dtype=np.int64)]))
             yield rng.permutation(batch)
+
+
+class ShardedBatchSampler:
+    """`torch.utils.data.DistributedSampler` for catalog batches: every process draws the same global
+    batch (one seed, `set_epoch`), then keeps its equal share of it.
+
+    Sharding the batch, not the catalog, keeps a batch what it is on one process: its hard-negative
+    groups span the global batch, and the gathered losses see exactly the single-process batch. A
+    global batch that does not divide by the process count loses its last few rows (at most
+    world_size - 1), so the shards stay equal, as the gathers and the gradient average need.
+    """
+
+    def __init__(self, sampler: CatalogBatchSampler, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not within a world of {world_size}")
+        if sampler.batch_size < 2 * world_size:
+            raise ValueError(f"batch size {sampler.batch_size} leaves fewer than 2 rows to each of {world_size} processes")
+        self.sampler, self.rank, self.world_size = sampler, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def shard(self, batch: np.ndarray) -> np.ndarray:
+        """This process's rows of a global batch: the rank-th of world_size equal contiguous slices."""
+        size = len(batch) // self.world_size
+        return batch[self.rank * size : (self.rank + 1) * size]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for batch in self.sampler.epoch(self.epoch):
+            yield self.shard(batch)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from vitrine.cliargs import (
@@ -32,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "cached, and the heads train for many epochs (--no-multi-positive, --attr-weight, --hard-negatives, "
             "--image-views, --cva, --prune, and unlocking above the cache: --image-unlocked-groups, "
             "--text-unlocked-layers). Other models (fashion-lite, open_clip names) train projections or unlocked layers "
-            "(--text-unlocked-layers, --image-unlocked-groups, --cva, --prune)."
+            "(--text-unlocked-layers, --image-unlocked-groups, --cva, --prune). The cached-token recipe also runs "
+            "data-parallel under torchrun: torchrun --nproc_per_node N -m vitrine.cli train ... (README, Scaling out)."
         ),
     )
     p.add_argument("--catalog", required=True, help="catalog path (JSONL, Kaggle styles.csv folder, Fashion-Gen .h5)")
@@ -45,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag, or 'none' for random init")
     p.add_argument("--epochs", type=positive_int, default=None,
                    help=f"epochs (default: {TOKEN_HEAD_EPOCHS} for attention-head models, whose towers are cached; else 5)")
-    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256,
+                   help="the global batch: under torchrun each of the N processes trains on 1/N of it")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="lr of projection heads and logit scale")
     p.add_argument("--text-lr", type=positive_float, default=3e-5, help="lr of unlocked text-tower layers")
     p.add_argument("--text-unlocked-layers", type=layer_count, default=0, help="0 freezes the text tower, -1 trains all layers")
@@ -102,8 +105,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from trainer.distributed import Distributed
     from trainer.factory import has_token_heads
     from trainer.train import TrainConfig, train
+
+    if not Distributed.from_env().is_main:  # under torchrun, rank 0 speaks for the run
+        for name in ("trainer", "vitrine"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
     epochs = args.epochs or (TOKEN_HEAD_EPOCHS if has_token_heads(args.model) else 5)
     config = TrainConfig(
@@ -122,6 +130,8 @@ def run_train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     summary = train(config)
+    if not summary:  # a torchrun process other than rank 0: rank 0 reports
+        return 0
     print(json.dumps({"out": args.out, "val": summary["val"], "alpha": summary["alpha"]["alpha"],
                       "train_seconds": round(summary["train_seconds"], 1)}, indent=2))
     return 0

@@ -120,19 +120,27 @@ def pruning_loss(masks: Sequence[Tensor], attention_mask: Tensor) -> Tensor:
     return total
 
 
-def multi_positive_info_nce(image: Tensor, text: Tensor, groups: Tensor, logit_scale: Tensor) -> Tensor:
+def multi_positive_info_nce(image: Tensor, text: Tensor, groups: Tensor, logit_scale: Tensor,
+                            columns: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:  # fmt: skip
     """Symmetric InfoNCE where every pair in the batch with the same `groups` id is a positive.
 
     image, text [B, D] L2-normalised; groups [B] int (here: the title's id, so products with an
     identical title are positives of each other, as the evaluation counts them relevant). Each row's
     loss is -log(sum of softmax over its positives); with distinct groups this is open_clip's ClipLoss.
+
+    `columns` (all images, all texts, all groups: the global batch of a data-parallel run, gathered
+    with gradient) makes this open_clip's `local_loss`: the rows are this process's pairs, scored
+    against every pair of the global batch; the mean over processes of equal-sized shards is then the
+    loss of the whole batch, and so is the averaged gradient.
     """
+    all_image, all_text, all_groups = columns if columns is not None else (image, text, groups)
     if image.shape != text.shape or groups.shape != image.shape[:1]:
         raise ValueError(f"image {tuple(image.shape)}, text {tuple(text.shape)}, groups {tuple(groups.shape)} do not match")
-    logits = logit_scale * image @ text.t()
-    positive = groups[:, None] == groups[None, :]
-    i2t = -(logits.log_softmax(dim=1).masked_fill(~positive, float("-inf")).logsumexp(dim=1))
-    t2i = -(logits.t().log_softmax(dim=1).masked_fill(~positive, float("-inf")).logsumexp(dim=1))
+    if all_image.shape != all_text.shape or all_groups.shape != all_image.shape[:1]:
+        raise ValueError(f"columns {tuple(all_image.shape)}, {tuple(all_text.shape)}, {tuple(all_groups.shape)} do not match")
+    positive = groups[:, None] == all_groups[None, :]
+    i2t = -((logit_scale * image @ all_text.t()).log_softmax(dim=1).masked_fill(~positive, float("-inf")).logsumexp(dim=1))
+    t2i = -((logit_scale * text @ all_image.t()).log_softmax(dim=1).masked_fill(~positive, float("-inf")).logsumexp(dim=1))
     return (i2t.mean() + t2i.mean()) / 2
 
 

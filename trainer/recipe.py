@@ -13,6 +13,10 @@ Built for two CPU cores. The towers are frozen, so their token states never chan
 3. keep the best epoch on val (the same evaluators `vitrine eval` runs), tune α per query kind on
    val, write best.pt in the checkpoint format `vitrine export` reads.
 
+Under torchrun (`trainer.distributed`) each process trains on its shard of every global batch: rank 0
+fills the caches first, DistributedDataParallel averages the gradients, the losses score the local
+rows against the gathered global batch, and rank 0 alone validates and writes checkpoints.
+
 Every stage's wall time is recorded in summary.json["stage_seconds"].
 """
 from __future__ import annotations
@@ -26,11 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from trainer.batches import CatalogBatchSampler
+from trainer.batches import CatalogBatchSampler, ShardedBatchSampler
 from trainer.concept_alignment import ConceptAlignment
+from trainer.distributed import Distributed
 from trainer.encoder import ModelEncoder
 from trainer.factory import create_model_and_transforms, get_tokenizer
 from trainer.features import cached_image_features, products_fingerprint
@@ -38,7 +44,7 @@ from trainer.heads import AttributeHeads
 from trainer.loss import ClipLoss, attribute_loss, multi_positive_info_nce, pruning_loss
 from trainer.pruning import calibrate_thresholds, pruned_token_report
 from trainer.selection import ValidationEvaluators, pick_alphas, resume_state, save_checkpoint, validation_metrics
-from trainer.train import TrainConfig, load_splits, resolve_device, seed_everything
+from trainer.train import TrainConfig, load_splits, seed_everything
 from vitrine.catalog.product import Product
 from vitrine.errors import UserError
 from vitrine.evaluation.photos import shopper_photo
@@ -121,15 +127,38 @@ def attribute_targets(products: list[Product], vocab: dict[str, list[str]]) -> d
     return out
 
 
-class TokenRecipeTrainer:
-    """Trains a token-head model (`heads_cfg.type == "attention"`, e.g. fashion-lite-apc) over cached token states."""
+class TokenForward(nn.Module):
+    """One training forward over cached tokens: the heads, the unlocked tower parts, the logit scale.
+    The module DistributedDataParallel wraps; every trainable parameter of the model is reached here."""
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_tokens: Tensor, text_states: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        model = self.model
+        return model.encode_image_features(image_tokens), model.encode_text_tokens(text_states, text_mask), model.logit_scale.exp()
+
+
+class TokenRecipeTrainer:
+    """Trains a token-head model (`heads_cfg.type == "attention"`, e.g. fashion-lite-apc) over cached token states.
+
+    `dist` is this process's place in a torchrun run (default: what the environment says; one process without torchrun).
+    """
+
+    def __init__(self, config: TrainConfig, dist: Distributed | None = None) -> None:
         self.config = config
+        self.dist = dist or Distributed.from_env()
+        if self.dist.enabled and config.cva:
+            raise UserError("--cva runs in one process only: its in-batch concept negatives are not gathered across processes")
+        if config.batch_size < 2 * self.dist.world_size:
+            raise UserError(f"--batch-size {config.batch_size} is the global batch: give each of the {self.dist.world_size} "
+                            "processes at least 2 rows")
         self.out = Path(config.out)
         self.out.mkdir(parents=True, exist_ok=True)
         seed_everything(config.seed)
-        self.device = resolve_device(config.device)
+        self.device = self.dist.setup(config.device)
+        self.progress = config.progress and self.dist.is_main
         self.stage_seconds: dict[str, float] = {}
         started = time.perf_counter()
         self.splits = load_splits(config)
@@ -147,40 +176,8 @@ class TokenRecipeTrainer:
         self.tower_groups = self._unlock_towers()
         self.stage_seconds["load"] = time.perf_counter() - started
 
-        started = time.perf_counter()
-        # The heads do not change what the towers compute below the boundary: caches are shared across heads_cfg.
-        tower_overrides = {k: v for k, v in config.model_overrides.items() if k != "heads_cfg"}
-        key = f"{config.model}|{config.pretrained}|{self.model.image_size}|grid|{json.dumps(tower_overrides, sort_keys=True)}"
-        image_key = key + (f"|top-stages{self.model.image_top_stages}" if self.model.image_top_stages else "")
-        text_key = key + (f"|top-layers{self.model.text_top_layers}" if self.model.text_top_layers else "")
-        self.grids = {
-            name: cached_image_features(
-                self.model, self.preprocess_val, products, Path(config.cache_dir), image_key,
-                device=self.device, progress=config.progress, desc=f"{name} image grids",
-            ).astype(np.float16)
-            for name, products in self.splits.items()
-        }  # fmt: skip
-        # Extra augmented views of the training photos: seeded re-shoots (crop, flip, colour, JPEG).
-        self.train_views = [self.grids["train"]] + [
-            cached_image_features(
-                self.model, self.preprocess_val, self.splits["train"], Path(config.cache_dir), f"{image_key}|view{view}",
-                device=self.device, progress=config.progress, desc=f"train image grids, view {view}",
-                open_image=lambda product, view=view: shopper_photo(product.image.open(), view_rng(product.id, view)),
-            ).astype(np.float16)
-            for view in range(1, config.image_views)
-        ]  # fmt: skip
-        self.stage_seconds["cache_images"] = time.perf_counter() - started
-        started = time.perf_counter()
-        texts = sorted({p.title for products in self.splits.values() for p in products})
-        self.text = cached_text_states(self.model, self.tokenizer, texts, Path(config.cache_dir), f"{text_key}|text",
-                                       self.device, config.progress)  # fmt: skip
-        self.cva = None
-        if config.cva:  # concept phrases are texts too: their token states are cached the same way
-            self.cva = ConceptAlignment(self.splits["train"], min_count=config.concept_min_count, topk=config.cva_topk,
-                                        prototypes=config.cva_prototypes, mmr_lambda=config.cva_mmr_lambda)  # fmt: skip
-            self.prompt_text = cached_text_states(self.model, self.tokenizer, self.cva.prompts, Path(config.cache_dir),
-                                                  f"{text_key}|text", self.device, config.progress)  # fmt: skip
-        self.stage_seconds["cache_texts"] = time.perf_counter() - started
+        with self.dist.main_first():  # rank 0 writes the caches, the other processes then read them
+            self._fill_caches()
 
         train = self.splits["train"]
         self.train_text_rows = torch.from_numpy(self.text.rows([p.title for p in train]))
@@ -195,10 +192,13 @@ class TokenRecipeTrainer:
             self.image_attributes = AttributeHeads(self.model.embed_dim, classes).to(self.device)
             self.text_attributes = AttributeHeads(self.model.embed_dim, classes).to(self.device)
             trainable += [self.image_attributes, self.text_attributes]
-        self.sampler = CatalogBatchSampler(
+            for heads in (self.image_attributes, self.text_attributes):
+                self.dist.broadcast(heads)
+        # --batch-size is the global batch: the same batches, steps and schedule on any number of processes.
+        self.batches = ShardedBatchSampler(CatalogBatchSampler(
             [p.attribute("articleType") or p.subcategory for p in train], config.batch_size,
             hard_fraction=config.hard_negatives, seed=config.seed,
-        )  # fmt: skip
+        ), self.dist.rank, self.dist.world_size)  # fmt: skip
         params = [p for m in trainable for p in m.parameters()] + [self.model.clip.logit_scale] + gate_thresholds
         groups = [{"params": params, "lr": config.lr}] + [
             {"params": [p for m in modules for p in m.parameters()], "lr": lr}
@@ -206,11 +206,53 @@ class TokenRecipeTrainer:
             if modules
         ]  # fmt: skip
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-        steps = len(self.sampler) * config.epochs
+        steps = len(self.batches) * config.epochs
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, min(config.warmup_steps, steps // 2), max(1, steps))
-        self.itc = ClipLoss()
+        self.itc = ClipLoss(local_loss=True, gather_with_grad=True, rank=self.dist.rank, world_size=self.dist.world_size)
+        # The attribute heads stay outside: they score the gathered global batch, identically on every process,
+        # so their gradients agree without averaging (and a head with no labelled row in a batch breaks nothing).
+        # The towers stay in eval mode (frozen BatchNorm statistics): buffers are synced once, at the start.
+        self.forward_step = self.dist.wrap(TokenForward(self.model), self.device, forward_sync_buffers=False)
         self.evaluators = ValidationEvaluators.for_val(queries=config.val_queries, seed=config.seed)
         self.epoch, self.best_score, self.history = 0, -1.0, []
+
+    def _fill_caches(self) -> None:
+        """The frozen towers' outputs: image grids (train, val, extra views), text token states, CVA prompt states."""
+        config = self.config
+        started = time.perf_counter()
+        # The heads do not change what the towers compute below the boundary: caches are shared across heads_cfg.
+        tower_overrides = {k: v for k, v in config.model_overrides.items() if k != "heads_cfg"}
+        key = f"{config.model}|{config.pretrained}|{self.model.image_size}|grid|{json.dumps(tower_overrides, sort_keys=True)}"
+        image_key = key + (f"|top-stages{self.model.image_top_stages}" if self.model.image_top_stages else "")
+        text_key = key + (f"|top-layers{self.model.text_top_layers}" if self.model.text_top_layers else "")
+        self.grids = {
+            name: cached_image_features(
+                self.model, self.preprocess_val, products, Path(config.cache_dir), image_key,
+                device=self.device, progress=self.progress, desc=f"{name} image grids",
+            ).astype(np.float16)
+            for name, products in self.splits.items()
+        }  # fmt: skip
+        # Extra augmented views of the training photos: seeded re-shoots (crop, flip, colour, JPEG).
+        self.train_views = [self.grids["train"]] + [
+            cached_image_features(
+                self.model, self.preprocess_val, self.splits["train"], Path(config.cache_dir), f"{image_key}|view{view}",
+                device=self.device, progress=self.progress, desc=f"train image grids, view {view}",
+                open_image=lambda product, view=view: shopper_photo(product.image.open(), view_rng(product.id, view)),
+            ).astype(np.float16)
+            for view in range(1, config.image_views)
+        ]  # fmt: skip
+        self.stage_seconds["cache_images"] = time.perf_counter() - started
+        started = time.perf_counter()
+        texts = sorted({p.title for products in self.splits.values() for p in products})
+        self.text = cached_text_states(self.model, self.tokenizer, texts, Path(config.cache_dir), f"{text_key}|text",
+                                       self.device, self.progress)  # fmt: skip
+        self.cva = None
+        if config.cva:  # concept phrases are texts too: their token states are cached the same way
+            self.cva = ConceptAlignment(self.splits["train"], min_count=config.concept_min_count, topk=config.cva_topk,
+                                        prototypes=config.cva_prototypes, mmr_lambda=config.cva_mmr_lambda)  # fmt: skip
+            self.prompt_text = cached_text_states(self.model, self.tokenizer, self.cva.prompts, Path(config.cache_dir),
+                                                  f"{text_key}|text", self.device, self.progress)  # fmt: skip
+        self.stage_seconds["cache_texts"] = time.perf_counter() - started
 
     def _unlock_towers(self) -> dict[str, list[torch.nn.Module]]:
         """Cut the towers at the cache boundary and make the parts above it trainable.
@@ -284,15 +326,21 @@ class TokenRecipeTrainer:
 
     # ------------------------------------------------------------------ steps
 
+    def _draw_augmentation(self) -> None:
+        """Each training photo's cached view and flip for this epoch, drawn per product, so that a photo looks
+        the same whichever process's shard it lands in (and the sharded run computes the single-process batch)."""
+        rng = np.random.default_rng([self.config.seed, self.epoch, 13])
+        n = len(self.splits["train"])
+        self.epoch_views, self.epoch_flips = rng.integers(len(self.train_views), size=n), rng.random(n) < 0.5
+
     def _image_tokens(self, split: str, rows: np.ndarray, augment: bool) -> torch.Tensor:
         if augment and len(self.train_views) > 1:  # each photo in one of its cached views
-            views = np.random.default_rng([self.config.seed, self.epoch, int(rows[0])]).integers(len(self.train_views), size=len(rows))
-            tokens = torch.from_numpy(np.stack([self.train_views[v][r] for v, r in zip(views, rows)]).astype(np.float32))
+            tokens = torch.from_numpy(np.stack([self.train_views[v][r] for v, r in zip(self.epoch_views[rows], rows)]).astype(np.float32))
         else:
             tokens = torch.from_numpy(self.grids[split][rows].astype(np.float32))
-        if augment:  # horizontal flip of the (square) block map for a random half of the batch
+        if augment:  # horizontal flip of the (square) block map for half of the photos
             h = w = round(tokens.shape[1] ** 0.5)
-            flip = torch.rand(tokens.shape[0]) < 0.5
+            flip = torch.from_numpy(self.epoch_flips[rows])
             grid = tokens[flip].view(-1, h, w, tokens.shape[-1]).flip(2)
             tokens[flip] = grid.reshape(-1, h * w, tokens.shape[-1])
         return tokens.to(self.device)
@@ -333,46 +381,59 @@ class TokenRecipeTrainer:
         for module in [self.model.image_head, self.model.text_head, *self.prune_gates]:
             module.train()
 
+    def batch_losses(self, rows: np.ndarray, cva: bool = False, rng: np.random.Generator | None = None) -> dict[str, Tensor]:
+        """The losses of this process's rows of a batch ("total" is what backward runs on).
+
+        The contrastive and attribute losses score the local rows against the global batch, gathered with
+        gradient (one process: the batch itself); the mean over processes of "total" is the full batch's loss,
+        and DistributedDataParallel's average of the gradients is its gradient.
+        """
+        states, text_mask = self._text_tokens(self.train_text_rows[rows].numpy())
+        image, text, scale = self.forward_step(self._image_tokens("train", rows, augment=True), states, text_mask)
+        # read the gates' masks of this forward before any other text forward (CVA's) replaces them
+        prune = pruning_loss([g.last_mask for g in self.prune_gates], text_mask) if self.prune_gates else None
+        all_rows = self.dist.gather_labels(torch.from_numpy(rows).to(self.device)).cpu()
+        all_image, all_text = self.dist.gather(image), self.dist.gather(text)
+        if self.config.multi_positive:
+            ids = self.title_ids[rows].to(self.device)
+            itc = multi_positive_info_nce(image, text, ids, scale, (all_image, all_text, self.title_ids[all_rows].to(self.device)))
+        else:
+            itc = self.itc(image, text, scale)
+        losses = {"itc": itc}
+        if self.vocab:
+            targets = {k: v[all_rows].to(self.device) for k, v in self.attr_targets.items() if k in self.image_attributes.names}
+            losses["attr"] = (attribute_loss(self.image_attributes(all_image), targets)
+                              + attribute_loss(self.text_attributes(all_text), targets)) / 2  # fmt: skip
+        if cva:
+            losses["cva"] = self.cva.loss(rows, image, self._encode_prompts, scale, rng)
+        if prune is not None:
+            losses["prune"] = prune
+        losses["total"] = (losses["itc"] + self.config.attr_weight * losses.get("attr", 0.0)
+                           + (self.config.cva_weight * losses["cva"] if cva else 0.0)
+                           + (self.config.prune_weight * prune if prune is not None else 0.0))  # fmt: skip
+        return losses
+
     def train_epoch(self) -> dict[str, float]:
         sums: dict[str, float] = {}
-        batches = list(self.sampler.epoch(self.epoch))
+        self.batches.set_epoch(self.epoch)
+        batches = list(self.batches)
         cva = self.cva_active()
         if cva:
             self.refresh_prototypes()
         self._train_mode()
+        self._draw_augmentation()
         rng = np.random.default_rng([self.config.seed, self.epoch, 7])
-        for step, rows in enumerate(tqdm(batches, desc=f"epoch {self.epoch + 1}", disable=not self.config.progress)):
-            image = self.model.encode_image_features(self._image_tokens("train", rows, augment=True))
-            states, text_mask = self._text_tokens(self.train_text_rows[rows].numpy())
-            text = self.model.encode_text_tokens(states, text_mask)
-            # read the gates' masks of this forward before any other text forward (CVA's) replaces them
-            prune = pruning_loss([g.last_mask for g in self.prune_gates], text_mask) if self.prune_gates else None
-            scale = self.model.logit_scale.exp()
-            if self.config.multi_positive:
-                itc = multi_positive_info_nce(image, text, self.title_ids[rows].to(self.device), scale)
-            else:
-                itc = self.itc(image, text, scale)
-            losses = {"itc": itc}
-            if self.vocab:
-                targets = {k: v[rows].to(self.device) for k, v in self.attr_targets.items() if k in self.image_attributes.names}
-                losses["attr"] = (attribute_loss(self.image_attributes(image), targets)
-                                  + attribute_loss(self.text_attributes(text), targets)) / 2  # fmt: skip
-            if cva:
-                losses["cva"] = self.cva.loss(rows, image, self._encode_prompts, scale, rng)
-            if prune is not None:
-                losses["prune"] = prune
-            total = (losses["itc"] + self.config.attr_weight * losses.get("attr", 0.0)
-                     + (self.config.cva_weight * losses["cva"] if cva else 0.0)
-                     + (self.config.prune_weight * prune if prune is not None else 0.0))  # fmt: skip
+        for rows in tqdm(batches, desc=f"epoch {self.epoch + 1}", disable=not self.progress):
+            losses = self.batch_losses(rows, cva, rng)
             self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            losses["total"].backward()
             self.optimizer.step()
             self.scheduler.step()
             with torch.no_grad():
                 self.model.logit_scale.clamp_(0, float(np.log(100)))
-            for k, v in {"total": total, **losses}.items():
+            for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
-        return {f"loss_{k}": v / max(1, len(batches)) for k, v in sums.items()}
+        return self.dist.mean({f"loss_{k}": v / max(1, len(batches)) for k, v in sums.items()})
 
     # ------------------------------------------------------------------ validation
 
@@ -408,6 +469,8 @@ class TokenRecipeTrainer:
             "state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "best_score": self.best_score,
             "history": self.history, "data_fingerprint": products_fingerprint(self.splits["train"]),
+            "attribute_heads": {"image": self.image_attributes.state_dict(), "text": self.text_attributes.state_dict()}
+            if self.vocab else None,
         }  # fmt: skip
 
     def save(self, name: str, extra: dict | None = None) -> Path:
@@ -417,6 +480,12 @@ class TokenRecipeTrainer:
         ckpt = resume_state(self.out / "last.pt", self.device, self.model, self.optimizer, self.scheduler) if self.config.resume else None
         if ckpt is not None:
             self.epoch, self.best_score, self.history = ckpt["epoch"], ckpt["best_score"], ckpt["history"]
+            if self.vocab and ckpt.get("attribute_heads"):
+                self.image_attributes.load_state_dict(ckpt["attribute_heads"]["image"])
+                self.text_attributes.load_state_dict(ckpt["attribute_heads"]["text"])
+        if not self.dist.same_everywhere(self.epoch):
+            raise UserError(f"the processes resumed from different epochs (rank {self.dist.rank}: {self.epoch}); "
+                            "--out must be one folder every process reads")
 
     # ------------------------------------------------------------------ run
 
@@ -429,15 +498,17 @@ class TokenRecipeTrainer:
             self.epoch += 1
             record: dict = {"epoch": self.epoch, **losses, "seconds": time.perf_counter() - t0}
             self.history.append(record)
-            if self.epoch % self.config.val_every == 0 or self.epoch == self.config.epochs:
-                record["val"] = self.validate()
-                log.info("epoch %d val %s", self.epoch, json.dumps(record["val"]))
-                if record["val"]["score"] > self.best_score:
-                    self.best_score = record["val"]["score"]
-                    self.save("best.pt", {"val": record["val"]})
-            self.save("last.pt")
+            if self.dist.is_main:  # the weights are the same on every process: one validates and writes
+                if self.epoch % self.config.val_every == 0 or self.epoch == self.config.epochs:
+                    record["val"] = self.validate()
+                    log.info("epoch %d val %s", self.epoch, json.dumps(record["val"]))
+                    if record["val"]["score"] > self.best_score:
+                        self.best_score = record["val"]["score"]
+                        self.save("best.pt", {"val": record["val"]})
+                self.save("last.pt")
+            self.dist.barrier()
         self.stage_seconds["train"] = time.perf_counter() - started
-        return self.finish()
+        return self.finish() if self.dist.is_main else {}
 
     def finish(self) -> dict:
         started = time.perf_counter()
@@ -457,6 +528,7 @@ class TokenRecipeTrainer:
         self.stage_seconds["tune_alpha"] = time.perf_counter() - started
         summary = {"config": self.config.to_dict(), "recipe": "cached-token", "history": self.history,
                    "val": best["val"], "device": str(self.device), "threads": torch.get_num_threads(),
+                   "processes": self.dist.world_size,
                    "train_seconds": sum(r["seconds"] for r in self.history), "alpha": alpha,
                    "stage_seconds": {k: round(v, 1) for k, v in self.stage_seconds.items()},
                    "attribute_classes": {k: len(v) for k, v in self.vocab.items()},
@@ -473,4 +545,9 @@ class TokenRecipeTrainer:
 
 
 def train_cached_tokens(config: TrainConfig) -> dict:
-    return TokenRecipeTrainer(config).fit()
+    """Train; under torchrun, rank 0 returns the summary and the other processes an empty dict."""
+    trainer = TokenRecipeTrainer(config)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.dist.shutdown()

@@ -420,4 +420,8 @@ def train(config: TrainConfig) -> dict:
         from trainer.recipe import train_cached_tokens
 
         return train_cached_tokens(config)
+    from trainer.distributed import Distributed
+
+    if Distributed.from_env().enabled:
+        raise UserError(f"torchrun runs the cached-token recipe (attention-head models); {config.model!r} trains in one process")
     return Trainer(config).fit()
