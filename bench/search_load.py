@@ -62,20 +62,11 @@ def free_port() -> int:
 
 
 def serve_command(index: Path, bundle: Path | None, port: int) -> list[str]:
-    """`vitrine serve` through vitrine.cli when the lead has wired it in, else the service's own CLI module."""
+    """`vitrine serve` through the vitrine.cli host (commands register by entry point)."""
     args = ["serve", "--index", str(index), "--port", str(port), "--host", "127.0.0.1", "--log-level", "warning"]
     if bundle is not None:
         args += ["--bundle", str(bundle)]
-    import vitrine.cli
-
-    if "search.service.cli" in vitrine.cli.COMMAND_MODULES:
-        return [sys.executable, "-m", "vitrine.cli", *args]
-    shim = (
-        "import sys, argparse; from search.service.cli import register; "
-        "p = argparse.ArgumentParser(prog='vitrine'); register(p.add_subparsers(dest='command', required=True)); "
-        "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
-    )
-    return [sys.executable, "-c", shim, *args]
+    return [sys.executable, "-m", "vitrine.cli", *args]
 
 
 class Server:

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from indexer.filters import FilterError, UnknownFilterError
+from search.service.batching import TextBatcher
 from search.service.cache import LRU, LRUEmbeddingCache, RedisEmbeddingCache, TieredEmbeddingCache, normalise_query
 from search.service.errors import ApiError
 from search.service.images import jpeg_thumbnail
@@ -34,6 +35,7 @@ from vitrine.errors import UserError
 from vitrine.protocols import Reranker, SearchIndex, ServingEncoder
 from vitrine.runtime.reranker import RerankerSpec
 from vitrine.scoring import Hit, QueryKind
+from vitrine.timing import recording
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +196,9 @@ class SearchEngine:
             self.link.on_state_change = self._redis_state_changed
             remote = RedisEmbeddingCache(self.link, self.fingerprint, self.embed_dim, settings.cache_ttl_s)
         self.cache = TieredEmbeddingCache(LRUEmbeddingCache(settings.cache_size, self.embed_dim), remote)
+        # Concurrent cache misses share encoder calls (search.service.batching).
+        self.text_batcher = TextBatcher(encoder.encode_texts, max_batch=settings.text_batch_max,
+                                        max_concurrent=settings.encode_concurrency)  # fmt: skip
         self._served = ServedVersion(index, settings, self.link, owned=owns_index)
         self._pin_lock = threading.Lock()  # pinning and swapping never interleave
         self._switch_lock = threading.Lock()  # one switch at a time
@@ -476,7 +481,7 @@ class SearchEngine:
             with self.metrics.stage("text", "encode", timings):
                 emb, tier = self.cache.lookup(text)
                 if emb is None:
-                    emb = self._encode_text(text)
+                    emb = self._encode_text(text, timings)
                     self.cache.put(text, emb)
                 self.metrics.query_cache.labels(tier).inc()
             fetch = k if rerank_top_n is None else max(k, rerank_top_n)
@@ -508,12 +513,16 @@ class SearchEngine:
         outcome.timings_ms = timings
         return outcome
 
-    def _encode_text(self, text: str) -> np.ndarray:
+    def _encode_text(self, text: str, timings: dict[str, float]) -> np.ndarray:
         try:
-            embs = self.encoder.encode_texts([text])
+            encoded = self.text_batcher.encode(text)
         except UserError as exc:  # e.g. a text the tokenizer cannot turn into tokens
             raise ApiError(422, "invalid_query", str(exc)) from exc
-        return self._check_emb(embs, "text")
+        self.metrics.text_batch_size.observe(encoded.batch_size)
+        for part, ms in encoded.parts.items():  # tokenise: the share of the batch's call, not its queue wait
+            timings[part] = ms
+            self.metrics.stage_seconds.labels("text", part).observe(ms / 1000.0)
+        return self._check_emb(encoded.embedding[None, :], "text")
 
     def _check_emb(self, embs: np.ndarray, what: str) -> np.ndarray:
         assert embs.shape == (1, self.embed_dim), (what, embs.shape, self.embed_dim)
@@ -525,14 +534,18 @@ class SearchEngine:
     def _search(self, emb: np.ndarray, kind: QueryKind, *, k: int, alpha: float | None, filters: dict | None,
                 timings: dict[str, float], served: ServedVersion) -> SearchOutcome:  # fmt: skip
         used_alpha = served.index.alphas.resolve(kind, alpha)
-        with self.metrics.stage(kind, "search", timings):
+        parts: dict[str, float] = {}
+        with self.metrics.stage(kind, "search", timings), recording(parts):  # the index reports scan and fill_in
             try:
                 hits = served.index.search(emb, k=k, kind=kind, alpha=used_alpha, filters=filters or None)
             except UnknownFilterError as exc:
                 raise ApiError(422, "unknown_filter", str(exc), [{"loc": ["body", "filters", exc.field], "msg": str(exc)}]) from exc
             except FilterError as exc:
                 raise ApiError(422, "invalid_filter", str(exc), [{"loc": ["body", "filters"], "msg": str(exc)}]) from exc
-        with self.metrics.stage(kind, "fuse", timings):
+        for part, ms in parts.items():
+            timings[part] = ms
+            self.metrics.stage_seconds.labels(kind, part).observe(ms / 1000.0)
+        with self.metrics.stage(kind, "records", timings):
             records = self.records([h.id for h in hits], served)
         return SearchOutcome(hits=hits, records=records, alpha=used_alpha)
 
