@@ -114,6 +114,7 @@ class Phase:
     cache: dict[str, int] = field(default_factory=dict)
     stage_ms: dict[str, list[float]] = field(default_factory=dict)
     first_error: str | None = None
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds the phase cost: "server", "client" (this process)
 
     def summary(self) -> dict[str, Any]:
         done = len(self.latencies_ms)
@@ -126,6 +127,7 @@ class Phase:
             "cache": dict(self.cache),
             "server_stage_mean_ms": {k: round(float(np.mean(v)), 3) for k, v in self.stage_ms.items()},
             **self.http_share(stats.mean_ms),
+            **({f"{who}_cpu_ms_per_request": round(1000.0 * sec / max(1, done), 3) for who, sec in self.cpu_s.items()}),
             "first_error": self.first_error,
         }  # fmt: skip
 
@@ -153,8 +155,17 @@ def parse_server_timing(value: str | None) -> dict[str, float]:
     return out
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) a process has used so far; None off Linux."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def run_phase(name: str, clients: int, make_request: Callable[[httpx.Client, int], httpx.Response],
-              requests: int, seconds: float | None, base_url: str) -> Phase:  # fmt: skip
+              requests: int, seconds: float | None, base_url: str, server_pid: int | None = None) -> Phase:  # fmt: skip
     """`requests` calls of make_request(client, i) over `clients` threads (or until `seconds`)."""
     phase = Phase(name, clients)
     lock = threading.Lock()
@@ -196,10 +207,14 @@ def run_phase(name: str, clients: int, make_request: Callable[[httpx.Client, int
     for thread in threads:
         thread.start()
     barrier.wait()
-    start = time.perf_counter()
+    start, client_cpu, server_cpu = time.perf_counter(), time.process_time(), process_cpu_s(server_pid) if server_pid else None
     for thread in threads:
         thread.join()
     phase.wall_s = time.perf_counter() - start
+    # CPU per request does not depend on what else the shared machine runs, as wall time does.
+    phase.cpu_s["client"] = time.process_time() - client_cpu
+    if server_cpu is not None:
+        phase.cpu_s["server"] = process_cpu_s(server_pid) - server_cpu
     return phase
 
 
@@ -316,12 +331,13 @@ def run_naive(name: str, clients: int, fn: Callable[[int], Any], requests: int, 
                 phase.latencies_ms.append((time.perf_counter() - start) * 1000.0)
 
     threads = [threading.Thread(target=worker) for _ in range(clients)]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     phase.wall_s = time.perf_counter() - start
+    phase.cpu_s["naive"] = time.process_time() - cpu
     return phase
 
 
@@ -335,11 +351,17 @@ def compare_results(service_ids: list[list[str]], naive_ids: list[list[str]]) ->
 # ---------------------------------------------------------------- report
 
 
+def cpu_per_request(row: dict[str, Any]) -> float | str:
+    """CPU ms per request: the server's and the load generator's, or the naive pipeline's."""
+    parts = [row.get(f"{who}_cpu_ms_per_request") for who in ("server", "client", "naive")]
+    return round(sum(p for p in parts if p is not None), 2) if any(p is not None for p in parts) else ""
+
+
 def markdown(report: dict[str, Any]) -> str:
     env, checks = report["environment"], report["targets"]
     rows = [
         [r["phase"], r["clients"], r["requests"], r["errors"], r["p50_ms"], r["p90_ms"], r["p99_ms"], r["qps"],
-         ", ".join(f"{k} {v}" for k, v in r["cache"].items()),
+         ", ".join(f"{k} {v}" for k, v in r["cache"].items()), cpu_per_request(r),
          ", ".join(f"{k} {v:.2f}" for k, v in r["server_stage_mean_ms"].items() if k in ("encode", "search", "records", "total"))]
         for r in report["service"] + report["naive"]
     ]  # fmt: skip
@@ -354,7 +376,9 @@ def markdown(report: dict[str, Any]) -> str:
         "Load comes from threads in this process, on the same machine as the server (they share the CPUs). "
         "`text` queries are distinct titles (every one a cache miss), `text_cached` repeats them.\n",
         markdown_table(["phase", "clients", "requests", "errors", "p50 ms", "p90 ms", "p99 ms", "QPS", "cache",
-                        "server stages (mean ms)"], rows),  # fmt: skip
+                        "CPU ms/request", "server stages (mean ms)"], rows),  # fmt: skip
+        "CPU ms/request: CPU time the phase cost (server process + this process's load generator; for the naive "
+        "pipeline, this process) per request. Unlike wall time, it hardly depends on what else the shared machine runs.\n",
     ]
     shares = [r for r in report["service"] if r.get("app_mean_ms") is not None]
     if shares:
@@ -445,16 +469,16 @@ def main(argv: list[str] | None = None) -> int:
             offset = cursor["text"]
             cursor["text"] += args.requests
             record = "text" if clients == args.concurrency[0] else None
-            phase = run_phase("text", clients, text_request(offset, record), args.requests, args.seconds, server.url)
+            phase = run_phase("text", clients, text_request(offset, record), args.requests, args.seconds, server.url, server.process.pid)
             service_rows.append(phase.summary())
             print(json.dumps(service_rows[-1]), flush=True)
         for clients in args.concurrency:  # the same queries again: cache hits
-            phase = run_phase("text_cached", clients, text_request(0), args.requests, args.seconds, server.url)
+            phase = run_phase("text_cached", clients, text_request(0), args.requests, args.seconds, server.url, server.process.pid)
             service_rows.append(phase.summary())
             print(json.dumps(service_rows[-1]), flush=True)
         for clients in args.concurrency:
             record = "image" if clients == args.concurrency[0] else None
-            phase = run_phase("image", clients, image_request(record), args.requests, args.seconds, server.url)
+            phase = run_phase("image", clients, image_request(record), args.requests, args.seconds, server.url, server.process.pid)
             service_rows.append(phase.summary())
             print(json.dumps(service_rows[-1]), flush=True)
     finally:
@@ -514,6 +538,10 @@ def main(argv: list[str] | None = None) -> int:
         f"text QPS at {most} clients": {"wanted": f">= {TARGETS['text_qps_8']}", "measured": text8["qps"], "met": text8["qps"] >= TARGETS["text_qps_8"]},
         "image p50 (1 client)": {"wanted": f"<= {TARGETS['image_p50_ms']} ms", "measured": image1["p50_ms"], "met": image1["p50_ms"] <= TARGETS["image_p50_ms"]},
     }  # fmt: skip
+    naive_cpu = [cpu_per_request(r) for r in naive_rows if r["phase"] == "naive_text" and cpu_per_request(r) != ""]
+    if naive_cpu and cpu_per_request(text8) != "":
+        checks["text CPU per query, naive / service (informational)"] = {
+            "wanted": "", "measured": round(min(naive_cpu) / cpu_per_request(text8), 2), "met": ""}  # fmt: skip
     if best_naive:
         speedup = round(text8["qps"] / best_naive, 2)
         checks["text throughput vs naive (best naive concurrency)"] = {"wanted": f">= {TARGETS['speedup_vs_naive']}x", "measured": speedup, "met": speedup >= TARGETS["speedup_vs_naive"]}  # fmt: skip

@@ -25,7 +25,6 @@ import numpy as np
 from indexer.faiss_index import single_threaded
 from vitrine.scoring import Hit, blend_product_vectors, fuse
 
-
 ROW_CHUNK = 8192  # rows gathered at a time: a large filtered set never copies all its vectors at once
 
 

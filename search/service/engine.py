@@ -112,6 +112,7 @@ class ServedVersion:
         self.thumbs: LRU[bytes] = LRU(settings.thumbnail_cache)
         # Records of the on-disk store, kept in memory (an index version never changes); Redis reads are not.
         self.disk_records: LRU[ProductRecord] = LRU(settings.record_cache)
+        self.records_loaded = threading.Event()  # set when preload_records has finished (or given up)
         self._owned = owned  # opened by the engine (or handed to it to own): closed when retired
         self._pins = 0
         self._retired = False
@@ -143,6 +144,27 @@ class ServedVersion:
             close = self._pins == 0
         if close:
             self._close()
+
+    def preload_records(self) -> None:
+        """Read the version's records into `disk_records` (up to its capacity), so a query's records stage
+        is a memory lookup rather than SQLite reads under the store's lock. Run in the background."""
+        if not self.try_pin():
+            self.records_loaded.set()
+            return
+        try:
+            ids = self.index.ids()[: self.disk_records.capacity]
+            for start in range(0, len(ids), SYNC_CHUNK):
+                if self._retired:
+                    return
+                chunk = ids[start : start + SYNC_CHUNK]
+                for product_id, record in zip(chunk, self.index.get_many(chunk)):
+                    if record is not None:
+                        self.disk_records.put(product_id, record)
+        except Exception as exc:  # noqa: BLE001 - an optimisation: queries read the store as before
+            log.warning("preloading the records of version %s stopped: %s", self.version, exc)
+        finally:
+            self.records_loaded.set()
+            self.unpin()
 
     def _close(self) -> None:
         if self._owned and hasattr(self.index, "close"):
@@ -280,6 +302,7 @@ class SearchEngine:
             self.metrics.index_products.set(served.size)
             log.info("now serving index version %s (%d products; was %s with %d), opened in %.2f s",
                      served.version, served.size, old.version, old.size, seconds)  # fmt: skip
+        self._preload_records(served)
         if self.link is not None:
             threading.Thread(target=self.sync_product_store, args=(served,), name="redis-store-sync", daemon=True).start()
             if old.redis_store is not None:  # replicas still on it read it a little longer; then Redis drops it
@@ -290,10 +313,18 @@ class SearchEngine:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Populate the shared product store if Redis is there (else retried when it comes back)."""
+        """Populate the shared product store if Redis is there (else retried when it comes back); without
+        Redis, read the records into memory in the background."""
+        self._preload_records(self._served)
         if self.link is not None:
             self.metrics.redis_up.set(1 if self.link.ping() else 0)
             self.sync_product_store()
+
+    def _preload_records(self, served: ServedVersion) -> None:
+        if self.link is None and self.settings.record_cache > 0:  # with Redis, records come from there
+            threading.Thread(target=served.preload_records, name="record-preload", daemon=True).start()
+        else:
+            served.records_loaded.set()
 
     def close(self) -> None:
         self._served.retire()

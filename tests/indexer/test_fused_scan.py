@@ -55,7 +55,8 @@ def test_exact_fill_in_equals_the_float64_reference(vectors, alpha: float) -> No
     for query in unit_rows(20, DIM, 6):
         rows = rng.choice(N, size=150, replace=True)  # repeats, unsorted: a union of two candidate lists
         rows = np.concatenate([rows, [9, 10, 11, 12, 13]])
-        assert_same(exact_top_k(title, image, ids, rows, query, 12, alpha), reference(title, image, ids, np.unique(rows), query, 12, alpha))
+        expected = reference(title, image, ids, np.unique(rows), query, 12, alpha)
+        assert_same(exact_top_k(title, image, ids, rows, query, 12, alpha), expected)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
@@ -68,11 +69,12 @@ def test_fused_scan_finds_the_exact_fused_top_k_over_everything(vectors, alpha: 
         query = (query / np.linalg.norm(query)).astype(np.float32)
         rows = scan.top_rows(query, 30, alpha)
         assert rows.size == 30
-        assert_same(exact_top_k(title, image, ids, rows, query, 10, alpha), reference(title, image, ids, everything, query, 10, alpha))
+        expected = reference(title, image, ids, everything, query, 10, alpha)
+        assert_same(exact_top_k(title, image, ids, rows, query, 10, alpha), expected)
 
 
 def test_fused_scan_keeps_one_matrix_per_alpha_and_only_its_own(vectors) -> None:
-    title, image, ids = vectors
+    title, image, _ = vectors
     scan = FusedScan(title, image, {0.0, 0.6, 1.0})
     assert scan.supports(0.6) and not scan.supports(0.5)
     assert scan.matrix(0.6) is scan.matrix(0.6)  # built once
@@ -97,7 +99,8 @@ def test_product_index_fused_path_equals_the_union_path_and_reports_its_stages(f
                 fused = index.search(query, k=8, alpha=FIXTURE_ALPHA)
             assert set(timings) == {"scan", "fill_in"} and all(ms >= 0 for ms in timings.values())
             union = index.search(query, k=8, alpha=FIXTURE_ALPHA, fetch_k=len(index))
-            assert [(h.id, h.score, h.title_sim, h.image_sim) for h in fused] == [(h.id, h.score, h.title_sim, h.image_sim) for h in union]
+            facts = [[(h.id, h.score, h.title_sim, h.image_sim) for h in hits] for hits in (fused, union)]
+            assert facts[0] == facts[1]
         assert index._fused.supports(FIXTURE_ALPHA) and not index._fused.supports(0.123)
         index.search(unit_rows(1, index.embed_dim, 9)[0], k=3, alpha=0.123)  # another α: the union path, no new matrix
         assert set(index._fused._blended) <= index._fused.alphas

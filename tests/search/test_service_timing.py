@@ -66,3 +66,11 @@ def test_stage_histograms_and_batch_sizes_are_exported(client: TestClient) -> No
     for stage in ("scan", "fill_in", "records", "serialise"):
         assert f'vitrine_stage_seconds_count{{kind="text",stage="{stage}"}}' in metrics, stage
     assert "vitrine_text_batch_size_count" in metrics
+
+
+def test_records_are_preloaded_into_memory_without_redis(client: TestClient) -> None:
+    served = client.app.state.engine.served
+    assert served.records_loaded.wait(30)
+    assert len(served.disk_records) == served.size == 24
+    product_id = served.index.ids()[3]
+    assert served.disk_records.get(product_id) == served.index.get(product_id)
