@@ -115,6 +115,7 @@ class Phase:
     stage_ms: dict[str, list[float]] = field(default_factory=dict)
     first_error: str | None = None
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds the phase cost: "server", "client" (this process)
+    text_batch: float | None = None  # mean texts per text-encoder call in the phase (the server's histogram)
 
     def summary(self) -> dict[str, Any]:
         done = len(self.latencies_ms)
@@ -128,6 +129,7 @@ class Phase:
             "server_stage_mean_ms": {k: round(float(np.mean(v)), 3) for k, v in self.stage_ms.items()},
             **self.http_share(stats.mean_ms),
             **({f"{who}_cpu_ms_per_request": round(1000.0 * sec / max(1, done), 3) for who, sec in self.cpu_s.items()}),
+            **({"mean_text_batch": round(self.text_batch, 2)} if self.text_batch else {}),
             "first_error": self.first_error,
         }  # fmt: skip
 
@@ -206,6 +208,7 @@ def run_phase(name: str, clients: int, make_request: Callable[[httpx.Client, int
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
     for thread in threads:
         thread.start()
+    batches = text_batches(base_url)
     barrier.wait()
     start, client_cpu, server_cpu = time.perf_counter(), time.process_time(), process_cpu_s(server_pid) if server_pid else None
     for thread in threads:
@@ -215,7 +218,22 @@ def run_phase(name: str, clients: int, make_request: Callable[[httpx.Client, int
     phase.cpu_s["client"] = time.process_time() - client_cpu
     if server_cpu is not None:
         phase.cpu_s["server"] = process_cpu_s(server_pid) - server_cpu
+    after = text_batches(base_url)
+    if batches and after and after[1] > batches[1]:
+        phase.text_batch = (after[0] - batches[0]) / (after[1] - batches[1])
     return phase
+
+
+def text_batches(base_url: str) -> tuple[float, float] | None:
+    """(texts encoded, encoder calls) so far, from the server's vitrine_text_batch_size histogram."""
+    try:
+        lines = httpx.get(f"{base_url}/metrics", timeout=10).text.splitlines()
+    except httpx.HTTPError:
+        return None
+    values = {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith("vitrine_text_batch_size_")}
+    if "vitrine_text_batch_size_count" not in values:
+        return None
+    return values["vitrine_text_batch_size_sum"], values["vitrine_text_batch_size_count"]
 
 
 # ---------------------------------------------------------------- queries
@@ -361,7 +379,8 @@ def markdown(report: dict[str, Any]) -> str:
     env, checks = report["environment"], report["targets"]
     rows = [
         [r["phase"], r["clients"], r["requests"], r["errors"], r["p50_ms"], r["p90_ms"], r["p99_ms"], r["qps"],
-         ", ".join(f"{k} {v}" for k, v in r["cache"].items()), cpu_per_request(r),
+         ", ".join(f"{k} {v}" for k, v in r["cache"].items()) + (f" (batch {r['mean_text_batch']})" if r.get("mean_text_batch") else ""),
+         cpu_per_request(r),
          ", ".join(f"{k} {v:.2f}" for k, v in r["server_stage_mean_ms"].items() if k in ("encode", "search", "records", "total"))]
         for r in report["service"] + report["naive"]
     ]  # fmt: skip
