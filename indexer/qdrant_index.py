@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from indexer.filters import FilterColumns, match_key
+from indexer.fused_scan import block_dots
 from indexer.layout import IndexLayout, VersionLease
 from indexer.manifest import IndexManifest, IndexVersionFacts, read_manifest
 from indexer.product_index import default_fetch_k
@@ -612,10 +613,9 @@ class QdrantIndex(IndexVersionFacts):
         ids, title_vectors, image_vectors = self._candidates(query, fetch, self._payload_filter(wanted))
         if not ids:
             return []
-        q = query.astype(np.float64)
-        title = (title_vectors.astype(np.float64) * q).sum(axis=1)  # as ProductIndex: float64, row by row
-        image = (image_vectors.astype(np.float64) * q).sum(axis=1)
-        score = fuse(title, image, alpha)
+        title = block_dots(title_vectors, query)  # as ProductIndex's fill-in: the same scores to the last bit
+        image = block_dots(image_vectors, query)
+        score = fuse(title.astype(np.float64), image.astype(np.float64), alpha)
         id_array = np.array(ids, dtype=str)
         order = np.lexsort((id_array, -score))[: int(k)]  # by score, then id
         return [Hit(str(id_array[i]), float(score[i]), float(title[i]), float(image[i])) for i in order]

@@ -45,7 +45,7 @@ def test_row_dots_equal_rows_equal_scores_across_chunks() -> None:
     rows_per_call = ROW_CHUNK + 5  # the last rows fall in a second block
     vectors = np.repeat(unit_rows(1, DIM, 3), rows_per_call, axis=0)
     dots = row_dots(vectors, np.arange(rows_per_call), unit_rows(1, DIM, 4)[0])
-    assert dots.dtype == np.float64 and np.unique(dots).size == 1
+    assert dots.dtype == np.float32 and np.unique(dots).size == 1
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.35, 0.9, 1.0])
