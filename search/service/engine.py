@@ -11,6 +11,7 @@ commit). Each query pins the version it started on until it is answered.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -219,8 +220,10 @@ class SearchEngine:
             remote = RedisEmbeddingCache(self.link, self.fingerprint, self.embed_dim, settings.cache_ttl_s)
         self.cache = TieredEmbeddingCache(LRUEmbeddingCache(settings.cache_size, self.embed_dim), remote)
         # Concurrent cache misses share encoder calls (search.service.batching).
-        self.text_batcher = TextBatcher(encoder.encode_texts, max_batch=settings.text_batch_max,
-                                        max_concurrent=settings.encode_concurrency)  # fmt: skip
+        # One call at a time per two cores: on 2 cores that gave larger batches and less CPU per query than
+        # two at a time (docs/results/perf.md), while the other core serves HTTP and searches.
+        concurrency = settings.encode_concurrency or max(1, (os.cpu_count() or 2) // 2)
+        self.text_batcher = TextBatcher(encoder.encode_texts, max_batch=settings.text_batch_max, max_concurrent=concurrency)
         self._served = ServedVersion(index, settings, self.link, owned=owns_index)
         self._pin_lock = threading.Lock()  # pinning and swapping never interleave
         self._switch_lock = threading.Lock()  # one switch at a time
