@@ -1,7 +1,7 @@
 """What every `SearchIndex` backend does around its engine, written once so that the Faiss and the
 Qdrant backends agree to the bit: checking the query and the arguments, how many candidates each
-modality fetches, and the exact ranking of the union of candidates (float64 inner products row by
-row, fused with α, sorted by score then id). Pure functions over numpy arrays.
+modality fetches, and the exact scores of candidates (float32 inner products, every row reduced by the
+same kernel, fused in float64 with α, sorted by score then id). Pure functions over numpy arrays.
 """
 from __future__ import annotations
 
@@ -43,12 +43,21 @@ def fetch_size(n: int, k: int, fetch_k: int | None) -> int:
 
 
 def exact_similarities(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Float64 inner products of each row with the query, row by row (identical vectors, identical scores)."""
-    return (np.asarray(vectors, dtype=np.float64) * query.astype(np.float64)).sum(axis=1)
+    """float32 (n,) inner products of the rows of a gathered (n, D) block with `query`.
+
+    einsum reduces every row with the same kernel (a BLAS gemv may not), so equal rows get equal
+    scores and ties fall to the id, in every backend."""
+    return np.einsum("ij,j->i", np.asarray(vectors, dtype=np.float32), np.asarray(query, dtype=np.float32))
+
+
+def scored_hits(ids: np.ndarray, title: np.ndarray, image: np.ndarray, alpha: float) -> list[Hit]:
+    """Hits of `ids` in the given order, scored α·title + (1−α)·image (fused in float64)."""
+    score = fuse(title.astype(np.float64), image.astype(np.float64), alpha)
+    return [Hit(str(i), float(s), float(t), float(m)) for i, s, t, m in zip(ids, score, title, image)]
 
 
 def rank_union(ids: np.ndarray, title: np.ndarray, image: np.ndarray, alpha: float, k: int) -> list[Hit]:
-    """The top k of the candidates `ids` by α·title + (1−α)·image, ties broken by id."""
-    score = fuse(title, image, alpha)
+    """The top k of the candidates `ids` by α·title + (1−α)·image (fused in float64), ties broken by id."""
+    score = fuse(title.astype(np.float64), image.astype(np.float64), alpha)
     order = np.lexsort((ids, -score))[:k]
     return [Hit(str(ids[i]), float(score[i]), float(title[i]), float(image[i])) for i in order]

@@ -7,7 +7,13 @@ A product is its title and its photo, so a query scores against both:
 `search` takes the top `fetch_k` labels from the title index and from the image index,
 unions them, computes both similarities of every candidate exactly from the stored
 vectors (a product found by one index still gets its true similarity to the other
-modality, never zero), fuses, and sorts by score, ties broken by id.
+modality, never zero), fuses, and sorts by score, ties broken by id. The fill-in is float32
+numpy over the vectors in memory (`indexer.fused_scan.exact_top_k`).
+
+Exact (flat) indexes answer unfiltered queries at the index's own α without the two scans:
+one pass over blended vectors α·title + (1−α)·image finds the exact fused top `fetch_k`
+(`indexer.fused_scan.FusedScan`), which the union approximates. An explicit `fetch_k` or
+another α keeps the union semantics.
 
 Filters never lose recall: small filtered sets are scored exactly in numpy; exact (flat)
 indexes search only the matching labels through a Faiss IDSelector; approximate
@@ -24,28 +30,21 @@ import numpy as np
 from PIL import Image
 
 from indexer import faiss_index
-from indexer.candidates import (
-    MIN_FETCH_K,
-    check_counts,
-    check_query,
-    default_fetch_k,
-    exact_similarities,
-    fetch_size,
-    rank_union,
-)
+from indexer.candidates import MIN_FETCH_K, check_counts, check_query, default_fetch_k, fetch_size, scored_hits
 from indexer.filters import FilterColumns, FilterError, UnknownFilterError
+from indexer.fused_scan import FusedScan, exact_top_k, row_dots
 from indexer.layout import IndexLayout, VersionLease
 from indexer.lexical import LexicalSearch
 from indexer.manifest import IndexManifest, IndexVersionFacts, read_manifest
 from indexer.store import ProductRecord, ProductStore, SqliteProductStore
 from vitrine.errors import UserError
 from vitrine.images import open_image_ref
-from vitrine.scoring import Hit, QueryKind, fuse
+from vitrine.scoring import Hit, QueryKind
+from vitrine.timing import stage
 
 __all__ = ["MIN_FETCH_K", "FilterError", "Hit", "ProductIndex", "ProductRecord", "ProductStore", "UnknownFilterError",
            "default_fetch_k"]  # fmt: skip
 
-_SIM_CHUNK = 8192  # rows per exact-similarity block
 
 
 class ProductIndex(LexicalSearch, IndexVersionFacts):
@@ -53,6 +52,9 @@ class ProductIndex(LexicalSearch, IndexVersionFacts):
 
     # Filtered sets up to this many products are scored exactly (numpy) instead of through Faiss.
     brute_force_max_rows: int = 4096
+    # Exact indexes up to this many products answer unfiltered queries at the index's own α with one
+    # scan of blended vectors (indexer.fused_scan), holding one (n, D) float32 matrix per such α.
+    fused_scan_max_rows: int = faiss_index.AUTO_FLAT_MAX
 
     def __init__(
         self,
@@ -97,6 +99,8 @@ class ProductIndex(LexicalSearch, IndexVersionFacts):
         self._spec = faiss_index.IndexSpec.from_dict(manifest.index)
         self._ids = np.array([record.id for _, record in scanned], dtype=str) if n else np.zeros(0, dtype="<U1")
         self._columns = FilterColumns.from_records(record for _, record in scanned)
+        alphas = self.alphas
+        self._fused = FusedScan(text_vectors, image_vectors, {alphas.alpha, alphas.for_kind("text"), alphas.for_kind("image")})
 
     @classmethod
     def open(cls, index_dir: str | Path, *, mmap: bool = True, version: str | None = None) -> ProductIndex:
@@ -236,19 +240,27 @@ class ProductIndex(LexicalSearch, IndexVersionFacts):
         if n == 0:
             return []
         fetch = fetch_size(n, k, fetch_k)
-        if mask is None:
-            rows = self._candidates(query, fetch)
-        else:
-            allowed = np.flatnonzero(mask)
-            if allowed.size == 0:
-                return []
-            if allowed.size <= max(self.brute_force_max_rows, fetch):
-                rows = allowed
-            elif self._spec.exact:
-                rows = self._candidates(query, fetch, allowed_labels=self._labels[allowed])
+        with stage("scan"):
+            if mask is None:
+                # An explicit fetch_k below MIN_FETCH_K asks for the union of two short lists (the
+                # backends' parity tests); any deeper request gets the exact fused top-`fetch`, one pass.
+                deep = fetch_k is None or fetch_k >= MIN_FETCH_K
+                if deep and self._spec.exact and n <= self.fused_scan_max_rows and self._fused.supports(alpha):
+                    rows = self._fused.top_rows(query, fetch, alpha)
+                else:
+                    rows = self._candidates(query, fetch)
             else:
-                rows = self._overfetch(query, fetch, mask, allowed)
-        return self._rank(query, rows, int(k), alpha)
+                allowed = np.flatnonzero(mask)
+                if allowed.size == 0:
+                    return []
+                if allowed.size <= max(self.brute_force_max_rows, fetch):
+                    rows = allowed
+                elif self._spec.exact:
+                    rows = self._candidates(query, fetch, allowed_labels=self._labels[allowed])
+                else:
+                    rows = self._overfetch(query, fetch, mask, allowed)
+        with stage("fill_in"):
+            return exact_top_k(self._text, self._image, self._ids, rows, query, int(k), alpha)
 
     def score_ids(self, query_emb: np.ndarray, ids: Sequence[str], *, kind: QueryKind = "text",
                   alpha: float | None = None) -> list[Hit]:  # fmt: skip
@@ -259,10 +271,7 @@ class ProductIndex(LexicalSearch, IndexVersionFacts):
         if not len(ids):
             return []
         rows = self._rows_of_ids(ids)
-        title = self._similarities(self._text, rows, query)
-        image = self._similarities(self._image, rows, query)
-        score = fuse(title, image, alpha)
-        return [Hit(str(i), float(s), float(t), float(m)) for i, s, t, m in zip(ids, score, title, image)]
+        return scored_hits(list(ids), row_dots(self._text, rows, query), row_dots(self._image, rows, query), alpha)
 
     def _rows(self, labels: np.ndarray) -> np.ndarray:
         rows = np.searchsorted(self._labels, labels)
@@ -298,17 +307,3 @@ class ProductIndex(LexicalSearch, IndexVersionFacts):
                 return np.union1d(*per_index)
             f = min(n, 2 * f)
         return allowed  # everything would be fetched: score the filtered set exactly
-
-    def _similarities(self, vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
-        """Exact similarities of these rows, a block at a time (the vectors may be memory-mapped)."""
-        out = np.empty(rows.size, dtype=np.float64)
-        for start in range(0, rows.size, _SIM_CHUNK):
-            block = rows[start : start + _SIM_CHUNK]
-            out[start : start + block.size] = exact_similarities(vectors[block], query)
-        return out
-
-    def _rank(self, query: np.ndarray, rows: np.ndarray, k: int, alpha: float) -> list[Hit]:
-        rows = np.unique(rows)
-        title = self._similarities(self._text, rows, query)
-        image = self._similarities(self._image, rows, query)
-        return rank_union(self._ids[rows], title, image, alpha, k)

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 from PIL import Image
 
-from indexer.candidates import check_counts, check_query, exact_similarities, fetch_size, rank_union
+from indexer.candidates import check_counts, check_query, exact_similarities, fetch_size, rank_union, scored_hits
 from indexer.filters import FilterColumns, match_key
 from indexer.layout import IndexLayout, VersionLease
 from indexer.lexical import LexicalSearch
@@ -46,7 +46,7 @@ from indexer.store import SqliteProductStore
 from vitrine.catalog.record import ProductRecord
 from vitrine.errors import IndexUnavailableError, UserError
 from vitrine.images import open_image_ref
-from vitrine.scoring import Hit, QueryKind, fuse
+from vitrine.scoring import Hit, QueryKind
 
 if TYPE_CHECKING:
     from qdrant_client import QdrantClient, models
@@ -647,8 +647,7 @@ class QdrantIndex(LexicalSearch, IndexVersionFacts):
         by_label = {int(p.id): p for p in points}
         title = exact_similarities(np.array([by_label[label].vector["text"] for label in labels], dtype=np.float32), query)
         image = exact_similarities(np.array([by_label[label].vector["image"] for label in labels], dtype=np.float32), query)
-        score = fuse(title, image, alpha)
-        return [Hit(str(i), float(s), float(t), float(m)) for i, s, t, m in zip(ids, score, title, image)]
+        return scored_hits(list(ids), title, image, alpha)
 
     def _payload_filter(self, wanted: dict[str, list[str]] | None) -> models.Filter | None:
         """Every field must match one of its values: a Qdrant filter over the `match_key` payloads."""

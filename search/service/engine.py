@@ -11,6 +11,7 @@ commit). Each query pins the version it started on until it is answered.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from PIL import Image
 
 from indexer.filters import FilterError, UnknownFilterError
 from indexer.product_index import default_fetch_k
+from search.service.batching import TextBatcher
 from search.service.cache import LRU, LRUEmbeddingCache, RedisEmbeddingCache, TieredEmbeddingCache, normalise_query
 from search.service.errors import ApiError
 from search.service.facets import count_facets, resolve_facets
@@ -37,6 +39,7 @@ from vitrine.fusion import DEFAULT_FUSION, DEFAULT_LEXICAL_WEIGHT, FusionMethod,
 from vitrine.protocols import Reranker, SearchIndex, ServingEncoder
 from vitrine.runtime.reranker import RerankerSpec
 from vitrine.scoring import Hit, QueryKind
+from vitrine.timing import recording
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +121,7 @@ class ServedVersion:
         self.thumbs: LRU[bytes] = LRU(settings.thumbnail_cache)
         # Records of the on-disk store, kept in memory (an index version never changes); Redis reads are not.
         self.disk_records: LRU[ProductRecord] = LRU(settings.record_cache)
+        self.records_loaded = threading.Event()  # set when preload_records has finished (or given up)
         self._owned = owned  # opened by the engine (or handed to it to own): closed when retired
         self._pins = 0
         self._retired = False
@@ -149,6 +153,27 @@ class ServedVersion:
             close = self._pins == 0
         if close:
             self._close()
+
+    def preload_records(self) -> None:
+        """Read the version's records into `disk_records` (up to its capacity), so a query's records stage
+        is a memory lookup rather than SQLite reads under the store's lock. Run in the background."""
+        if not self.try_pin():
+            self.records_loaded.set()
+            return
+        try:
+            ids = self.index.ids()[: self.disk_records.capacity]
+            for start in range(0, len(ids), SYNC_CHUNK):
+                if self._retired:
+                    return
+                chunk = ids[start : start + SYNC_CHUNK]
+                for product_id, record in zip(chunk, self.index.get_many(chunk)):
+                    if record is not None:
+                        self.disk_records.put(product_id, record)
+        except Exception as exc:  # noqa: BLE001 - an optimisation: queries read the store as before
+            log.warning("preloading the records of version %s stopped: %s", self.version, exc)
+        finally:
+            self.records_loaded.set()
+            self.unpin()
 
     def _close(self) -> None:
         if self._owned and hasattr(self.index, "close"):
@@ -202,6 +227,11 @@ class SearchEngine:
             self.link.on_state_change = self._redis_state_changed
             remote = RedisEmbeddingCache(self.link, self.fingerprint, self.embed_dim, settings.cache_ttl_s)
         self.cache = TieredEmbeddingCache(LRUEmbeddingCache(settings.cache_size, self.embed_dim), remote)
+        # Concurrent cache misses share encoder calls (search.service.batching).
+        # One call at a time per two cores: on 2 cores that gave larger batches and less CPU per query than
+        # two at a time (docs/results/perf.md), while the other core serves HTTP and searches.
+        concurrency = settings.encode_concurrency or max(1, (os.cpu_count() or 2) // 2)
+        self.text_batcher = TextBatcher(encoder.encode_texts, max_batch=settings.text_batch_max, max_concurrent=concurrency)
         self._served = ServedVersion(index, settings, self.link, owned=owns_index)
         self._pin_lock = threading.Lock()  # pinning and swapping never interleave
         self._switch_lock = threading.Lock()  # one switch at a time
@@ -283,6 +313,7 @@ class SearchEngine:
             self.metrics.index_products.set(served.size)
             log.info("now serving index version %s (%d products; was %s with %d), opened in %.2f s",
                      served.version, served.size, old.version, old.size, seconds)  # fmt: skip
+        self._preload_records(served)
         if self.link is not None:
             threading.Thread(target=self.sync_product_store, args=(served,), name="redis-store-sync", daemon=True).start()
             if old.redis_store is not None:  # replicas still on it read it a little longer; then Redis drops it
@@ -293,10 +324,18 @@ class SearchEngine:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Populate the shared product store if Redis is there (else retried when it comes back)."""
+        """Populate the shared product store if Redis is there (else retried when it comes back); without
+        Redis, read the records into memory in the background."""
+        self._preload_records(self._served)
         if self.link is not None:
             self.metrics.redis_up.set(1 if self.link.ping() else 0)
             self.sync_product_store()
+
+    def _preload_records(self, served: ServedVersion) -> None:
+        if self.link is None and self.settings.record_cache > 0:  # with Redis, records come from there
+            threading.Thread(target=served.preload_records, name="record-preload", daemon=True).start()
+        else:
+            served.records_loaded.set()
 
     def close(self) -> None:
         self._served.retire()
@@ -490,7 +529,7 @@ class SearchEngine:
             with self.metrics.stage("text", "encode", timings):
                 emb, tier = self.cache.lookup(text)
                 if emb is None:
-                    emb = self._encode_text(text)
+                    emb = self._encode_text(text, timings)
                     self.cache.put(text, emb)
                 self.metrics.query_cache.labels(tier).inc()
             fetch = k if rerank_top_n is None else max(k, rerank_top_n)
@@ -535,12 +574,16 @@ class SearchEngine:
         outcome.timings_ms = timings
         return outcome
 
-    def _encode_text(self, text: str) -> np.ndarray:
+    def _encode_text(self, text: str, timings: dict[str, float]) -> np.ndarray:
         try:
-            embs = self.encoder.encode_texts([text])
+            encoded = self.text_batcher.encode(text)
         except UserError as exc:  # e.g. a text the tokenizer cannot turn into tokens
             raise ApiError(422, "invalid_query", str(exc)) from exc
-        return self._check_emb(embs, "text")
+        self.metrics.text_batch_size.observe(encoded.batch_size)
+        for part, ms in encoded.parts.items():  # tokenise: the share of the batch's call, not its queue wait
+            timings[part] = ms
+            self.metrics.stage_seconds.labels("text", part).observe(ms / 1000.0)
+        return self._check_emb(encoded.embedding[None, :], "text")
 
     def _check_emb(self, embs: np.ndarray, what: str) -> np.ndarray:
         assert embs.shape == (1, self.embed_dim), (what, embs.shape, self.embed_dim)
@@ -561,11 +604,17 @@ class SearchEngine:
         if fields:  # rank the facet depth from the pool a plain query of k draws from: the top k stay the same
             extra["fetch_k"] = default_fetch_k(depth)
             depth = max(depth, self.settings.facet_top_n)
-        with self.metrics.stage(label or kind, "search", timings), filter_errors():
+        metric_kind = label or kind
+        parts: dict[str, float] = {}
+        # the index reports its scan and fill_in stages
+        with self.metrics.stage(metric_kind, "search", timings), recording(parts), filter_errors():
             hits = served.index.search(emb, k=depth, kind=kind, alpha=used_alpha, filters=filters or None, **extra)
+        for part, ms in parts.items():
+            timings[part] = ms
+            self.metrics.stage_seconds.labels(metric_kind, part).observe(ms / 1000.0)
         if not fields:
             hits = [h for h in hits if h.id != exclude][:k]
-        with self.metrics.stage(label or kind, "fuse", timings):
+        with self.metrics.stage(metric_kind, "records", timings):
             records = self.records([h.id for h in hits], served)
         if not fields:
             return SearchOutcome(hits=hits, records=records, alpha=used_alpha)

@@ -2,7 +2,10 @@
 
     vitrine_requests_total{method, route, status}
     vitrine_request_seconds{method, route}              whole request, as the ASGI app saw it
-    vitrine_stage_seconds{kind, stage}                   kind: text | image | similar; stage: decode, encode, search, fuse, rerank, total
+    vitrine_stage_seconds{kind, stage}                   kind: text | image | similar; stage: decode, tokenise, encode,
+                                                         search, scan, fill_in, fuse (lexical / hybrid lists), records, rerank, total,
+                                                         serialise (see STAGES)
+    vitrine_text_batch_size                              texts per text-encoder call (micro-batching)
     vitrine_query_cache_total{result}                    local | redis | miss
     vitrine_redis_up                                     1 when the last Redis call worked (absent without Redis)
     vitrine_index_products                               products in the served index
@@ -22,7 +25,11 @@ from contextlib import contextmanager
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-STAGES = ("decode", "encode", "search", "fuse", "rerank", "total")
+# decode: text normalisation / image decoding; encode: cache lookup + model (tokenise is a part of it);
+# search: the index search, made of scan (candidates) and fill_in (exact fused scores, ranking);
+# records: product records for the hits; rerank; total: all of these; serialise: response model + JSON.
+STAGES = ("decode", "tokenise", "encode", "search", "scan", "fill_in", "fuse", "records", "rerank", "total", "serialise")
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 # Millisecond-scale work: buckets from 0.5 ms to 10 s.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
                    0.1, 0.2, 0.5, 1.0, 2.5, 10.0)  # fmt: skip
@@ -41,6 +48,9 @@ class ServiceMetrics:
             "vitrine_stage_seconds", "search latency per stage", ["kind", "stage"],
             buckets=LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
+        self.text_batch_size = Histogram(
+            "vitrine_text_batch_size", "texts per text-encoder call", buckets=BATCH_BUCKETS, registry=self.registry
+        )
         self.query_cache = Counter("vitrine_query_cache", "query-embedding cache lookups", ["result"], registry=self.registry)
         self.redis_up = Gauge("vitrine_redis_up", "1 when Redis answered the last call", registry=self.registry)
         self.index_products = Gauge("vitrine_index_products", "products in the served index", registry=self.registry)
@@ -92,6 +102,7 @@ class MetricsMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = with_app_timing(message, time.perf_counter() - start)
             await send(message)
 
         try:
@@ -102,3 +113,13 @@ class MetricsMiddleware:
             method = scope.get("method", "")
             self.metrics.requests.labels(method, template, str(status)).inc()
             self.metrics.request_seconds.labels(method, template).observe(time.perf_counter() - start)
+
+
+def with_app_timing(message: Message, seconds: float) -> Message:
+    """A response that has a Server-Timing header (the search routes) gets `app;dur=` added: the whole
+    request as the app saw it, body read and routing included. The client's latency minus it is HTTP."""
+    headers = message.get("headers") or []
+    if not any(name == b"server-timing" for name, _ in headers):
+        return message
+    app = b"app;dur=%.3f" % (seconds * 1000.0)
+    return {**message, "headers": [(name, value + b", " + app if name == b"server-timing" else value) for name, value in headers]}

@@ -191,7 +191,7 @@ class SearchResponse(BaseModel):
                       "in lexical mode, the fused rank score in hybrid)")  # fmt: skip
     took_ms: float
     timings_ms: dict[str, float] | None = Field(
-        default=None, description="only when the request sets timing: ms per stage (decode, encode, search, fuse, rerank, total)"
+        default=None, description="only when the request sets timing: ms per stage (decode, tokenise, encode, search, scan, fill_in, records, rerank, total); the Server-Timing header has them always, with serialise and app"
     )
     cache: str | None = Field(default=None, description="query-embedding cache: local, redis or miss (text only)")
     reranked: bool = Field(default=False, description="the top rerank_top_n first-stage hits were reordered by the reranker")

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     # Requests already run in parallel threads; intra-op threads on top oversubscribe the cores
     # (bench/search_load.py: 8 clients on 2 cores, 1 thread gave ~1.7x the QPS of 2).
     threads: int = Field(default=1, ge=1, description="onnxruntime intra-op threads per encoder session")
+    # Concurrent text-query cache misses share encoder calls (search.service.batching): no added wait.
+    text_batch_max: int = Field(default=16, ge=1, le=256, description="most texts per text-encoder call (1: none)")
+    encode_concurrency: int | None = Field(default=None, ge=1, description="text-encoder calls at once; unset: half the CPUs, at least 1")
     host: str = Field(default="127.0.0.1", description="`vitrine serve` listen address")
     port: int = Field(default=8000, ge=0, le=65535, description="`vitrine serve` listen port")
 

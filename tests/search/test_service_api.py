@@ -172,7 +172,7 @@ def test_metrics_count_routes_and_time_every_stage(client):
     assert any('route="/products/{product_id}"' in line and 'status="404"' in line for line in requests)
     stages = "\n".join(metric_lines(client, "vitrine_stage_seconds_count"))
     for kind in ("text", "image"):
-        for stage in ("decode", "encode", "search", "fuse", "total"):
+        for stage in ("decode", "encode", "search", "scan", "fill_in", "records", "total", "serialise"):
             assert f'kind="{kind}",stage="{stage}"' in stages, (kind, stage)
 
 

@@ -8,6 +8,7 @@ import onnxruntime as ort
 
 from vitrine.errors import UserError
 from vitrine.runtime.tokenizer import TextTokenizer
+from vitrine.timing import stage
 
 
 class TextEncoder:
@@ -45,14 +46,17 @@ class TextEncoder:
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """(len(texts), D) float32 embeddings in input order."""
-        rows = self.tokenizer.encode_rows(texts)
+        with stage("tokenise"):
+            rows = self.tokenizer.encode_rows(texts)
         n = len(rows)
         if n == 0:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         if any(len(r) == 0 for r in rows):
             raise UserError("a text tokenised to no tokens (the tokenizer adds no special tokens?)")
         if n <= self.batch_size:
-            return self.encode_ids(self.tokenizer.pad(rows))
+            with stage("tokenise"):
+                ids = self.tokenizer.pad(rows)
+            return self.encode_ids(ids)
         order = np.argsort([len(r) for r in rows], kind="stable")
         out = np.empty((n, self.embed_dim), dtype=np.float32)
         for start in range(0, n, self.batch_size):
