@@ -92,6 +92,11 @@ class ProductIndex(IndexVersionFacts):
         self._spec = faiss_index.IndexSpec.from_dict(manifest.index)
         self._ids = np.array([record.id for _, record in scanned], dtype=str) if n else np.zeros(0, dtype="<U1")
         self._columns = FilterColumns.from_records(record for _, record in scanned)
+        # Filters with include_predicted read backfilled values where the catalog has none.
+        has_predicted = any(record.predicted for _, record in scanned)
+        self._columns_with_predicted = (
+            FilterColumns.from_records((record for _, record in scanned), include_predicted=True) if has_predicted else self._columns
+        )
 
     @classmethod
     def open(cls, index_dir: str | Path, *, mmap: bool = True, version: str | None = None) -> ProductIndex:
@@ -195,6 +200,10 @@ class ProductIndex(IndexVersionFacts):
         """Filterable field -> its known values."""
         return self._columns.fields()
 
+    def filter_mask(self, filters: Mapping[str, str | list[str]], *, include_predicted: bool = False) -> np.ndarray:
+        """Boolean (n,) in label order (as `ids()`): the products a search with these filters may return."""
+        return (self._columns_with_predicted if include_predicted else self._columns).mask(filters)
+
     def get(self, id: str) -> ProductRecord | None:
         return self._store.get(id)
 
@@ -219,17 +228,19 @@ class ProductIndex(IndexVersionFacts):
         alpha: float | None = None,
         filters: Mapping[str, str | list[str]] | None = None,
         fetch_k: int | None = None,
+        include_predicted: bool = False,
     ) -> list[Hit]:
         """Top-k products for one query embedding (D,), by fused score; see the module docstring.
 
-        `alpha` None: the bundle's α for this query `kind`."""
+        `alpha` None: the bundle's α for this query `kind`. `include_predicted`: filters also match
+        backfilled attribute values where the catalog has none."""
         query = self._query(query_emb)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         alpha = self.alphas.resolve(kind, alpha)
         if fetch_k is not None and (isinstance(fetch_k, bool) or not isinstance(fetch_k, (int, np.integer)) or fetch_k < 1):
             raise ValueError(f"fetch_k must be a positive integer, got {fetch_k!r}")
-        mask = self._columns.mask(filters) if filters else None  # validates fields even on an empty index
+        mask = self.filter_mask(filters, include_predicted=include_predicted) if filters else None  # validates fields even on an empty index
         n = len(self)
         if n == 0:
             return []

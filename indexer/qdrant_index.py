@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 from PIL import Image
 
-from indexer.filters import FilterColumns, match_key
+from indexer.filters import FilterColumns, FilterError, match_key
 from indexer.layout import IndexLayout, VersionLease
 from indexer.manifest import IndexManifest, IndexVersionFacts, read_manifest
 from indexer.product_index import default_fetch_k
@@ -458,6 +458,7 @@ class QdrantIndex(IndexVersionFacts):
         self._labels = np.array([label for label, _ in scanned], dtype=np.int64)
         self._ids = np.array([record.id for _, record in scanned], dtype=str) if n else np.zeros(0, dtype="<U1")
         self._columns = FilterColumns.from_records(record for _, record in scanned)
+        self._has_predicted = any(record.predicted for _, record in scanned)
         self._keys = {field: payload_key(field) for field in self._columns.fields()}
         # Exact (brute-force) search mirrors a flat Faiss index; HNSW otherwise (local mode is always exact).
         self.exact = bool(manifest.index.get("exact", False)) if exact is None else bool(exact)
@@ -594,10 +595,14 @@ class QdrantIndex(IndexVersionFacts):
         alpha: float | None = None,
         filters: Mapping[str, str | list[str]] | None = None,
         fetch_k: int | None = None,
+        include_predicted: bool = False,
     ) -> list[Hit]:
         """Top-k products for one query embedding (D,), by fused score (see the module docstring).
 
-        Same arguments, checks and results as `ProductIndex.search`."""
+        Same arguments, checks and results as `ProductIndex.search`, except that the payloads carry
+        no backfilled values: `include_predicted` with filters on a version that has some is a FilterError."""
+        if include_predicted and filters and self._has_predicted:
+            raise FilterError("include_predicted filters are served by the faiss backend only (vitrine serve --backend faiss)")
         query = self._query(query_emb)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")

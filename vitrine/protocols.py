@@ -147,4 +147,5 @@ class SearchIndex(Protocol):
         kind: QueryKind = "text",
         alpha: float | None = None,
         filters: Mapping[str, str | list[str]] | None = None,
+        include_predicted: bool = False,
     ) -> list[Hit]: ...
