@@ -1,5 +1,5 @@
-"""Fitting attribute heads: multinomial logistic regression per attribute, C chosen on val, then a
-temperature fitted on val (scikit-learn is imported here only; the saved heads are numpy arrays)."""
+"""Fitting attribute heads: multinomial logistic regression per attribute (`softmax.fit_softmax`),
+C chosen on val, then a temperature fitted on val, and the confidence floors val gives per precision."""
 from __future__ import annotations
 
 import logging
@@ -12,21 +12,12 @@ from vitrine.attributes.calibration import fit_temperature, nll
 from vitrine.attributes.data import AttributeData
 from vitrine.attributes.heads import AttributeHead, AttributeHeads, view_features
 from vitrine.attributes.metrics import recall_at_precision
+from vitrine.attributes.softmax import fit_softmax
 from vitrine.errors import UserError
 
 log = logging.getLogger(__name__)
 
 C_GRID = (1.0, 10.0, 100.0)  # inverse L2 strength; the vectors are unit length, so weak regularisation wins
-MAX_ITER = 300
-
-
-def _linear(model, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(D, K) weights and (K,) biases of a fitted LogisticRegression as softmax logits."""
-    coef, intercept = model.coef_, model.intercept_
-    if len(classes) == 2:  # sklearn keeps one row for two classes: p(1) = sigmoid(w x + b) = softmax([0, w x + b])
-        coef = np.vstack([np.zeros_like(coef), coef])
-        intercept = np.concatenate([[0.0], intercept])
-    return coef.T.astype(np.float32), intercept.astype(np.float32)
 
 
 def label_codes(classes: Sequence[str], values: np.ndarray) -> np.ndarray:
@@ -36,29 +27,28 @@ def label_codes(classes: Sequence[str], values: np.ndarray) -> np.ndarray:
 
 
 def fit_head(field: str, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-             *, c_grid: Sequence[float] = C_GRID, seed: int = 0) -> AttributeHead:  # fmt: skip
+             *, c_grid: Sequence[float] = C_GRID) -> AttributeHead:  # fmt: skip
     """The head with the best val accuracy over `c_grid` (ties: the smaller C), temperature fitted on val."""
-    from sklearn.linear_model import LogisticRegression
-
     has_train, has_val = y_train != "", y_val != ""
     classes = sorted(set(y_train[has_train].tolist()))
     if len(classes) < 2:
         raise UserError(f"{field}: the train split has {len(classes)} distinct value(s); a head needs at least 2")
     x_train, y_train, x_val, y_val = x_train[has_train], y_train[has_train], x_val[has_val], y_val[has_val]
     val_codes = label_codes(classes, y_val)
+    train_codes = label_codes(classes, y_train)
     best: tuple[float, AttributeHead] | None = None
-    for c in c_grid:
+    previous = None
+    for c in sorted(c_grid):
         start = time.perf_counter()
-        model = LogisticRegression(C=c, max_iter=MAX_ITER, random_state=seed).fit(x_train, y_train)
-        assert list(model.classes_) == classes
-        weight, bias = _linear(model, classes)
+        weight, bias, iterations = fit_softmax(x_train, train_codes, len(classes), C=c, init=previous)
+        previous = (weight, bias)
         head = AttributeHead(field, classes, weight, bias)
         accuracy = float((head.logits(x_val).argmax(axis=1) == val_codes).mean()) if len(y_val) else 0.0
         log.info("%s C=%g: val accuracy %.4f (%.1f s)", field, c, accuracy, time.perf_counter() - start)
         if best is None or accuracy > best[0]:
             best = (accuracy, head)
             head.info = {"C": c, "val_accuracy": round(accuracy, 4), "train_products": int(len(y_train)),
-                         "iterations": int(np.max(model.n_iter_))}  # fmt: skip
+                         "iterations": iterations}  # fmt: skip
     _, head = best
     seen = val_codes >= 0  # a value train never had has no logit: NLL cannot score it
     logits = head.logits(x_val[seen])
