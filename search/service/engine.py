@@ -464,7 +464,8 @@ class SearchEngine:
     # ------------------------------------------------------------------ search
 
     def search_text(
-        self, query: str, *, k: int, alpha: float | None, filters: dict | None, rerank_top_n: int | None = None
+        self, query: str, *, k: int, alpha: float | None, filters: dict | None, rerank_top_n: int | None = None,
+        include_predicted: bool = False,
     ) -> SearchOutcome:
         """Top k for a text query; with `rerank_top_n` (see rerank_plan) the first-stage top N are reranked."""
         if rerank_top_n is not None and (self.reranker is None or not 1 <= rerank_top_n <= MAX_RERANK_TOP_N):
@@ -480,7 +481,8 @@ class SearchEngine:
                     self.cache.put(text, emb)
                 self.metrics.query_cache.labels(tier).inc()
             fetch = k if rerank_top_n is None else max(k, rerank_top_n)
-            outcome = self._search(emb, "text", k=fetch, alpha=alpha, filters=filters, timings=timings, served=served)
+            outcome = self._search(emb, "text", k=fetch, alpha=alpha, filters=filters, timings=timings, served=served,
+                                   include_predicted=include_predicted)  # fmt: skip
             if rerank_top_n is not None:
                 with self.metrics.stage("text", "rerank", timings):
                     self._rerank(text, outcome, rerank_top_n, served)
@@ -491,7 +493,7 @@ class SearchEngine:
         return outcome
 
     def search_image(self, image: Image.Image, *, k: int, alpha: float | None, filters: dict | None,
-                     timings: dict[str, float]) -> SearchOutcome:  # fmt: skip
+                     timings: dict[str, float], include_predicted: bool = False) -> SearchOutcome:  # fmt: skip
         """`timings` may already hold the decode stage, measured by the router."""
         start = time.perf_counter()
         with self.metrics.stage("image", "encode", timings):
@@ -501,7 +503,8 @@ class SearchEngine:
                 raise ApiError(422, "invalid_image", str(exc)) from exc
             emb = self._check_emb(embs, "image")
         with self.pinned() as served:
-            outcome = self._search(emb, "image", k=k, alpha=alpha, filters=filters, timings=timings, served=served)
+            outcome = self._search(emb, "image", k=k, alpha=alpha, filters=filters, timings=timings, served=served,
+                                   include_predicted=include_predicted)  # fmt: skip
         total = (time.perf_counter() - start) * 1000.0 + timings.get("decode", 0.0)
         timings["total"] = total
         self.metrics.stage_seconds.labels("image", "total").observe(total / 1000.0)
@@ -523,11 +526,13 @@ class SearchEngine:
         return emb
 
     def _search(self, emb: np.ndarray, kind: QueryKind, *, k: int, alpha: float | None, filters: dict | None,
-                timings: dict[str, float], served: ServedVersion) -> SearchOutcome:  # fmt: skip
+                timings: dict[str, float], served: ServedVersion, include_predicted: bool = False) -> SearchOutcome:  # fmt: skip
         used_alpha = served.index.alphas.resolve(kind, alpha)
         with self.metrics.stage(kind, "search", timings):
             try:
-                hits = served.index.search(emb, k=k, kind=kind, alpha=used_alpha, filters=filters or None)
+                # include_predicted only changes filtering; indexes without backfill need not know it.
+                extra = {"include_predicted": True} if include_predicted and filters else {}
+                hits = served.index.search(emb, k=k, kind=kind, alpha=used_alpha, filters=filters or None, **extra)
             except UnknownFilterError as exc:
                 raise ApiError(422, "unknown_filter", str(exc), [{"loc": ["body", "filters", exc.field], "msg": str(exc)}]) from exc
             except FilterError as exc:

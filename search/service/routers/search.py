@@ -23,13 +23,14 @@ from search.service.schemas import (
     SearchResponse,
     SearchResult,
     TextSearchRequest,
+    predicted_values,
 )
 from search.service.settings import MAX_RERANK_TOP_N, Settings
 
 router = APIRouter(prefix="/search", tags=["search"], responses=ERROR_RESPONSES)
 
 IMAGE_FIELD = "image"
-FORM_FIELDS = frozenset({"k", "alpha", "filters", "rerank", "rerank_top_n", "timing"})
+FORM_FIELDS = frozenset({"k", "alpha", "filters", "rerank", "rerank_top_n", "timing", "include_predicted"})
 FORM_FIELD_MAX_BYTES = 64 * 1024  # text fields of the multipart form (the file has its own limit)
 # The media types an upload may declare for its image part: the image formats that are decoded, and
 # the generic type browsers send for files without a known extension. The bytes decide the format.
@@ -68,7 +69,7 @@ def to_response(kind: str, outcome: SearchOutcome, k: int, *, timing: bool = Fal
             SearchResult(
                 id=hit.id, title=record.title, score=float(hit.score), parts=result_parts(kind, hit),
                 category=record.category, subcategory=record.subcategory, attributes=record.attributes,
-                image_url=product_image_url(hit.id), **extra,
+                predicted=predicted_values(record.predicted), image_url=product_image_url(hit.id), **extra,
             )
         )  # fmt: skip
     timings = {name: round(ms, 3) for name, ms in outcome.timings_ms.items()}
@@ -94,7 +95,8 @@ def search_text(
     if len(body.query) > settings.max_query_chars:
         raise field_error(["body", "query"], f"query is longer than {settings.max_query_chars} characters")
     top_n = engine.rerank_plan(body.rerank, body.rerank_top_n)
-    outcome = engine.search_text(body.query, k=k, alpha=body.alpha, filters=body.filters, rerank_top_n=top_n)
+    outcome = engine.search_text(body.query, k=k, alpha=body.alpha, filters=body.filters, rerank_top_n=top_n,
+                                 include_predicted=body.include_predicted)  # fmt: skip
     return to_response("text", outcome, k, timing=body.timing)
 
 
@@ -124,6 +126,7 @@ IMAGE_OPENAPI: dict[str, Any] = {
                         "rerank": {"type": "boolean", "description": "true or false; photo queries cannot be reranked: true is a 422"},
                         "rerank_top_n": {"type": "integer", "minimum": 1, "maximum": MAX_RERANK_TOP_N, "description": "photo queries cannot be reranked: a 422 unless rerank is false"},
                         "timing": {"type": "boolean", "description": "true or false: include timings_ms in the response"},
+                        "include_predicted": {"type": "boolean", "description": "true or false: filters also match backfilled values"},
                     },
                 },
                 "encoding": {IMAGE_FIELD: {"contentType": ", ".join(UPLOAD_MEDIA_TYPES)}},
@@ -169,7 +172,8 @@ async def search_image(
         finally:
             timings["decode"] = (time.perf_counter() - start) * 1000.0
             engine.metrics.stage_seconds.labels("image", "decode").observe(timings["decode"] / 1000.0)
-        return engine.search_image(image, k=k, alpha=options.alpha, filters=options.filters, timings=timings)
+        return engine.search_image(image, k=k, alpha=options.alpha, filters=options.filters, timings=timings,
+                                   include_predicted=options.include_predicted)  # fmt: skip
 
     outcome = await run_in_threadpool(run)
     return to_response("image", outcome, k, timing=options.timing)
