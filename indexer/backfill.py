@@ -89,6 +89,7 @@ def backfill_index(
     """Predict the heads' fields for products (all, or `ids`) that lack them; keep predictions whose
     confidence reaches `min_confidence` (one floor, or one per field). Earlier predictions are replaced."""
     floors = min_confidence if isinstance(min_confidence, dict) else dict.fromkeys(heads.fields, float(min_confidence))
+    wanted = None if ids is None else set(ids)
     counts: dict[str, dict[str, int]] = {}
 
     def edit(store: SqliteProductStore, folder: Path, manifest: IndexManifest) -> dict:
@@ -102,7 +103,7 @@ def backfill_index(
         store.clear_predicted()
         scanned = list(store.scan())
         labels = np.load(folder / FILES["labels"])
-        rows = np.array([i for i, (_, r) in enumerate(scanned) if ids is None or r.id in ids], dtype=np.int64)
+        rows = np.array([i for i, (_, r) in enumerate(scanned) if wanted is None or r.id in wanted], dtype=np.int64)
         missing = {name: [int(i) for i in rows if not scanned[i][1].attribute(name)] for name in heads.fields}
         need = np.array(sorted({i for m in missing.values() for i in m}), dtype=np.int64)
         assert all(int(labels[i]) == scanned[i][0] for i in need), "store and labels.npy disagree"

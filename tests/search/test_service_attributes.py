@@ -77,3 +77,17 @@ def test_image_search_takes_include_predicted_as_a_form_field(client, tmp_path):
 def test_include_predicted_must_be_a_boolean(client):
     response = client.post("/search/text", json={"query": "men", "include_predicted": "sometimes"})
     assert response.status_code == 422 and response.json()["error"]["code"]
+
+
+def test_redis_records_keep_predicted_values_and_read_older_ones():
+    import json
+
+    from search.service.redis_store import record_from_json, record_to_json
+    from vitrine.catalog.record import ProductRecord
+
+    record = ProductRecord("1", "t", "c", "s", "", {"gender": "Men"}, "img", {"baseColour": {"value": "Red", "confidence": 0.8}})
+    assert record_from_json(record_to_json(record)) == record
+    older = {k: v for k, v in record.to_dict().items() if k != "predicted"}  # cached before backfill existed
+    assert record_from_json(json.dumps(older).encode()).predicted == {}
+    bad = {**record.to_dict(), "predicted": {"baseColour": "Red"}}
+    assert record_from_json(json.dumps(bad).encode()) is None
