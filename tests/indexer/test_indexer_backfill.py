@@ -204,3 +204,16 @@ def test_cli_train_eval_predict(built, tmp_path, capsys):
     assert written["missing"] == {"baseColour": len(NO_COLOUR), "gender": len(NO_GENDER)}
     with pytest.raises(UserError, match="no attribute heads"):
         _cli("attributes", "predict", "--heads", str(tmp_path), "--index", str(index_dir))
+
+
+def test_qdrant_refuses_include_predicted_filters_on_a_backfilled_version(backfilled):
+    from indexer import QdrantEngine, QdrantIndex
+    from indexer.filters import FilterError
+
+    index_dir, _, _, fixture = backfilled
+    query = fixture.encoder.encode_texts(["men"])[0]
+    with QdrantIndex.open(index_dir, engine=QdrantEngine.embedded(":memory:")) as qdrant:
+        with pytest.raises(FilterError, match="faiss backend only"):
+            qdrant.search(query, k=5, filters={"gender": "Men"}, include_predicted=True)
+        with ProductIndex.open(index_dir) as faiss:  # catalog-only filters: the same results as Faiss
+            assert qdrant.search(query, k=5, filters={"gender": "Men"}) == faiss.search(query, k=5, filters={"gender": "Men"})
