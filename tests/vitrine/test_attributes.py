@@ -136,3 +136,22 @@ def test_softmax_regression_matches_scikit_learn():
         weight, bias, _ = fit_softmax(x, y, 3, C=C, tol=1e-8)
         oracle = LogisticRegression(C=C, tol=1e-10, max_iter=2000).fit(x, y)
         np.testing.assert_allclose(softmax(x @ weight + bias), oracle.predict_proba(x), atol=2e-3)
+
+
+def test_embeddings_are_cached_per_bundle_and_products(tmp_path):
+    from tests.support.indexes import FixtureEncoder, make_index_catalog
+    from vitrine.attributes.data import embed_products
+    from vitrine.catalog import read_catalog
+
+    products = read_catalog(make_index_catalog(tmp_path / "catalog", n=6)).products
+    cache = tmp_path / "runs" / "embeddings.npz"
+    title, image = embed_products(products, FixtureEncoder(), cache)
+    assert cache.is_file() and title.shape == image.shape == (6, FixtureEncoder().dim)
+    with np.load(cache) as stored:  # same bundle, same products: the cache is read, not recomputed
+        np.savez(cache, ids=stored["ids"], fingerprint=stored["fingerprint"], title=stored["title"] * 0, image=stored["image"])
+    assert not embed_products(products, FixtureEncoder(), cache)[0].any()
+    with np.load(cache) as stored:  # a cache of other products is not used (and is rewritten)
+        np.savez(cache, ids=stored["ids"][:3], fingerprint=stored["fingerprint"], title=stored["title"][:3], image=stored["image"][:3])
+    assert embed_products(products, FixtureEncoder(), cache)[0].shape[0] == 6
+    with np.load(cache) as stored:
+        assert stored["ids"].tolist() == [p.id for p in products]
