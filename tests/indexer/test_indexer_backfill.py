@@ -14,7 +14,7 @@ from indexer.backfill import backfill_index
 from indexer.build import delete_from_index, upsert_index
 from indexer.layout import IndexLayout
 from indexer.store import SqliteProductStore
-from tests.support.indexes import FixtureEncoder, build_fixture_index, fixture_product, make_index_catalog
+from tests.support.indexes import build_fixture_index, fixture_product, make_index_catalog
 from vitrine.attributes.data import AttributeData
 from vitrine.attributes.heads import AttributeHeads
 from vitrine.attributes.train import train_heads

@@ -7,7 +7,6 @@ from fastapi.testclient import TestClient
 from indexer import ProductIndex
 from indexer.backfill import rewrite_store
 from search.service import Settings, create_app
-from tests.support.catalogs import write_jpeg
 from tests.support.indexes import build_fixture_index, fixture_product, make_index_catalog
 from tests.support.service import jpeg_bytes
 

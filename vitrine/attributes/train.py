@@ -47,7 +47,7 @@ def fit_head(field: str, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nda
         log.info("%s C=%g: val accuracy %.4f (%.1f s)", field, c, accuracy, time.perf_counter() - start)
         if best is None or accuracy > best[0]:
             best = (accuracy, head)
-            head.info = {"C": c, "val_accuracy": round(accuracy, 4), "train_products": int(len(y_train)),
+            head.info = {"C": c, "val_accuracy": round(accuracy, 4), "train_products": len(y_train),
                          "iterations": iterations}  # fmt: skip
     _, head = best
     seen = val_codes >= 0  # a value train never had has no logit: NLL cannot score it
