@@ -63,13 +63,17 @@ class FilterColumns:
         self._by_lower = {name.lower(): name for name in self._codes}
 
     @classmethod
-    def from_records(cls, records: Iterable[Any]) -> FilterColumns:
-        """From ProductRecords (or Products) in row order."""
+    def from_records(cls, records: Iterable[Any], *, include_predicted: bool = False) -> FilterColumns:
+        """From ProductRecords (or Products) in row order. `include_predicted`: a product without a
+        catalog value for a field takes its backfilled one (`ProductRecord.predicted`), if any."""
         records = list(records)
         names = set(CORE_FIELDS)
         for record in records:
             names.update(record.attributes)
-        values = {name: [record.attribute(name) for record in records] for name in sorted(names)}
+            if include_predicted:
+                names.update(record.predicted)
+        read = (lambda r, name: r.attribute_or_predicted(name)) if include_predicted else (lambda r, name: r.attribute(name))
+        values = {name: [read(record, name) for record in records] for name in sorted(names)}
         return cls(values, len(records))
 
     def fields(self) -> dict[str, list[str]]:

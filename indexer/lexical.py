@@ -25,7 +25,7 @@ import re
 import threading
 import time
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -163,7 +163,8 @@ def write_lexical(folder: Path, records: Iterable[ProductRecord]) -> dict[str, A
 class LexicalSearch:
     """The lexical side of an opened index version (mixed into `ProductIndex` and `QdrantIndex`).
 
-    Needs `version_dir`, `manifest` (dict), `_store`, `_ids` (label order) and `_columns` on the instance.
+    Needs `version_dir`, `manifest` (dict), `_store`, `_ids` (label order), `_columns` and
+    `filter_mask(filters, include_predicted=...)` on the instance.
     The lexical index loads on first use; a version without one (written before they existed, or by
     another tokenizer) gets one built in memory from its product store.
     """
@@ -174,6 +175,7 @@ class LexicalSearch:
     _columns: Any
     _store: Any
     _lexical_index: LexicalIndex | None = None
+    filter_mask: Callable[..., np.ndarray]
     _lexical_lock = threading.Lock()
 
     @property
@@ -198,9 +200,10 @@ class LexicalSearch:
                      self.version_dir.name, len(index), time.perf_counter() - started)  # fmt: skip
         return index
 
-    def lexical_search(self, query: str, *, k: int, filters: Mapping[str, str | list[str]] | None = None) -> list[LexicalHit]:
+    def lexical_search(self, query: str, *, k: int, filters: Mapping[str, str | list[str]] | None = None,
+                       include_predicted: bool = False) -> list[LexicalHit]:  # fmt: skip
         """Top-k products by BM25 for `query`, with the same filters (and filter errors) as `search`."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
-        mask = self._columns.mask(filters) if filters else None
+        mask = self.filter_mask(filters, include_predicted=include_predicted) if filters else None
         return self.lexical.search(query, k=int(k), mask=mask)

@@ -41,7 +41,7 @@ class Operation(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    operation: Literal["build", "upsert", "delete", "update"]
+    operation: Literal["build", "upsert", "delete", "update", "backfill"]
     finished_at: str
     seconds: float
     products_in: int = 0  # products offered (catalog rows that became products)

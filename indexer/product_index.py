@@ -101,6 +101,11 @@ class ProductIndex(LexicalSearch, IndexVersionFacts):
         self._columns = FilterColumns.from_records(record for _, record in scanned)
         alphas = self.alphas
         self._fused = FusedScan(text_vectors, image_vectors, {alphas.alpha, alphas.for_kind("text"), alphas.for_kind("image")})
+        # Filters with include_predicted read backfilled values where the catalog has none.
+        has_predicted = any(record.predicted for _, record in scanned)
+        self._columns_with_predicted = (
+            FilterColumns.from_records((record for _, record in scanned), include_predicted=True) if has_predicted else self._columns
+        )
 
     @classmethod
     def open(cls, index_dir: str | Path, *, mmap: bool = True, version: str | None = None) -> ProductIndex:
@@ -204,6 +209,10 @@ class ProductIndex(LexicalSearch, IndexVersionFacts):
         """Filterable field -> its known values."""
         return self._columns.fields()
 
+    def filter_mask(self, filters: Mapping[str, str | list[str]], *, include_predicted: bool = False) -> np.ndarray:
+        """Boolean (n,) in label order (as `ids()`): the products a search with these filters may return."""
+        return (self._columns_with_predicted if include_predicted else self._columns).mask(filters)
+
     def get(self, id: str) -> ProductRecord | None:
         return self._store.get(id)
 
@@ -228,14 +237,16 @@ class ProductIndex(LexicalSearch, IndexVersionFacts):
         alpha: float | None = None,
         filters: Mapping[str, str | list[str]] | None = None,
         fetch_k: int | None = None,
+        include_predicted: bool = False,
     ) -> list[Hit]:
         """Top-k products for one query embedding (D,), by fused score; see the module docstring.
 
-        `alpha` None: the bundle's α for this query `kind`."""
+        `alpha` None: the bundle's α for this query `kind`. `include_predicted`: filters also match
+        backfilled attribute values where the catalog has none."""
         query = check_query(query_emb, self.embed_dim)
         check_counts(k, fetch_k)
         alpha = self.alphas.resolve(kind, alpha)
-        mask = self._columns.mask(filters) if filters else None  # validates fields even on an empty index
+        mask = self.filter_mask(filters, include_predicted=include_predicted) if filters else None  # validates fields even on an empty index
         n = len(self)
         if n == 0:
             return []

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from indexer.candidates import check_counts, check_query, exact_similarities, fetch_size, rank_union, scored_hits
-from indexer.filters import FilterColumns, match_key
+from indexer.filters import FilterColumns, FilterError, match_key
 from indexer.layout import IndexLayout, VersionLease
 from indexer.lexical import LexicalSearch
 from indexer.manifest import IndexManifest, IndexVersionFacts, read_manifest
@@ -459,6 +459,7 @@ class QdrantIndex(LexicalSearch, IndexVersionFacts):
         self._labels = np.array([label for label, _ in scanned], dtype=np.int64)
         self._ids = np.array([record.id for _, record in scanned], dtype=str) if n else np.zeros(0, dtype="<U1")
         self._columns = FilterColumns.from_records(record for _, record in scanned)
+        self._has_predicted = any(record.predicted for _, record in scanned)
         self._keys = {field: payload_key(field) for field in self._columns.fields()}
         # Exact (brute-force) search mirrors a flat Faiss index; HNSW otherwise (local mode is always exact).
         self.exact = bool(manifest.index.get("exact", False)) if exact is None else bool(exact)
@@ -604,6 +605,13 @@ class QdrantIndex(LexicalSearch, IndexVersionFacts):
 
     # ------------------------------------------------------------ search
 
+    def filter_mask(self, filters: Mapping[str, str | list[str]], *, include_predicted: bool = False) -> np.ndarray:
+        """Boolean (n,) in label order: the products these filters admit (the lexical side reads it).
+        The payloads hold catalog values only, so `include_predicted` on a backfilled version is refused."""
+        if include_predicted and self._has_predicted:
+            raise FilterError("include_predicted filters are served by the faiss backend only (vitrine serve --backend faiss)")
+        return self._columns.mask(filters)
+
     def search(
         self,
         query_emb: np.ndarray,
@@ -613,10 +621,14 @@ class QdrantIndex(LexicalSearch, IndexVersionFacts):
         alpha: float | None = None,
         filters: Mapping[str, str | list[str]] | None = None,
         fetch_k: int | None = None,
+        include_predicted: bool = False,
     ) -> list[Hit]:
         """Top-k products for one query embedding (D,), by fused score (see the module docstring).
 
-        Same arguments, checks and results as `ProductIndex.search`."""
+        Same arguments, checks and results as `ProductIndex.search`, except that the payloads carry
+        no backfilled values: `include_predicted` with filters on a version that has some is a FilterError."""
+        if include_predicted and filters and self._has_predicted:
+            raise FilterError("include_predicted filters are served by the faiss backend only (vitrine serve --backend faiss)")
         query = check_query(query_emb, self.embed_dim)
         check_counts(k, fetch_k)
         alpha = self.alphas.resolve(kind, alpha)

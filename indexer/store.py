@@ -40,6 +40,18 @@ CREATE TABLE products (
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT INTO meta VALUES ('next_label', '0');
 """
+# Backfilled attribute values (`vitrine attributes predict`), kept apart from the catalog's own so
+# their provenance is never lost; a product's rows go when it is replaced or deleted. Stores written
+# before backfill lack the table: read-only they simply have no predictions.
+_PREDICTED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS predicted_attributes (
+    id TEXT NOT NULL,
+    field TEXT NOT NULL,
+    value TEXT NOT NULL,
+    confidence REAL NOT NULL,
+    PRIMARY KEY (id, field)
+);
+"""
 _COLUMNS = "id, title, category, subcategory, description, attributes, image"
 
 
@@ -89,6 +101,12 @@ class SqliteProductStore:
         except sqlite3.DatabaseError as exc:
             raise UserError(f"{self.path}: not a Vitrine product store ({exc})") from exc
         self._lock = threading.RLock()
+        if writable:
+            with self._db:
+                self._db.executescript(_PREDICTED_SCHEMA)
+        self._has_predicted = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'predicted_attributes'"
+        ).fetchone() is not None
 
     @classmethod
     def create(cls, path: str | Path) -> SqliteProductStore:
@@ -97,7 +115,7 @@ class SqliteProductStore:
         if path.exists():
             raise FileExistsError(path)
         with sqlite3.connect(path) as db:
-            db.executescript(_SCHEMA)
+            db.executescript(_SCHEMA + _PREDICTED_SCHEMA)
         db.close()
         return cls(path, writable=True)
 
@@ -146,6 +164,7 @@ class SqliteProductStore:
             query = f"SELECT {_COLUMNS} FROM products WHERE id IN ({','.join('?' * len(chunk))})"
             with self._lock:
                 found.update((row[0], _record_from_row(row)) for row in self._db.execute(query, chunk))
+                self._attach_predicted(found, chunk)
         return [found.get(i) for i in ids]
 
     def put_many(self, records: Iterable[ProductRecord | StoredProduct]) -> np.ndarray:
@@ -178,6 +197,13 @@ class SqliteProductStore:
                 ],
             )  # fmt: skip
             self._db.execute("UPDATE meta SET value = ? WHERE key = 'next_label'", (str(next_label),))
+            # A replaced product's old predictions described its old record: keep only what it brings.
+            self._delete_predicted(ids)
+            self._db.executemany(
+                "INSERT INTO predicted_attributes VALUES (?, ?, ?, ?)",
+                [(r.id, name, p["value"], float(p["confidence"])) for item in items for r in [item.record]
+                 for name, p in r.predicted.items()],
+            )  # fmt: skip
         return labels
 
     def delete(self, ids: Iterable[str]) -> int:
@@ -188,7 +214,48 @@ class SqliteProductStore:
             for chunk in _chunks(list(dict.fromkeys(ids))):
                 cursor = self._db.execute(f"DELETE FROM products WHERE id IN ({','.join('?' * len(chunk))})", chunk)
                 removed += cursor.rowcount
+            self._delete_predicted(list(ids))
         return removed
+
+    # ------------------------------------------------------------ backfilled values
+
+    def put_predicted(self, rows: Iterable[tuple[str, str, str, float]]) -> int:
+        """Store (id, field, value, confidence) predictions, replacing earlier ones of the same (id, field).
+
+        Only for products present, and never for a field the catalog gives the product a value for."""
+        self._check_writable()
+        rows = list(rows)
+        records = {r.id: r for r in self.get_many(list(dict.fromkeys(i for i, *_ in rows))) if r is not None}
+        missing = sorted({i for i, *_ in rows} - set(records))
+        if missing:
+            raise KeyError(missing[0])
+        known = [(i, f) for i, f, *_ in rows if records[i].attribute(f)]
+        if known:
+            raise ValueError(f"product {known[0][0]} has a catalog value for {known[0][1]!r}: predictions only fill gaps")
+        with self._lock, self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO predicted_attributes VALUES (?, ?, ?, ?)",
+                [(i, f, v, float(c)) for i, f, v, c in rows],
+            )
+        return len(rows)
+
+    def clear_predicted(self) -> int:
+        """Remove every prediction; returns how many there were."""
+        self._check_writable()
+        with self._lock, self._db:
+            return self._db.execute("DELETE FROM predicted_attributes").rowcount
+
+    def _delete_predicted(self, ids: list[str]) -> None:
+        for chunk in _chunks(list(dict.fromkeys(ids))):
+            self._db.execute(f"DELETE FROM predicted_attributes WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+
+    def _attach_predicted(self, records: dict[str, ProductRecord], ids: list[str]) -> None:
+        if not self._has_predicted:
+            return
+        query = f"SELECT id, field, value, confidence FROM predicted_attributes WHERE id IN ({','.join('?' * len(ids))})"
+        for ident, name, value, confidence in self._db.execute(query, ids):
+            if ident in records:
+                records[ident].predicted[name] = {"value": value, "confidence": float(confidence)}
 
     # ------------------------------------------------------------ index side
 
@@ -233,8 +300,17 @@ class SqliteProductStore:
         """(label, record) for every product, in label order."""
         with self._lock:
             rows = self._db.execute(f"SELECT label, {_COLUMNS} FROM products ORDER BY label").fetchall()
+            predicted = (
+                self._db.execute("SELECT id, field, value, confidence FROM predicted_attributes").fetchall()
+                if self._has_predicted else []
+            )  # fmt: skip
+        by_id: dict[str, dict[str, dict[str, Any]]] = {}
+        for ident, name, value, confidence in predicted:
+            by_id.setdefault(ident, {})[name] = {"value": value, "confidence": float(confidence)}
         for row in rows:
-            yield int(row[0]), _record_from_row(row[1:])
+            record = _record_from_row(row[1:])
+            record.predicted = by_id.get(record.id, {})
+            yield int(row[0]), record
 
     def _check_writable(self) -> None:
         if not self.writable:

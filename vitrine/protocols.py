@@ -148,6 +148,8 @@ class SearchIndex(Protocol):
         alpha: float | None = None,
         filters: Mapping[str, str | list[str]] | None = None,
         fetch_k: int | None = None,
+        include_predicted: bool = False,
     ) -> list[Hit]:
-        """Top-k by fused score; `fetch_k`: candidates taken from each vector index (None: max(100, 10k))."""
+        """Top-k by fused score; `fetch_k`: candidates taken from each vector index (None: max(100, 10k));
+        `include_predicted`: filters also match backfilled attribute values."""
         ...

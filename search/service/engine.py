@@ -516,6 +516,7 @@ class SearchEngine:
     def search_text(
         self, query: str, *, k: int, alpha: float | None, filters: dict | None, rerank_top_n: int | None = None,
         mode: SearchMode = "vector", fusion: FusionMethod | None = None, facets: list[str] | None = None,
+        include_predicted: bool = False,
     ) -> SearchOutcome:
         """Top k for a text query; with `rerank_top_n` (see rerank_plan) the first-stage top N are reranked.
         `mode`: rank by the embeddings (vector), by BM25 (lexical), or both fused (hybrid, by `fusion`);
@@ -535,12 +536,13 @@ class SearchEngine:
             fetch = k if rerank_top_n is None else max(k, rerank_top_n)
             if mode == "vector":
                 outcome = self._search(emb, "text", k=fetch, alpha=alpha, filters=filters, timings=timings, served=served,
-                                       facets=facets)  # fmt: skip
+                                       facets=facets, include_predicted=include_predicted)  # fmt: skip
             else:
                 fields = resolve_facets(facets, served.filter_fields) if facets else None
                 depth = max(fetch, self.settings.facet_top_n) if fields else fetch
                 outcome = self._search_lexical(text, emb, mode, fusion or DEFAULT_FUSION, k=depth, alpha=alpha,
-                                               filters=filters, timings=timings, served=served)  # fmt: skip
+                                               filters=filters, timings=timings, served=served,
+                                               include_predicted=include_predicted)  # fmt: skip
                 if fields:  # counted over the fused top N, then cut to what was asked for
                     outcome.facets = count_facets(outcome.records[: self.settings.facet_top_n], fields)
                     outcome.facet_top_n = min(len(outcome.records), self.settings.facet_top_n)
@@ -556,7 +558,8 @@ class SearchEngine:
         return outcome
 
     def search_image(self, image: Image.Image, *, k: int, alpha: float | None, filters: dict | None,
-                     timings: dict[str, float], facets: list[str] | None = None) -> SearchOutcome:  # fmt: skip
+                     timings: dict[str, float], facets: list[str] | None = None,
+                     include_predicted: bool = False) -> SearchOutcome:  # fmt: skip
         """`timings` may already hold the decode stage, measured by the router."""
         start = time.perf_counter()
         with self.metrics.stage("image", "encode", timings):
@@ -567,7 +570,7 @@ class SearchEngine:
             emb = self._check_emb(embs, "image")
         with self.pinned() as served:
             outcome = self._search(emb, "image", k=k, alpha=alpha, filters=filters, timings=timings, served=served,
-                                   facets=facets)  # fmt: skip
+                                   facets=facets, include_predicted=include_predicted)  # fmt: skip
         total = (time.perf_counter() - start) * 1000.0 + timings.get("decode", 0.0)
         timings["total"] = total
         self.metrics.stage_seconds.labels("image", "total").observe(total / 1000.0)
@@ -594,13 +597,15 @@ class SearchEngine:
 
     def _search(self, emb: np.ndarray, kind: QueryKind, *, k: int, alpha: float | None, filters: dict | None,
                 timings: dict[str, float], served: ServedVersion, facets: list[str] | None = None,
-                exclude: str | None = None, label: str | None = None) -> SearchOutcome:  # fmt: skip
+                exclude: str | None = None, label: str | None = None, include_predicted: bool = False) -> SearchOutcome:  # fmt: skip
         """Top k by the index; `exclude`: an id left out of the answer (and of facet counts);
         `label`: the metrics' kind when it is not the query kind (similar products)."""
         used_alpha = served.index.alphas.resolve(kind, alpha)
         fields = resolve_facets(facets, served.filter_fields) if facets else None
         depth = k + (exclude is not None)
-        extra: dict[str, int] = {}
+        extra: dict[str, int | bool] = {}
+        if include_predicted and filters:  # only changes filtering; indexes without backfill need not know it
+            extra["include_predicted"] = True
         if fields:  # rank the facet depth from the pool a plain query of k draws from: the top k stay the same
             extra["fetch_k"] = default_fetch_k(depth)
             depth = max(depth, self.settings.facet_top_n)
@@ -647,17 +652,19 @@ class SearchEngine:
 
     def _search_lexical(self, text: str, emb: np.ndarray, mode: SearchMode, fusion: FusionMethod, *, k: int,
                         alpha: float | None, filters: dict | None, timings: dict[str, float],
-                        served: ServedVersion) -> SearchOutcome:  # fmt: skip
+                        served: ServedVersion, include_predicted: bool = False) -> SearchOutcome:  # fmt: skip
         """mode lexical (BM25's top k) or hybrid (the vector and BM25 top `hybrid_depth(k)` fused, `vitrine.fusion`).
 
         Every hit also gets its exact vector score and parts (`score_ids`), which the reranker's prior reads."""
         index = served.index
         used_alpha = index.alphas.resolve("text", alpha)
         depth = k if mode == "lexical" else hybrid_depth(k)
+        predicted = {"include_predicted": True} if include_predicted and filters else {}
         with self.metrics.stage("text", "search", timings), filter_errors():
-            lexical = {h.id: h.score for h in index.lexical_search(text, k=depth, filters=filters or None)}
+            lexical = {h.id: h.score for h in index.lexical_search(text, k=depth, filters=filters or None, **predicted)}
             # fetch_k=depth: the candidates a vector top-10 reads; the fused list needs no deeper vector list
-            vector = (index.search(emb, k=depth, kind="text", alpha=used_alpha, filters=filters or None, fetch_k=depth)
+            vector = (index.search(emb, k=depth, kind="text", alpha=used_alpha, filters=filters or None, fetch_k=depth,
+                                   **predicted)
                       if mode == "hybrid" else [])  # fmt: skip
         with self.metrics.stage("text", "fuse", timings):
             if mode == "lexical":

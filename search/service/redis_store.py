@@ -165,12 +165,20 @@ def record_from_json(raw: bytes) -> ProductRecord | None:
         data: Any = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         return None
-    if not isinstance(data, dict) or set(data) != _RECORD_FIELDS:
+    if not isinstance(data, dict):
         return None
-    attributes = data["attributes"]
-    if not all(isinstance(data[name], str) for name in _RECORD_FIELDS - {"attributes"}):
+    data.setdefault("predicted", {})  # written before records carried backfilled values
+    if set(data) != _RECORD_FIELDS:
+        return None
+    attributes, predicted = data["attributes"], data["predicted"]
+    if not all(isinstance(data[name], str) for name in _RECORD_FIELDS - {"attributes", "predicted"}):
         return None
     if not isinstance(attributes, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()):
+        return None
+    if not isinstance(predicted, dict) or not all(
+        isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("value"), str) and isinstance(v.get("confidence"), (int, float))
+        for k, v in predicted.items()
+    ):
         return None
     return ProductRecord(**data)
 

@@ -8,7 +8,7 @@ a lone surrogate ("\ud800", which no UTF-8 text can carry) are refused.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
@@ -69,6 +69,10 @@ class SearchOptions(BaseModel):
     )
     rerank_top_n: RerankTopN | None = Field(default=None, description="N; default VITRINE_RERANK_TOP_N or the reranker's own")
     timing: bool = Field(default=False, strict=True, description="include timings_ms, the per-stage breakdown, in the response")
+    include_predicted: bool = Field(
+        default=False, strict=True,
+        description="filters also match backfilled attribute values (`predicted`) of products the catalog gives none",
+    )  # fmt: skip
     facets: FacetNames | None = Field(
         default=None,
         description="filterable fields to count values of over the first-stage top N (VITRINE_FACET_TOP_N, at most 100); "
@@ -153,6 +157,19 @@ class ImageSearchJSONRequest(SearchOptions):
     )
 
 
+class PredictedValue(BaseModel):
+    """An attribute value the catalog lacks, predicted from the product's photo and title."""
+
+    value: str
+    source: Literal["predicted"] = "predicted"
+    confidence: float = Field(ge=0.0, le=1.0, description="calibrated probability that the value is right")
+
+
+def predicted_values(predicted: dict[str, dict[str, Any]]) -> dict[str, PredictedValue]:
+    # source set explicitly: the search routes leave unset fields out of the JSON (response_model_exclude_unset).
+    return {name: PredictedValue(value=p["value"], source="predicted", confidence=p["confidence"]) for name, p in predicted.items()}
+
+
 class ProductOut(BaseModel):
     id: str
     title: str
@@ -160,6 +177,7 @@ class ProductOut(BaseModel):
     subcategory: str
     description: str = ""
     attributes: dict[str, str]
+    predicted: dict[str, PredictedValue] = Field(default_factory=dict, description="backfilled attributes, with provenance")
     image_url: str
 
 
@@ -175,6 +193,7 @@ class SearchResult(BaseModel):
     category: str
     subcategory: str
     attributes: dict[str, str]
+    predicted: dict[str, PredictedValue] = Field(default_factory=dict, description="backfilled attributes, with provenance")
     image_url: str
 
 

@@ -22,7 +22,34 @@ function options() {
   if (Object.keys(filters).length) out.filters = filters;
   const facets = facetFields();
   if (facets.length) out.facets = facets;
+  if ($("include-predicted").checked) out.include_predicted = true;
   return out;
+}
+
+// Catalog values as text; backfilled ones (hit.predicted) marked, with their confidence on hover.
+function renderMeta(meta, hit) {
+  const attrs = hit.attributes || {};
+  const predicted = hit.predicted || {};
+  const names = ["gender", "baseColour", ...Object.keys(predicted).filter((n) => n !== "gender" && n !== "baseColour")];
+  const parts = [];
+  for (const name of names) {
+    if (attrs[name]) {
+      parts.push(document.createTextNode(attrs[name]));
+    } else if (predicted[name]) {
+      const mark = document.createElement("span");
+      mark.className = "predicted";
+      mark.textContent = predicted[name].value;
+      mark.title = `${name} predicted from photo and title, confidence ${Math.round(predicted[name].confidence * 100)} %`;
+      parts.push(mark);
+    }
+  }
+  const category = hit.subcategory || hit.category;
+  if (category) parts.push(document.createTextNode(category));
+  meta.replaceChildren();
+  parts.forEach((node, i) => {
+    if (i) meta.appendChild(document.createTextNode(" · "));
+    meta.appendChild(node);
+  });
 }
 
 function showError(message) {
@@ -62,10 +89,7 @@ function render(data) {
     img.src = hit.image_url;
     img.alt = hit.title;
     card.querySelector(".title").textContent = hit.title;
-    const attrs = hit.attributes || {};
-    card.querySelector(".meta").textContent = [attrs.gender, attrs.baseColour, hit.subcategory || hit.category]
-      .filter(Boolean)
-      .join(" · ");
+    renderMeta(card.querySelector(".meta"), hit);
     card.querySelector(".fused").textContent = hit.score.toFixed(3);
     card.querySelector(".parts").textContent = Object.entries(hit.parts)
       .map(([name, value]) => `${name} ${value.toFixed(3)}`)
@@ -141,6 +165,7 @@ async function run(search) {
       if (opts.alpha !== undefined) form.append("alpha", String(opts.alpha));
       if (opts.filters) form.append("filters", JSON.stringify(opts.filters));
       if (opts.facets) form.append("facets", JSON.stringify(opts.facets));
+      if (opts.include_predicted) form.append("include_predicted", "true");
       data = await callApi("/search/image", { method: "POST", body: form });
     }
     render(data);

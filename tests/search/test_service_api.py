@@ -340,7 +340,7 @@ BAD_INPUTS = [
     ("photo declared as a PDF", "post", "/search/image", _multipart(image=("a.pdf", jpeg_bytes(), "application/pdf")), 415, "unsupported_media_type"),
     ("PDF bytes declared as a JPEG", "post", "/search/image", _multipart(image=("a.jpg", PDF, "image/jpeg")), 415, "unsupported_image"),
     ("multipart with too many fields", "post", "/search/image",
-     _form(k="3", alpha="0.5", filters="{}", rerank="false", rerank_top_n="5", timing="false", facets="[]", extra="1"), 400, "malformed_multipart"),
+     _form(k="3", alpha="0.5", filters="{}", rerank="false", rerank_top_n="5", timing="false", facets="[]", include_predicted="false", extra="1"), 400, "malformed_multipart"),
     ("form field not in the schema", "post", "/search/image", _form(colour="red"), 422, "validation_error"),
     # issue 14, part 3: catalog writes (keys first, then every field, the photo and the batch rows)
     ("write without a key", "put", "/products/new1", {"json": {"title": "Red top", "image_base64": GOOD_B64}}, 401, "missing_api_key"),

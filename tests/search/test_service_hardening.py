@@ -363,7 +363,7 @@ def test_openapi_states_what_the_server_enforces(index, fixture):
     assert re.fullmatch(base64_field["pattern"][1:-1], "data:image/png;base64,iVBO\nRw0K==")
     assert not re.fullmatch(base64_field["pattern"][1:-1], "   ") and not re.fullmatch(base64_field["pattern"][1:-1], "data:image/png;base64,")
     form = image["multipart/form-data"]
-    assert form["schema"]["additionalProperties"] is False and form["schema"]["maxProperties"] == 8
+    assert form["schema"]["additionalProperties"] is False and form["schema"]["maxProperties"] == 9  # the photo and 8 text fields
     assert form["schema"]["properties"]["k"]["maximum"] == 30 and "rerank_top_n" in form["schema"]["properties"]
     assert text["facets"]["anyOf"][0]["maxItems"] == 16 and "facets" in form["schema"]["properties"]
     similar = {p["name"]: p["schema"] for p in schema["paths"]["/products/{product_id}/similar"]["get"]["parameters"]}

@@ -84,3 +84,29 @@ def test_check_on_the_first_300_shared_products(fashion_products, tmp_path, caps
     assert data["products"] == data["rows_seen"] == 300 and data["images_decoded"] is True
     assert sum(data["splits"].values()) == 300 and data["problems"] == {}
     assert Path(data["source"]) == tmp_path
+
+
+def test_check_reports_missing_attribute_values_per_field(tmp_path, capsys):
+    from tests.support.catalogs import myntra_record, write_jpeg, write_jsonl
+
+    root = tmp_path / "cat"
+    records = [myntra_record(str(i), f"Product {i}") for i in range(4)]
+    del records[0]["usage"], records[1]["usage"], records[2]["season"]
+    records[3]["baseColour"] = " "  # blank is missing too
+    for record in records:
+        write_jpeg(root / record["image"])
+    write_jsonl(root / "products.jsonl", records)
+    assert run_check(str(root), "--no-images") == 0  # gaps are reported, not problems
+    out = capsys.readouterr().out
+    assert "Missing attribute values (3 of 8 attributes have gaps):" in out
+    assert "  usage: 2 (50.0%)" in out and "  season: 1 (25.0%)" in out and "  baseColour: 1 (25.0%)" in out
+    assert run_check(str(root), "--no-images", "--json") == 0
+    missing = json.loads(capsys.readouterr().out)["missing_attributes"]
+    assert missing == {"usage": 2, "baseColour": 1, "season": 1, "articleType": 0, "gender": 0,
+                       "masterCategory": 0, "subCategory": 0, "year": 0}  # fmt: skip
+
+
+def test_check_of_a_filled_catalog_says_so(tmp_path, capsys):
+    root = make_jsonl_catalog(tmp_path / "cat", n=3)
+    run_check(str(root), "--no-images")
+    assert "Missing attribute values: none" in capsys.readouterr().out

@@ -5,7 +5,7 @@ It lives in the foundation because every layer reads it: the indexer stores it, 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -20,6 +20,9 @@ class ProductRecord:
     description: str
     attributes: dict[str, str]
     image: str  # image location (a path, or "file.h5:input_image[row]")
+    # Backfilled values of attributes the catalog lacks (`vitrine attributes predict`), with their
+    # provenance: field -> {"value": str, "confidence": float}. Never overrides `attributes`.
+    predicted: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def attribute(self, name: str) -> str:
         """category/subcategory answer like attributes, as `Product.attribute` does."""
@@ -28,6 +31,10 @@ class ProductRecord:
         if name == "subcategory":
             return self.subcategory
         return self.attributes.get(name, "")
+
+    def attribute_or_predicted(self, name: str) -> str:
+        """The catalog's value, else the predicted one (what `include_predicted` filters read)."""
+        return self.attribute(name) or str(self.predicted.get(name, {}).get("value", ""))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -111,6 +111,7 @@ class CatalogReport:
     problems: dict[str, ProblemTally] = field(default_factory=dict)
     splits: Counter = field(default_factory=Counter)
     categories: Counter = field(default_factory=Counter)
+    attribute_counts: Counter = field(default_factory=Counter)  # attribute -> products with a value for it
 
     def add_problem(self, problem: Problem, row: int, file: str) -> None:
         tally = self.problems.setdefault(problem.kind, ProblemTally())
@@ -122,6 +123,12 @@ class CatalogReport:
         self.products += 1
         self.splits[product.split or "(none)"] += 1
         self.categories[product.category or "(none)"] += 1
+        self.attribute_counts.update(name for name, value in product.attributes.items() if str(value).strip())
+
+    def missing_attributes(self) -> dict[str, int]:
+        """Attribute -> products without a value for it, over every attribute some product has (most missing first)."""
+        missing = {name: self.products - count for name, count in self.attribute_counts.items()}
+        return dict(sorted(missing.items(), key=lambda kv: (-kv[1], kv[0])))
 
     @property
     def skipped(self) -> int:
@@ -153,6 +160,7 @@ class CatalogReport:
             "splits": dict(self.splits),
             "hashed_splits": self.hashed_splits,
             "categories": dict(self.categories.most_common()),
+            "missing_attributes": self.missing_attributes(),
             "problems": {
                 kind: {
                     "count": tally.count,
@@ -183,6 +191,14 @@ class CatalogReport:
             more = len(self.categories) - len(common)
             text = ", ".join(f"{k} {v:,}" for k, v in common) + (f", ... ({more} more)" if more else "")
             lines.append(f"Categories ({len(self.categories)}): {text}")
+        if self.attribute_counts:
+            missing = self.missing_attributes()
+            gaps = {name: n for name, n in missing.items() if n}
+            if gaps:
+                lines.append(f"Missing attribute values ({len(gaps)} of {len(missing)} attributes have gaps):")
+                lines.extend(f"  {name}: {n:,} ({n / self.products:.1%})" for name, n in gaps.items())
+            else:
+                lines.append(f"Missing attribute values: none ({len(missing)} attributes, all filled)")
         if self.ok:
             lines.append("Problems: none")
             return "\n".join(lines)

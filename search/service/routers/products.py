@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 
 from search.service.deps import get_engine
 from search.service.engine import SearchEngine, product_image_url
-from search.service.schemas import ErrorResponse, FiltersResponse, ProductOut
+from search.service.schemas import ErrorResponse, FiltersResponse, ProductOut, predicted_values
 
 router = APIRouter(tags=["products"])
 ProductId = Annotated[str, Path(min_length=1, max_length=200, description="product id")]
@@ -19,7 +19,8 @@ def get_product(product_id: ProductId, engine: Annotated[SearchEngine, Depends(g
     record = engine.product(product_id)
     return ProductOut(
         id=record.id, title=record.title, category=record.category, subcategory=record.subcategory,
-        description=record.description, attributes=record.attributes, image_url=product_image_url(record.id),
+        description=record.description, attributes=record.attributes, predicted=predicted_values(record.predicted),
+        image_url=product_image_url(record.id),
     )  # fmt: skip
 
 

@@ -22,12 +22,13 @@ from search.service.schemas import (
     SearchResponse,
     SearchResult,
     TextSearchRequest,
+    predicted_values,
 )
 from search.service.settings import MAX_RERANK_TOP_N, Settings
 
 router = APIRouter(prefix="/search", tags=["search"], responses=ERROR_RESPONSES)
 
-FORM_FIELDS = frozenset({"k", "alpha", "filters", "rerank", "rerank_top_n", "timing", "facets"})
+FORM_FIELDS = frozenset({"k", "alpha", "filters", "rerank", "rerank_top_n", "timing", "facets", "include_predicted"})
 
 
 def check_options(options: SearchOptions, settings: Settings) -> int:
@@ -63,7 +64,7 @@ def to_response(kind: str, outcome: SearchOutcome, k: int, *, timing: bool = Fal
             SearchResult(
                 id=hit.id, title=record.title, score=float(hit.score), parts={**result_parts(kind, hit), **more},
                 category=record.category, subcategory=record.subcategory, attributes=record.attributes,
-                image_url=product_image_url(hit.id), **extra,
+                predicted=predicted_values(record.predicted), image_url=product_image_url(hit.id), **extra,
             )
         )  # fmt: skip
     timings = {name: round(ms, 3) for name, ms in outcome.timings_ms.items()}
@@ -110,7 +111,8 @@ def search_text(
     if body.fusion is not None and body.mode != "hybrid":
         raise field_error(["body", "fusion"], f"fusion applies to mode hybrid only, not {body.mode}")
     outcome = engine.search_text(body.query, k=k, alpha=body.alpha, filters=body.filters, rerank_top_n=top_n,
-                                 mode=body.mode, fusion=body.fusion, facets=body.facets)  # fmt: skip
+                                 mode=body.mode, fusion=body.fusion, facets=body.facets,
+                                 include_predicted=body.include_predicted)  # fmt: skip
     return json_response("text", outcome, k, timing=body.timing, engine=engine)
 
 
@@ -142,6 +144,7 @@ IMAGE_OPENAPI: dict[str, Any] = {
                         "timing": {"type": "boolean", "description": "true or false: include timings_ms in the response"},
                         "facets": {"type": "string", "contentMediaType": "application/json",
                                    "description": 'JSON list of filterable fields to count, e.g. ["baseColour", "gender"]'},
+                        "include_predicted": {"type": "boolean", "description": "true or false: filters also match backfilled values"},
                     },
                 },
                 "encoding": {IMAGE_FIELD: {"contentType": ", ".join(UPLOAD_MEDIA_TYPES)}},
@@ -188,7 +191,7 @@ async def search_image(
             timings["decode"] = (time.perf_counter() - start) * 1000.0
             engine.metrics.stage_seconds.labels("image", "decode").observe(timings["decode"] / 1000.0)
         return engine.search_image(image, k=k, alpha=options.alpha, filters=options.filters, timings=timings,
-                                   facets=options.facets)  # fmt: skip
+                                   facets=options.facets, include_predicted=options.include_predicted)  # fmt: skip
 
     outcome = await run_in_threadpool(run)
     return json_response("image", outcome, k, timing=options.timing, engine=engine)
