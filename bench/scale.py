@@ -276,6 +276,62 @@ def run_size(n: int, real: dict, queries: np.ndarray, args, rng) -> dict[str, An
     return result
 
 
+def run_storage(index_dir: Path, rng: np.random.Generator) -> dict[str, Any]:
+    """What storing vectors in float16 and patches compactly costs in quality, on the real demo index."""
+    from indexer.patch_codec import PatchCodec
+    from indexer.storage import version_sizes
+
+    real = load_real(index_dir)
+    folder = IndexLayout(index_dir).resolve()
+    queries = real["text"][real["test"]]
+    out: dict[str, Any] = {"demo_index": version_sizes(folder), "float16_vectors": {}, "compact_patches": []}
+    for name in ("image", "text"):
+        base = real[name]
+        half = base.astype(np.float16).astype(np.float32)
+        exact = faiss.IndexFlatIP(base.shape[1])
+        exact.add(base)
+        approx = faiss.IndexFlatIP(base.shape[1])
+        approx.add(half)
+        s32, i32 = exact.search(queries, K)
+        _, i16 = approx.search(queries, K)
+        out["float16_vectors"][name] = {
+            "queries": int(len(queries)), "recall@10_vs_float32": round(recall(i16, i32), 4),
+            "max_abs_score_error": float(np.abs((half[i32] * queries[:, None, :]).sum(-1) - s32).max()),
+        }  # fmt: skip
+    patches = np.load(folder / "patches.npy", mmap_mode="r")
+    held_out = np.asarray(patches[-1000:], dtype=np.float32)  # fit on other products, measure on these
+    for r in (16, 24, 32, 48):
+        codec = PatchCodec.fit(patches[:-1000], r)
+        decoded = codec.decode(*codec.encode(held_out))
+        cos = (decoded * held_out).sum(-1) / (np.linalg.norm(decoded, axis=-1) * np.linalg.norm(held_out, axis=-1) + 1e-12)
+        pooled = (decoded.mean(1) * held_out.mean(1)).sum(-1) / (np.linalg.norm(decoded.mean(1), axis=-1) * np.linalg.norm(held_out.mean(1), axis=-1))
+        out["compact_patches"].append({
+            "components": r, "bytes_per_product": codec.bytes_per_product(patches.shape[1]),
+            "relative_error": round(float(np.linalg.norm(decoded - held_out) / np.linalg.norm(held_out - codec.mean)), 4),
+            "patch_cosine_mean": round(float(cos.mean()), 4), "pooled_cosine_mean": round(float(pooled.mean()), 4),
+        })  # fmt: skip
+    return out
+
+
+def storage_markdown(data: dict[str, Any]) -> str:
+    demo = data["demo_index"]
+    lines = [f"## What one product costs today: the demo index ({demo['products']:,} products, format {demo['format_version']})\n",
+             "| file | bytes | bytes/product |", "|---|---|---|"]  # fmt: skip
+    for name, row in demo["files"].items():
+        lines.append(f"| {name} | {row['bytes']:,} | {row['bytes_per_product']:,.1f} |")
+    lines.append(f"| total | {demo['total_bytes']:,} | {demo['bytes_per_product']:,.1f} |\n")
+    lines.append("## Quality of the compact forms (real demo vectors and patches)\n")
+    lines.append("| vectors | recall@10 of float16 vs float32 (exact search, test-split title queries) | max score error |")
+    lines.append("|---|---|---|")
+    for name, row in data["float16_vectors"].items():
+        lines.append(f"| {name} | {row['recall@10_vs_float32']:.4f} | {row['max_abs_score_error']:.2e} |")
+    lines.append("\n| patch PCA components | bytes/product | relative error (vs centred) | mean patch cosine | mean pooled cosine |")
+    lines.append("|---|---|---|---|---|")
+    for row in data["compact_patches"]:
+        lines.append(f"| {row['components']} | {row['bytes_per_product']:,} | {row['relative_error']:.3f} | {row['patch_cosine_mean']:.3f} | {row['pooled_cosine_mean']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def report(data: dict[str, Any], out: Path) -> Path:
     lines = [
         "# Index memory and speed at scale (bench/scale.py)\n",
@@ -310,6 +366,8 @@ def report(data: dict[str, Any], out: Path) -> Path:
         lines.append(f"- {size['n']:,} vectors: synthetic {size['synthetic']}; filter selectivity {sel}.")
     lines.append("")
     lines.append(projection_markdown())
+    if (out / "storage.json").is_file():
+        lines.append(storage_markdown(json.loads((out / "storage.json").read_text())))
     path = out / "scale.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -339,8 +397,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-queries-large", type=int, default=60)
     parser.add_argument("--skip", nargs="*", default=[], metavar="N:NAME", help="index types to skip at a size, e.g. 1000000:hnsw")
     parser.add_argument("--report-only", action="store_true", help="rewrite scale.md from scale.json")
+    parser.add_argument("--storage", action="store_true", help="only measure float16 vectors and compact patches on the demo index")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.storage:
+        write_json(args.out / "storage.json", run_storage(args.index, np.random.default_rng(SEED)))
+        print(storage_markdown(json.loads((args.out / "storage.json").read_text())))
+        return 0
     if args.report_only:
         print(report(json.loads((args.out / "scale.json").read_text()), args.out))
         return 0

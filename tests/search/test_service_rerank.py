@@ -248,3 +248,24 @@ def test_timings_only_when_asked_and_the_rerank_stage_is_measured(client):
     assert set(photo["timings_ms"]) == {"decode", "encode", "search", "fuse", "total"}
     counts = [line for line in client.get("/metrics").text.splitlines() if line.startswith("vitrine_stage_seconds_count")]
     assert any('kind="text",stage="rerank"' in line and not line.endswith(" 0.0") for line in counts), counts
+
+
+def test_rerank_reads_compact_patches(bundle, built, reranker, tmp_path):
+    """An index with compact (PCA int8) patches serves the reranker decoded float32 patches of the bundle's shape."""
+    from indexer.build import build_index
+    from vitrine.catalog import read_catalog
+    from vitrine.runtime import load_bundle
+
+    build_index(read_catalog(built.catalog_dir), load_bundle(bundle), tmp_path / "compact", patch_storage="pca-int8", threads=2)
+    with ProductIndex.open(tmp_path / "compact") as compact, ProductIndex.open(built.index_dir) as full:
+        assert compact.manifest["storage"]["patches"] == "pca-int8" and compact.patch_spec == full.patch_spec
+        with serve(compact, built.encoder) as client:
+            body = search(client, query=QUERY, k=5, rerank=True, rerank_top_n=10)
+        ids, scores = expected_rerank(compact, built.encoder, reranker, QUERY, k=5, n=10)
+        assert [r["id"] for r in body["results"]] == ids
+        assert [r["rerank_score"] for r in body["results"]] == pytest.approx(scores, abs=1e-5)
+        head = [h.id for h in first_stage(full, built.encoder, QUERY, 10)]
+        titles = [full.get(i).title for i in head]
+        on_full = reranker.score(normalise_query(QUERY), titles, full.patches(head))
+        on_compact = reranker.score(normalise_query(QUERY), titles, compact.patches(head))
+        print("full", on_full, "compact", on_compact, np.corrcoef(on_full, on_compact)[0, 1])
