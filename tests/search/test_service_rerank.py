@@ -268,4 +268,5 @@ def test_rerank_reads_compact_patches(bundle, built, reranker, tmp_path):
         titles = [full.get(i).title for i in head]
         on_full = reranker.score(normalise_query(QUERY), titles, full.patches(head))
         on_compact = reranker.score(normalise_query(QUERY), titles, compact.patches(head))
-        print("full", on_full, "compact", on_compact, np.corrcoef(on_full, on_compact)[0, 1])
+        # 24 products span at most 24 dimensions of the 64-d patches: the 24 components keep them, up to int8 rounding
+        np.testing.assert_allclose(on_compact, on_full, atol=1e-4)
