@@ -30,6 +30,7 @@ import gc
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import faiss  # noqa: E402
+import faiss
 
-from bench.common import environment, latency_stats, write_json  # noqa: E402
-from indexer import faiss_index  # noqa: E402
-from indexer.layout import IndexLayout  # noqa: E402
-from indexer.store import SqliteProductStore  # noqa: E402
+from bench.common import environment, latency_stats, write_json
+from indexer import faiss_index
+from indexer.layout import IndexLayout
+from indexer.store import SqliteProductStore
 
 K = 10
 FETCH_K = 100  # the engine's default_fetch_k(10)
@@ -225,6 +226,18 @@ def p50_ms(times: list[float]) -> float:
 # ------------------------------------------------------------------ run
 
 
+def _engine_filtered(spec, index, vectors, mask, allowed, n, query):
+    return engine_top(spec, index, vectors, query, mask, allowed, n)
+
+
+def _native(spec, index, vectors, bitmap, query):
+    return native_selector_top(spec, index, vectors, query, bitmap)
+
+
+def _exact_filtered(vectors, allowed, query):
+    return exact_filtered_top(vectors, query, allowed)
+
+
 def run_size(n: int, real: dict, queries: np.ndarray, args, rng) -> dict[str, Any]:
     t0 = time.perf_counter()
     vectors, attrs, synth = synthesize(real["image"], real["attrs"], n, rng)
@@ -238,11 +251,11 @@ def run_size(n: int, real: dict, queries: np.ndarray, args, rng) -> dict[str, An
     result: dict[str, Any] = {
         "n": n, "dim": dim, "synthetic": synth, "generate_s": round(gen_s, 1),
         "filters": {name: {"field": FILTERS[name][0], "value": FILTERS[name][1], "selectivity": round(float(m.mean()), 4)}
-                    for name, m in masks.items()},  # fmt: skip
+                    for name, m in masks.items()},
         "indexes": {},
     }
     for name, factory in configs(n, dim).items():
-        if name in args.skip.get(n, ()):  # noqa
+        if name in args.skip.get(n, ()):
             result["indexes"][name] = {"factory": factory, "skipped": "over the time budget on this machine"}
             continue
         print(f"[{n:,}] {name}: {factory}", flush=True)
@@ -257,22 +270,22 @@ def run_size(n: int, real: dict, queries: np.ndarray, args, rng) -> dict[str, An
         row["recall@10_raw"] = round(recall(raw, truth["none"]), 4)
         found = [engine_top(spec, index, vectors, q) for q in q_rec]
         row["recall@10_engine"] = round(recall(found, truth["none"]), 4)
-        _, lat = timed(lambda q: engine_top(spec, index, vectors, q), q_lat)
+        _, lat = timed(partial(engine_top, spec, index, vectors), q_lat)
         row["p50_ms"] = p50_ms(lat)
         row["filtered"] = {}
         for fname, mask in masks.items():
             allowed = np.flatnonzero(mask).astype(np.int64)
             bitmap = np.packbits(mask, bitorder="little")
-            fn = lambda q: engine_top(spec, index, vectors, q, mask, allowed, n)  # noqa: E731
+            fn = partial(_engine_filtered, spec, index, vectors, mask, allowed, n)
             found = [fn(q) for q in q_rec[: args.filtered_recall_queries]]
             _, lat = timed(fn, q_lat)
             entry = {"recall@10_engine": round(recall(found, truth[fname]), 4), "p50_ms": p50_ms(lat)}
             if not spec.exact:
-                fn2 = lambda q: native_selector_top(spec, index, vectors, q, bitmap)  # noqa: E731
+                fn2 = partial(_native, spec, index, vectors, bitmap)
                 found2 = [fn2(q) for q in q_rec[: args.filtered_recall_queries]]
                 _, lat2 = timed(fn2, q_lat)
                 entry["faiss_selector"] = {"recall@10": round(recall(found2, truth[fname]), 4), "p50_ms": p50_ms(lat2)}
-            fn3 = lambda q: exact_filtered_top(vectors, q, allowed)  # noqa: E731
+            fn3 = partial(_exact_filtered, vectors, allowed)
             _, lat3 = timed(fn3, q_lat)
             entry["exact_scan_p50_ms"] = p50_ms(lat3)
             row["filtered"][fname] = entry
@@ -302,7 +315,7 @@ def run_storage(index_dir: Path, rng: np.random.Generator) -> dict[str, Any]:
         s32, i32 = exact.search(queries, K)
         _, i16 = approx.search(queries, K)
         out["float16_vectors"][name] = {
-            "queries": int(len(queries)), "recall@10_vs_float32": round(recall(i16, i32), 4),
+            "queries": len(queries), "recall@10_vs_float32": round(recall(i16, i32), 4),
             "max_abs_score_error": float(np.abs((half[i32] * queries[:, None, :]).sum(-1) - s32).max()),
         }  # fmt: skip
     patches = np.load(folder / "patches.npy", mmap_mode="r")
@@ -342,11 +355,11 @@ def storage_markdown(data: dict[str, Any]) -> str:
 def report(data: dict[str, Any], out: Path) -> Path:
     lines = [
         "# Index memory and speed at scale (bench/scale.py)\n",
-        f"Machine: {data['environment']['cpu_count']}-core CPU, shared with other jobs (load {data['environment']['load_average_1m']:.1f} at start); "
+        (f"Machine: {data['environment']['cpu_count']}-core CPU, shared with other jobs (load {data['environment']['load_average_1m']:.1f} at start); "
         f"Faiss {data['faiss']}, {data['threads']} OpenMP threads for builds, one thread per query. "
         f"Vectors: {data['real_vectors']:,} real image vectors + synthetic ones (mixture around real vectors, see below); "
         f"queries: {data['queries']} real test-split title vectors (text -> image). "
-        f"Latency: one query, top {FETCH_K} from the index then exact re-scoring, as the engine does.\n",
+        f"Latency: one query, top {FETCH_K} from the index then exact re-scoring, as the engine does.\n"),
         "| vectors | index | factory | bytes/vector | build s (train + add) | recall@10 raw | recall@10 engine | p50 ms | "
         + " | ".join(f"{f} p50 ms (recall)" for f in FILTERS) + " | Faiss selector inside the index: " + ", ".join(FILTERS) + " |",
         "|" + "---|" * (9 + len(FILTERS)),
@@ -427,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     queries = np.ascontiguousarray(queries[rng.permutation(len(queries))])
     data: dict[str, Any] = {
         "environment": environment(), "faiss": faiss.__version__, "threads": args.threads, "index_version": real["version"],
-        "real_vectors": int(len(real["image"])), "queries": int(max(args.recall_queries, args.latency_queries)), "sizes": [],
+        "real_vectors": len(real["image"]), "queries": int(max(args.recall_queries, args.latency_queries)), "sizes": [],
     }  # fmt: skip
     for n in args.sizes:
         t0 = time.perf_counter()

@@ -11,7 +11,7 @@ import pytest
 
 from indexer import ProductIndex, faiss_index
 from indexer.build import build_index, delete_from_index, upsert_index
-from indexer.manifest import read_manifest, write_manifest
+from indexer.manifest import read_manifest
 from indexer.patch_codec import PatchCodec
 from indexer.storage import choose_storage, projection_rows, version_sizes
 from tests.support.indexes import FixtureEncoder, PatchFixtureEncoder, make_index_catalog
