@@ -145,28 +145,33 @@ def serialized_bytes(index: Any) -> int:
 # ------------------------------------------------------------------ search, as the engine does it
 
 
-def engine_top(spec, index, vectors, query, allowed_mask=None, allowed_labels=None, n=None) -> np.ndarray:
+def engine_top(spec, index, vectors, query, allowed_mask=None, allowed_labels=None, n=None, probe_more=True) -> np.ndarray:
     """Top K rows the engine returns: top FETCH_K candidates from the index, re-scored exactly."""
     if allowed_mask is None:
         rows = faiss_index.search(spec, index, query, FETCH_K)
     elif spec.exact:
         rows = faiss_index.search(spec, index, query, FETCH_K, allowed_labels=allowed_labels)
     else:
-        rows = overfetch(spec, index, query, allowed_mask, allowed_labels, n)
+        rows = overfetch(spec, index, query, allowed_mask, allowed_labels, n, probe_more)
     scores = vectors[rows] @ query
     return rows[np.argsort(-scores, kind="stable")[:K]]
 
 
-def overfetch(spec, index, query, mask, allowed, n) -> np.ndarray:
-    """ProductIndex._overfetch for one index: double the fetch until FETCH_K matches survive."""
+def overfetch(spec, index, query, mask, allowed, n, probe_more: bool = True) -> np.ndarray:
+    """ProductIndex._overfetch for one index: double the fetch (IVF: the probed lists when a round
+    comes back short) until FETCH_K matches survive. `probe_more=False`: the engine before issue 13."""
     wanted = min(FETCH_K, allowed.size)
     f = FETCH_K
+    nprobe, lists = spec.search.get("nprobe"), faiss_index.nlist(index)
     while f < n:
-        rows = faiss_index.search(spec, index, query, f)
-        rows = rows[mask[rows]][:wanted]
+        labels = faiss_index.search(spec, index, query, f, nprobe=nprobe)
+        rows = labels[mask[labels]][:wanted]
         if rows.size >= wanted:
             return rows
-        f = min(n, 2 * f)
+        if probe_more and labels.size < f and nprobe is not None and lists is not None and nprobe < lists:
+            nprobe = min(lists, 2 * nprobe)
+        else:
+            f = min(n, 2 * f)
     return allowed
 
 
@@ -226,8 +231,8 @@ def p50_ms(times: list[float]) -> float:
 # ------------------------------------------------------------------ run
 
 
-def _engine_filtered(spec, index, vectors, mask, allowed, n, query):
-    return engine_top(spec, index, vectors, query, mask, allowed, n)
+def _engine_filtered(spec, index, vectors, mask, allowed, n, query, probe_more=True):
+    return engine_top(spec, index, vectors, query, mask, allowed, n, probe_more)
 
 
 def _native(spec, index, vectors, bitmap, query):
@@ -280,6 +285,11 @@ def run_size(n: int, real: dict, queries: np.ndarray, args, rng) -> dict[str, An
             found = [fn(q) for q in q_rec[: args.filtered_recall_queries]]
             _, lat = timed(fn, q_lat)
             entry = {"recall@10_engine": round(recall(found, truth[fname]), 4), "p50_ms": p50_ms(lat)}
+            if faiss_index.nlist(index) is not None:  # the engine's over-fetch before it probed more lists
+                fn0 = partial(_engine_filtered, spec, index, vectors, mask, allowed, n, probe_more=False)
+                found0 = [fn0(q) for q in q_rec[: args.filtered_recall_queries]]
+                _, lat0 = timed(fn0, q_lat)
+                entry["engine_before"] = {"recall@10": round(recall(found0, truth[fname]), 4), "p50_ms": p50_ms(lat0)}
             if not spec.exact:
                 fn2 = partial(_native, spec, index, vectors, bitmap)
                 found2 = [fn2(q) for q in q_rec[: args.filtered_recall_queries]]
@@ -318,6 +328,12 @@ def run_storage(index_dir: Path, rng: np.random.Generator) -> dict[str, Any]:
             "queries": len(queries), "recall@10_vs_float32": round(recall(i16, i32), 4),
             "max_abs_score_error": float(np.abs((half[i32] * queries[:, None, :]).sum(-1) - s32).max()),
         }  # fmt: skip
+    out["demo_format_2"] = {}
+    for kind in ("float16", "pca-int8"):
+        copy = convert_demo(folder, REPO / "bench" / "out" / "scale" / f"demo-format2-{kind}", kind)
+        out["demo_format_2"][kind] = {"sizes": version_sizes(IndexLayout(copy).resolve()),
+                                      "parity": compare_demo(index_dir, copy, queries[:100])}  # fmt: skip
+        print(json.dumps(out["demo_format_2"][kind]["parity"]), flush=True)
     patches = np.load(folder / "patches.npy", mmap_mode="r")
     held_out = np.asarray(patches[-1000:], dtype=np.float32)  # fit on other products, measure on these
     for r in (16, 24, 32, 48):
@@ -333,6 +349,58 @@ def run_storage(index_dir: Path, rng: np.random.Generator) -> dict[str, Any]:
     return out
 
 
+def convert_demo(folder: Path, out: Path, patch_storage: str) -> Path:
+    """A format-2 copy of a format-1 flat version (no re-embedding): vectors once, patches as `patch_storage`."""
+    import shutil
+
+    from indexer.build import FILES, _write_version_patches
+    from indexer.manifest import read_manifest, write_manifest
+    from indexer.storage import IndexStorage, storage_files
+
+    manifest = read_manifest(folder)
+    assert manifest.index["type"] == "flat" and manifest.storage is None, "expects the demo's format-1 flat index"
+    if out.exists():
+        shutil.rmtree(out)
+    version = out / "versions" / folder.name
+    version.mkdir(parents=True)
+    for role in ("store", "labels", "text_vectors", "image_vectors"):
+        shutil.copy(folder / FILES[role], version / FILES[role])
+    storage = IndexStorage(vectors="float32", faiss_files=False, patches=patch_storage,
+                           patch_components=24 if patch_storage == "pca-int8" else None,
+                           reasons=[f"converted from format 1 by bench/scale.py, patches {patch_storage}"])  # fmt: skip
+    patches = np.load(folder / manifest.files["patches"], mmap_mode="r")
+    _write_version_patches(version, storage, patches, np.arange(len(patches)))
+    converted = manifest.model_copy(update={"format_version": 2, "storage": storage, "files": storage_files(storage, FILES)})
+    write_manifest(version, converted)
+    (out / "CURRENT").write_text(folder.name + "\n")
+    return out
+
+
+def compare_demo(original: Path, converted: Path, queries: np.ndarray) -> dict[str, Any]:
+    """Open time and search parity of the converted copy against the original (format 1) index."""
+    from indexer.product_index import ProductIndex
+
+    t0 = time.perf_counter()
+    a = ProductIndex.open(original)
+    t1 = time.perf_counter()
+    b = ProductIndex.open(converted)
+    t2 = time.perf_counter()
+    try:
+        filters = [None, {"gender": "women"}, {"articleType": "watches"}]
+        same = total = 0
+        for q in queries:
+            for f in filters:
+                total += 1
+                same += a.search(q, k=10, filters=f) == b.search(q, k=10, filters=f)
+        ids = a.ids()[:200]
+        patch_error = float(np.linalg.norm(a.patches(ids) - b.patches(ids)) / np.linalg.norm(a.patches(ids)))
+    finally:
+        a.close()
+        b.close()
+    return {"open_s_format_1": round(t1 - t0, 2), "open_s_format_2": round(t2 - t1, 2), "searches": total,
+            "identical_results": same, "patch_relative_error_200_products": round(patch_error, 4)}  # fmt: skip
+
+
 def storage_markdown(data: dict[str, Any]) -> str:
     demo = data["demo_index"]
     lines = [f"## What one product costs today: the demo index ({demo['products']:,} products, format {demo['format_version']})\n",
@@ -340,7 +408,16 @@ def storage_markdown(data: dict[str, Any]) -> str:
     for name, row in demo["files"].items():
         lines.append(f"| {name} | {row['bytes']:,} | {row['bytes_per_product']:,.1f} |")
     lines.append(f"| total | {demo['total_bytes']:,} | {demo['bytes_per_product']:,.1f} |\n")
-    lines.append("## Quality of the compact forms (real demo vectors and patches)\n")
+    for kind, row in data.get("demo_format_2", {}).items():
+        sizes, parity = row["sizes"], row["parity"]
+        files = ", ".join(f"{name} {r['bytes_per_product']:,.0f}" for name, r in sizes["files"].items() if r["bytes_per_product"] >= 1)
+        lines.append(
+            f"- The same index converted to format 2 with {kind} patches: **{sizes['bytes_per_product']:,.0f} B a product** "
+            f"({files}); opens in {parity['open_s_format_2']} s (format 1: {parity['open_s_format_1']} s); "
+            f"{parity['identical_results']}/{parity['searches']} searches (100 test titles x no filter, gender=women, "
+            f"articleType=watches) return identical hits and scores; patches' relative error {parity['patch_relative_error_200_products']}."
+        )  # fmt: skip
+    lines.append("\n## Quality of the compact forms (real demo vectors and patches)\n")
     lines.append("| vectors | recall@10 of float16 vs float32 (exact search, test-split title queries) | max score error |")
     lines.append("|---|---|---|")
     for name, row in data["float16_vectors"].items():

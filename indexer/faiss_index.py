@@ -221,10 +221,12 @@ def update(
     return index
 
 
-def search_params(spec: IndexSpec, index: faiss.Index, k: int, sel: faiss.IDSelector | None = None) -> faiss.SearchParameters | None:
-    """Per-call parameters (thread-safe, unlike setting efSearch/nprobe on the index)."""
+def search_params(
+    spec: IndexSpec, index: faiss.Index, k: int, sel: faiss.IDSelector | None = None, *, nprobe: int | None = None
+) -> faiss.SearchParameters | None:
+    """Per-call parameters (thread-safe, unlike setting efSearch/nprobe on the index); `nprobe` overrides the spec's."""
     ef = max(spec.search.get("efSearch", 0), k) if "efSearch" in spec.search else None
-    nprobe = spec.search.get("nprobe")
+    nprobe = nprobe if nprobe is not None else spec.search.get("nprobe")
     base = faiss.downcast_index(index.index) if _is_idmap(index) else faiss.downcast_index(index)
     inner = _unwrap_pretransform(base)
     if isinstance(inner, faiss.IndexHNSW) and ef is not None:
@@ -262,12 +264,21 @@ def single_threaded() -> Iterator[None]:
         faiss.omp_set_num_threads(previous)
 
 
+def nlist(index: faiss.Index) -> int | None:
+    """The number of inverted lists of an IVF index (inside IDMap / pre-transforms), else None."""
+    base = faiss.downcast_index(index.index) if _is_idmap(index) else faiss.downcast_index(index)
+    ivf = faiss.try_extract_index_ivf(_unwrap_pretransform(base))
+    return None if ivf is None else int(ivf.nlist)
+
+
 def search(
-    spec: IndexSpec, index: faiss.Index, query: np.ndarray, k: int, *, allowed_labels: np.ndarray | None = None
+    spec: IndexSpec, index: faiss.Index, query: np.ndarray, k: int, *, allowed_labels: np.ndarray | None = None,
+    nprobe: int | None = None,
 ) -> np.ndarray:
     """Labels of the top-k vectors for one (d,) query (fewer when the index has fewer); -1 never returned.
 
-    `allowed_labels` restricts the search with an IDSelectorBatch (meant for exact indexes).
+    `allowed_labels` restricts the search with an IDSelectorBatch (meant for exact indexes). An IVF
+    index returns at most what its `nprobe` probed lists hold (`nprobe` overrides the spec's).
     """
     assert query.shape == (index.d,) and query.dtype == np.float32, (query.shape, query.dtype)
     k = min(k, index.ntotal)
@@ -276,7 +287,7 @@ def search(
     sel = None
     if allowed_labels is not None:
         sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed_labels, dtype=np.int64))
-    params = search_params(spec, index, k, sel)
+    params = search_params(spec, index, k, sel, nprobe=nprobe)
     with single_threaded():
         _, labels = index.search(query[None, :], k, params=params)
     labels = labels[0]
