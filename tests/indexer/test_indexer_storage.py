@@ -200,32 +200,3 @@ def test_compact_patches_in_an_index_round_trip_through_upsert_and_delete(tmp_pa
         np.testing.assert_allclose(got, expected, atol=0.02 * float(np.abs(expected).max()))
         assert index.patches([]).shape == (0, 6, 4)
 
-
-# ---------------------------------------------------------------- filtered search on IVF
-
-
-def test_filtered_ivf_search_probes_more_lists_instead_of_scanning_the_filtered_set(tmp_path: Path, monkeypatch) -> None:
-    """An IVF index returns at most what its probed lists hold: a selective filter doubles nprobe
-    (not k, which would end in an exact scan of the whole filtered set), and finds the exact hits."""
-    encoder = FixtureEncoder()
-    catalog = read_catalog(make_index_catalog(tmp_path / "catalog", 256))
-    build_index(catalog, encoder, tmp_path / "ivf", index_type="IVF64,Flat", threads=2)
-    build_index(catalog, encoder, tmp_path / "flat", index_type="flat", threads=2)
-    calls: list[tuple[int, int | None]] = []
-    search = faiss_index.search
-
-    def recording(spec, index, query, k, **kwargs):
-        calls.append((k, kwargs.get("nprobe")))
-        return search(spec, index, query, k, **kwargs)
-
-    monkeypatch.setattr(faiss_index, "search", recording)
-    with ProductIndex.open(tmp_path / "ivf") as ivf, ProductIndex.open(tmp_path / "flat") as flat:
-        ivf.brute_force_max_rows = flat.brute_force_max_rows = 0  # the Faiss routes, not numpy
-        assert ivf.manifest["index"]["search"] == {"nprobe": 16}
-        for query in encoder.encode_texts(QUERIES):
-            calls.clear()
-            wanted = {"gender": ["women", "men"]}  # ~170 products: more than the 100 candidates fetched
-            hits = ivf.search(query, k=5, filters=wanted)
-            assert [h.id for h in hits] == [h.id for h in flat.search(query, k=5, filters=wanted)]
-            # 16 of 64 lists hold ~64 products, ~43 of them match: more lists are probed, at the same k
-            assert calls[:4] == [(100, 16), (100, 16), (100, 32), (100, 32)], calls
