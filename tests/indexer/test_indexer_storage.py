@@ -154,6 +154,11 @@ def test_float16_vectors_keep_the_ranking(tmp_path: Path) -> None:
         for hits_a, hits_b in zip(_results(a, encoder), _results(b, encoder)):
             assert [h.id for h in hits_a] == [h.id for h in hits_b]
             np.testing.assert_allclose([h.score for h in hits_a], [h.score for h in hits_b], atol=2e-3)
+        from indexer.qdrant_index import QdrantEngine, QdrantIndex
+
+        with QdrantIndex.open(tmp_path / "f16", engine=QdrantEngine.embedded(":memory:"), exact=True) as qdrant:
+            for query in encoder.encode_texts(QUERIES):  # both engines read the same float16 values
+                assert qdrant.search(query, k=8) == b.search(query, k=8)
 
 
 # ---------------------------------------------------------------- compact patches
@@ -199,4 +204,10 @@ def test_compact_patches_in_an_index_round_trip_through_upsert_and_delete(tmp_pa
         # int8 codes with one scale per product: within 1/127 of each product's largest coefficient
         np.testing.assert_allclose(got, expected, atol=0.02 * float(np.abs(expected).max()))
         assert index.patches([]).shape == (0, 6, 4)
+        from indexer.qdrant_index import QdrantEngine, QdrantIndex
+
+        with QdrantIndex.open(tmp_path / "index", engine=QdrantEngine.embedded(":memory:")) as qdrant:  # the other backend
+            np.testing.assert_array_equal(qdrant.patches(ids), got)
+            query = encoder.encode_texts(QUERIES[:1])[0]
+            assert qdrant.search(query, k=5) == index.search(query, k=5)
 
