@@ -23,7 +23,6 @@ import numpy as np
 
 from indexer import faiss_index
 from indexer import storage as storage_
-from indexer.patch_codec import PatchCodec
 from indexer.layout import DEFAULT_KEEP_VERSIONS, IndexLayout, IndexNotFoundError
 from indexer.manifest import (
     MAX_HISTORY,
@@ -36,6 +35,7 @@ from indexer.manifest import (
     read_manifest,
     write_manifest,
 )
+from indexer.patch_codec import PatchCodec
 from indexer.store import STORE_FILE, ProductRecord, SqliteProductStore, StoredProduct
 from vitrine.catalog.product import Product
 from vitrine.catalog.registry import Catalog
@@ -164,7 +164,7 @@ class _Vectors:
         labels, text, image = (np.load(folder / FILES[name]) for name in ("labels", "text_vectors", "image_vectors"))
         return cls(labels, text.astype(np.float32, copy=False), image.astype(np.float32, copy=False))
 
-    def save(self, folder: Path, dtype: np.dtype = np.dtype(np.float32)) -> None:
+    def save(self, folder: Path, dtype: str = "float32") -> None:
         np.save(folder / FILES["labels"], np.ascontiguousarray(self.labels))
         for name, array in (("text_vectors", self.text), ("image_vectors", self.image)):
             np.save(folder / FILES[name], np.ascontiguousarray(array, dtype=dtype))
@@ -342,7 +342,7 @@ def build_index(
             labels = store.put_many(_stored(result))
             next_label = store.next_label
         vectors = _Vectors(labels, result.text, result.image)
-        vectors.save(staging, storage.vector_dtype)
+        vectors.save(staging, storage.vectors)
         if embedder.patch_spec is not None:
             _write_version_patches(staging, storage, result.patches, np.arange(len(result.products)))
         if storage.faiss_files:  # else the flat index is built at load from the vectors
@@ -539,7 +539,7 @@ def update_index(
                 text = np.concatenate([old.text, result.text])[source_rows]
                 image = np.concatenate([old.image, result.image])[source_rows]
                 vectors = _Vectors(all_labels[keep], text, image)
-                vectors.save(staging, storage.vector_dtype)
+                vectors.save(staging, storage.vectors)
                 if previous.patches is not None:
                     _write_version_patches(staging, storage, result.patches if result.products else None, source_rows,
                                            previous=(live, previous))  # fmt: skip
