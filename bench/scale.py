@@ -466,7 +466,10 @@ def report(data: dict[str, Any], out: Path) -> Path:
     lines.append("")
     for size in data["sizes"]:
         sel = ", ".join(f"{f} {v['selectivity']:.1%}" for f, v in size["filters"].items())
-        lines.append(f"- {size['n']:,} vectors: synthetic {size['synthetic']}; filter selectivity {sel}.")
+        syn = size["synthetic"] or {}
+        mix = (f"mixture scale s = {syn['mixture_scale']}, median cos(synthetic, parent) {syn['median_cos_to_parent']} "
+               f"(target: the real catalog's median nearest-neighbour cosine, {syn['target_median_nn_cos']})") if syn else "see text"
+        lines.append(f"- {size['n']:,} vectors: {mix}; filter selectivity {sel}.")
     lines.append("")
     lines.append(projection_markdown())
     if (out / "storage.json").is_file():
