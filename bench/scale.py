@@ -277,8 +277,16 @@ def run_size(n: int, real: dict, queries: np.ndarray, args, rng) -> dict[str, An
         row["recall@10_engine"] = round(recall(found, truth["none"]), 4)
         _, lat = timed(partial(engine_top, spec, index, vectors), q_lat)
         row["p50_ms"] = p50_ms(lat)
+        if faiss_index.nlist(index) is not None and args.nprobe_sweep:
+            row["nprobe_sweep"] = {}
+            for nprobe in args.nprobe_sweep:
+                probe = faiss_index.IndexSpec(spec.type, spec.factory, spec.removal, spec.exact, {**spec.search, "nprobe": nprobe})
+                found = [engine_top(probe, index, vectors, q) for q in q_rec]
+                _, lat = timed(partial(engine_top, probe, index, vectors), q_lat)
+                row["nprobe_sweep"][nprobe] = {"recall@10_engine": round(recall(found, truth["none"]), 4), "p50_ms": p50_ms(lat)}
+            print(f"   nprobe: {row['nprobe_sweep']}", flush=True)
         row["filtered"] = {}
-        for fname, mask in masks.items():
+        for fname, mask in (masks.items() if not args.no_filters else ()):
             allowed = np.flatnonzero(mask).astype(np.int64)
             bitmap = np.packbits(mask, bitorder="little")
             fn = partial(_engine_filtered, spec, index, vectors, mask, allowed, n)
@@ -503,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-queries", type=int, default=200)
     parser.add_argument("--latency-queries-large", type=int, default=60)
     parser.add_argument("--skip", nargs="*", default=[], metavar="N:NAME", help="index types to skip at a size, e.g. 1000000:hnsw")
+    parser.add_argument("--nprobe-sweep", type=int, nargs="*", default=[], help="IVF: also measure these nprobe values (no filter)")
+    parser.add_argument("--no-filters", action="store_true", help="skip the filtered measurements")
     parser.add_argument("--report-only", action="store_true", help="rewrite scale.md from scale.json")
     parser.add_argument("--storage", action="store_true", help="only measure float16 vectors and compact patches on the demo index")
     args = parser.parse_args(argv)
