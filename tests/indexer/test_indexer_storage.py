@@ -34,8 +34,10 @@ def test_auto_picks_by_catalog_size_and_says_why() -> None:
         assert faiss_index.IndexSpec.from_dict(spec.to_dict()) == spec  # the reason survives the manifest
     assert faiss_index.resolve_spec("flat", 1_000, 256).reason == ""  # an explicit type needs no reason
     assert "reason" not in faiss_index.resolve_spec("hnsw", 1_000, 256).to_dict()
-    # at 10M the engine stores PQ codes: nlist grows with the catalog, nprobe stays
-    assert picks[10**8].factory.endswith(",PQ64np") and picks[10**8].search == {"nprobe": 16}
+    # PQ codes past 2M: nlist grows with the catalog and nprobe with nlist (the probed share keeps recall)
+    assert picks[10**8].factory == "IVF40000,PQ64np" and picks[10**8].search == {"nprobe": 1000}
+    assert faiss_index.resolve_spec("ivfpq", 100_000, 256).search == {"nprobe": 31}
+    assert faiss_index.resolve_spec("ivfpq", 2_000, 256).search == {"nprobe": 16}  # small: at least 16
 
 
 def test_auto_index_records_its_reason(tmp_path: Path) -> None:
