@@ -461,10 +461,10 @@ def report(data: dict[str, Any], out: Path) -> Path:
             if "skipped" in row:
                 lines.append(f"| {size['n']:,} | {name} | `{row['factory']}` | " + " | ".join(["skipped: " + row["skipped"]] + [""] * (6 + len(FILTERS))) + " |")
                 continue
-            filt = [_filtered_cell(row["filtered"][f]) for f in FILTERS]
+            filt = [_filtered_cell(row["filtered"][f]) if f in row["filtered"] else "not measured" for f in FILTERS]
             native = "; ".join(
                 f"{row['filtered'][f]['faiss_selector']['p50_ms']:.2f} ms ({row['filtered'][f]['faiss_selector']['recall@10']:.3f})"
-                for f in FILTERS if "faiss_selector" in row["filtered"][f]
+                for f in FILTERS if "faiss_selector" in row["filtered"].get(f, {})
             ) or "n/a (exact)"  # fmt: skip
             lines.append(
                 f"| {size['n']:,} | {name} | `{row['factory']}` | {row['bytes_per_vector']:,.0f} | {row['build_s']:.1f} "
