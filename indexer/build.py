@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from indexer import faiss_index
+from indexer import storage as storage_
 from indexer.layout import DEFAULT_KEEP_VERSIONS, IndexLayout, IndexNotFoundError
 from indexer.lexical import write_lexical
 from indexer.manifest import (
@@ -38,6 +39,7 @@ from indexer.manifest import (
     read_manifest,
     write_manifest,
 )
+from indexer.patch_codec import PatchCodec
 from indexer.store import STORE_FILE, ProductRecord, SqliteProductStore, StoredProduct
 from vitrine.catalog.product import Product
 from vitrine.catalog.registry import Catalog
@@ -57,7 +59,7 @@ FILES = {
     "text_index": "text.faiss",
     "image_index": "image.faiss",
 }
-PATCHES_FILE = "patches.npy"  # float16 (n, P, C) patch features, row i for labels[i]; only with a patch bundle
+PATCHES_FILE = "patches.npy"  # float16 (n, P, C) patch features, row i for labels[i] (or compact: indexer.storage)
 _PATCH_CHUNK = 2048  # rows copied at a time (~64 MB at 49 x 320)
 
 
@@ -92,6 +94,8 @@ class IndexBuildResult:
             f"{op.operation}: {parts[op.operation]}; {op.errors:,} failed; {self.manifest.counts.products:,} products "
             f"in {self.manifest.index['type']} index {self.version_dir} in {op.seconds:.1f} s{rate}"
         ]
+        reasons = [self.manifest.index.get("reason", "")] + (self.manifest.storage.reasons if self.manifest.storage else [])
+        lines += [f"  why: {reason}" for reason in reasons if reason and op.operation == "build"]
         for error in self.errors[:10]:
             lines.append(f"  {error.id}: {error.stage}: {error.message}")
         if len(self.errors) > 10:
@@ -167,16 +171,19 @@ class _Vectors:
 
     @classmethod
     def load(cls, folder: Path) -> _Vectors:
-        return cls(*(np.load(folder / FILES[name]) for name in ("labels", "text_vectors", "image_vectors")))
+        """Float32 whatever the stored dtype (format 2 may store float16)."""
+        labels, text, image = (np.load(folder / FILES[name]) for name in ("labels", "text_vectors", "image_vectors"))
+        return cls(labels, text.astype(np.float32, copy=False), image.astype(np.float32, copy=False))
 
-    def save(self, folder: Path) -> None:
-        for name, array in (("labels", self.labels), ("text_vectors", self.text), ("image_vectors", self.image)):
-            np.save(folder / FILES[name], np.ascontiguousarray(array))
+    def save(self, folder: Path, dtype: str = "float32") -> None:
+        np.save(folder / FILES["labels"], np.ascontiguousarray(self.labels))
+        for name, array in (("text_vectors", self.text), ("image_vectors", self.image)):
+            np.save(folder / FILES[name], np.ascontiguousarray(array, dtype=dtype))
 
 
-def _files(patches: PatchSpec | None) -> dict[str, str]:
+def _files(storage: storage_.IndexStorage) -> dict[str, str]:
     """The manifest's role -> file map of a version."""
-    return {**FILES, "patches": PATCHES_FILE} if patches is not None else dict(FILES)
+    return storage_.storage_files(storage, FILES)
 
 
 def _write_patches(path: Path, sources: Sequence[np.ndarray], rows: np.ndarray) -> None:
@@ -185,14 +192,14 @@ def _write_patches(path: Path, sources: Sequence[np.ndarray], rows: np.ndarray) 
     The sources may be memory-mapped (a previous version's patches): they are never all read at once.
     """
     offsets = np.cumsum([0, *(len(source) for source in sources)])
-    shape = sources[0].shape[1:]
-    assert all(s.ndim == 3 and s.shape[1:] == shape and s.dtype == PATCH_DTYPE for s in sources), [s.shape for s in sources]
+    shape, dtype = sources[0].shape[1:], sources[0].dtype  # float16 patches, or int8 codes / float16 scales
+    assert all(s.shape[1:] == shape and s.dtype == dtype for s in sources), [(s.shape, s.dtype) for s in sources]
     assert rows.ndim == 1 and (rows.size == 0 or (rows.min() >= 0 and rows.max() < offsets[-1])), rows.shape
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=PATCH_DTYPE, shape=(rows.size, *shape))
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows.size, *shape))
     for start in range(0, rows.size, _PATCH_CHUNK):
         chunk = rows[start : start + _PATCH_CHUNK]
         source_of = np.searchsorted(offsets, chunk, side="right") - 1
-        block = np.empty((chunk.size, *shape), PATCH_DTYPE)
+        block = np.empty((chunk.size, *shape), dtype)
         for k, source in enumerate(sources):
             picked = source_of == k
             if picked.any():
@@ -204,6 +211,36 @@ def _write_patches(path: Path, sources: Sequence[np.ndarray], rows: np.ndarray) 
 
 def _load_patches(folder: Path, manifest: IndexManifest) -> np.ndarray:
     return np.load(folder / manifest.files["patches"], mmap_mode="r")
+
+
+def _write_version_patches(
+    staging: Path, storage: storage_.IndexStorage, new: np.ndarray | None, rows: np.ndarray,
+    previous: tuple[Path, IndexManifest] | None = None,
+) -> None:
+    """Write a version's patches: rows of [previous version's rows..., `new` rows...], as `storage` says.
+
+    Compact patches fit their basis on the first build's patches; later versions keep it.
+    """
+    new_sources = [] if new is None or not len(new) else [new]
+    if storage.patches == "float16":
+        old = [_load_patches(*previous)] if previous is not None else []
+        _write_patches(staging / storage_.PATCH_FILES["patches"], old + new_sources, rows)
+        return
+    files = storage_.COMPACT_PATCH_FILES
+    if previous is not None:
+        folder, manifest = previous
+        codec = PatchCodec.load(folder / manifest.files["patch_basis"])
+        codes = [np.load(folder / manifest.files["patch_codes"], mmap_mode="r")]
+        scales = [np.load(folder / manifest.files["patch_scales"], mmap_mode="r")]
+    else:
+        codec, codes, scales = PatchCodec.fit(new, storage.patch_components), [], []
+    for source in new_sources:
+        c, sc = codec.encode(source)
+        codes.append(c)
+        scales.append(sc)
+    codec.save(staging / files["patch_basis"])
+    _write_patches(staging / files["patch_codes"], codes, rows)
+    _write_patches(staging / files["patch_scales"], scales, rows)
 
 
 def _check_same_patches(manifest: IndexManifest, embedder: ProductEmbedder) -> None:
@@ -234,6 +271,7 @@ def _manifest(
     next_label: int,
     catalog: dict[str, Any] | None,
     patches: PatchSpec | None,
+    storage: storage_.IndexStorage,
     lexical: dict[str, Any] | None = None,
 ) -> IndexManifest:
     history = [] if previous is None else [*previous.history, previous.build][-MAX_HISTORY:]
@@ -250,8 +288,9 @@ def _manifest(
             next_label=next_label,
         ),
         index=spec.to_dict(),
-        files=_files(patches),
+        files=_files(storage),
         patches=patches,
+        storage=storage,
         lexical=lexical,
         build=operation,
         errors=errors[:MAX_LISTED_ERRORS],
@@ -276,7 +315,9 @@ def build_index(
     encoder: ServingEncoder,
     out: str | Path,
     *,
-    index_type: str = "flat",
+    index_type: str = "auto",
+    vector_dtype: str = "auto",
+    patch_storage: str = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
     threads: int | None = None,
     bundle_path: str | Path | None = None,
@@ -288,7 +329,8 @@ def build_index(
 
     Products with bad data are skipped and listed in the manifest; an encoder failure raises
     and leaves the previous version live. `embed_step` replaces the in-process embedding
-    (default `ProductEmbedder.embed`), e.g. with Ray actors.
+    (default `ProductEmbedder.embed`), e.g. with Ray actors. `vector_dtype` and `patch_storage` ("auto":
+    by catalog size and patch size, `indexer.storage.choose_storage`) say how vectors and patches are stored.
     """
     start = time.perf_counter()
     layout = IndexLayout(out)
@@ -307,18 +349,23 @@ def build_index(
                             f"{errors[0].id}: {errors[0].message}")  # fmt: skip
         dim = int(result.text.shape[1])
         spec = faiss_index.resolve_spec(index_type, len(result.products), dim)
+        storage = storage_.choose_storage(len(result.products), spec, embedder.patch_spec,
+                                          vector_dtype=vector_dtype, patches=patch_storage)  # fmt: skip
+        for reason in ([spec.reason] if spec.reason else []) + storage.reasons:
+            log.info("index: %s", reason)
         with SqliteProductStore.create(staging / FILES["store"]) as store:
             labels = store.put_many(_stored(result))
             next_label = store.next_label
             lexical = write_lexical(staging, (record for _, record in store.scan()))
         vectors = _Vectors(labels, result.text, result.image)
-        vectors.save(staging)
+        vectors.save(staging, storage.vectors)
         if embedder.patch_spec is not None:
-            _write_patches(staging / PATCHES_FILE, [result.patches], np.arange(len(result.products)))
-        _write_indexes(staging, {
-            "text": faiss_index.build(spec, vectors.text, vectors.labels),
-            "image": faiss_index.build(spec, vectors.image, vectors.labels),
-        })  # fmt: skip
+            _write_version_patches(staging, storage, result.patches, np.arange(len(result.products)))
+        if storage.faiss_files:  # else the flat index is built at load from the vectors
+            _write_indexes(staging, {
+                "text": faiss_index.build(spec, vectors.text, vectors.labels),
+                "image": faiss_index.build(spec, vectors.image, vectors.labels),
+            })  # fmt: skip
         operation = Operation(
             operation="build", finished_at=_now(), seconds=round(time.perf_counter() - start, 3),
             products_in=len(offered),
@@ -330,6 +377,7 @@ def build_index(
             previous=None, operation=operation, errors=errors, bundle=bundle_info(encoder, bundle_path),
             alphas=encoder.alphas, embed_dim=dim, spec=spec,
             vectors=vectors, next_label=next_label, catalog=catalog_info(catalog), patches=embedder.patch_spec,
+            storage=storage,
             lexical=lexical,
         )  # fmt: skip
         write_manifest(staging, manifest)
@@ -453,6 +501,7 @@ def update_index(
             check_same_encoder(previous, encoder)
             _check_same_patches(previous, embedder)
         spec = faiss_index.IndexSpec.from_dict(previous.index)
+        storage = storage_.storage_of(previous)
         with SqliteProductStore(live / FILES["store"]) as old_store:
             deleted = old_store.labels_of(delete_ids)
             missing = [i for i in delete_ids if i not in deleted]
@@ -508,23 +557,25 @@ def update_index(
                 text = np.concatenate([old.text, result.text])[source_rows]
                 image = np.concatenate([old.image, result.image])[source_rows]
                 vectors = _Vectors(all_labels[keep], text, image)
-                vectors.save(staging)
+                vectors.save(staging, storage.vectors)
                 if previous.patches is not None:
-                    sources = [_load_patches(live, previous)] + ([result.patches] if result.products else [])
-                    _write_patches(staging / PATCHES_FILE, sources, source_rows)
-                _write_indexes(staging, {
-                    name: faiss_index.update(
-                        spec, faiss_index.read(live / FILES[f"{name}_index"]),
-                        remove=np.concatenate([labels[is_replaced], removed]),
-                        add_vectors=new, add_labels=labels, all_vectors=all_vectors, all_labels=vectors.labels,
-                    )
-                    for name, new, all_vectors in (("text", result.text, vectors.text), ("image", result.image, vectors.image))
-                })  # fmt: skip
+                    _write_version_patches(staging, storage, result.patches if result.products else None, source_rows,
+                                           previous=(live, previous))  # fmt: skip
+                if storage.faiss_files:
+                    _write_indexes(staging, {
+                        name: faiss_index.update(
+                            spec, faiss_index.read(live / FILES[f"{name}_index"]),
+                            remove=np.concatenate([labels[is_replaced], removed]),
+                            add_vectors=new, add_labels=labels, all_vectors=all_vectors, all_labels=vectors.labels,
+                        )
+                        for name, new, all_vectors in (("text", result.text, vectors.text), ("image", result.image, vectors.image))
+                    })  # fmt: skip
                 operation.seconds = round(time.perf_counter() - start, 3)
                 manifest = _manifest(
                     previous=previous, operation=operation, errors=errors, bundle=previous.bundle,
                     alphas=Alphas.of(previous), embed_dim=previous.embed_dim, spec=spec, vectors=vectors,
                     next_label=next_label, catalog=catalog_info(upserts) if offered else None, patches=previous.patches,
+                    storage=storage,
                     lexical=lexical,
                 )  # fmt: skip
                 write_manifest(staging, manifest)

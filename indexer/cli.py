@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     from indexer.qdrant_index import QdrantEngine
 
 INDEX_TYPES_HELP = (
-    "flat (exact inner product), hnsw, ivfpq, auto (flat up to 100k products, hnsw up to 2M, then ivfpq), "
-    "or a Faiss factory string such as 'HNSW64,Flat'"
+    "auto (by catalog size: flat up to 100k products, hnsw up to 2M, then ivfpq; the manifest's index.reason "
+    "says why), flat (exact inner product), hnsw, ivfpq, or a Faiss factory string such as 'HNSW64,Flat'"
 )
 
 
@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "  upsert:  vitrine index --upsert --catalog C2 --out I   (add new, replace changed products)\n"
             "  delete:  vitrine index --delete ID [ID ...] --out I\n"
             "  gc:      vitrine index --gc --out I   (remove partial folders of killed builds and old versions\n"
-            "           no server is reading; prints what it removed)\n\n"
+            "           no server is reading; prints what it removed)\n"
+            "  du:      vitrine index --du --out I   (bytes per product of every file of the live version)\n\n"
             "With --qdrant-url (a Qdrant server or cluster) or --qdrant-path (an embedded Qdrant folder), the\n"
             "live version is also loaded into a Qdrant collection after the operation, and collections of\n"
             "versions no longer on disk are dropped (the API key is read from $VITRINE_QDRANT_API_KEY):\n"
@@ -55,9 +56,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="remove partial folders left by killed builds and all but the newest --keep-versions "
                            "versions, except the live one and versions a running server is reading, and photos "
                            "in uploads/ that no version refers to (older than an hour)")  # fmt: skip
+    mode.add_argument("--du", action="store_true", help="print what one product costs in each file of the live version")
     mode.add_argument("--qdrant-load", action="store_true",
                       help="only load the live version into Qdrant (--qdrant-url or --qdrant-path)")  # fmt: skip
-    parser.add_argument("--index-type", help=INDEX_TYPES_HELP + " (default: flat)")
+    parser.add_argument("--index-type", help=INDEX_TYPES_HELP + " (default: auto)")
+    parser.add_argument("--vector-dtype", choices=("auto", "float32", "float16"), default="auto",
+                        help="stored vectors (default auto: float32 up to 100k products, float16 beyond)")  # fmt: skip
+    parser.add_argument("--patch-storage", choices=("auto", "float16", "pca-int8"), default="auto",
+                        help="stored reranker patches (default auto: float16 when they take <= 2 KB a product, "
+                             "else PCA channels as int8 with a per-product scale)")  # fmt: skip
     parser.add_argument("--batch-size", type=positive_int, default=64, help="products per encoder batch (default: 64)")
     parser.add_argument("--threads", type=positive_int, help="encoder and image-decoding threads (default: min(4, CPUs))")
     parser.add_argument("--split", help="index only this split of the catalog (train/val/test)")
@@ -99,6 +106,8 @@ def main_index(args: argparse.Namespace) -> int:
         return main_qdrant_load(args)
     if args.gc:
         return main_gc(args)
+    if args.du:
+        return main_du(args)
     if args.delete:
         if args.catalog or args.bundle or args.index_type:
             raise UserError("--delete takes only ids and --out (no --catalog, --bundle or --index-type)")
@@ -129,7 +138,8 @@ def main_index(args: argparse.Namespace) -> int:
             result = _build_on_ray(args, catalog, encoder, bundle, progress)
         else:
             result = build_index(
-                catalog, encoder, args.out, index_type=args.index_type or "flat", batch_size=args.batch_size,
+                catalog, encoder, args.out, index_type=args.index_type or "auto", vector_dtype=args.vector_dtype,
+                patch_storage=args.patch_storage, batch_size=args.batch_size,
                 threads=args.threads, bundle_path=bundle, progress=progress, keep_versions=args.keep_versions,
             )  # fmt: skip
     collection = _load_into_qdrant(args)
@@ -208,6 +218,18 @@ def main_qdrant_load(args: argparse.Namespace) -> int:
         raise UserError("--qdrant-load needs --qdrant-url or --qdrant-path")
     collection = _load_into_qdrant(args)
     print(json.dumps({"qdrant_collection": collection}) if args.json else f"qdrant: collection {collection} holds the live version")
+    return 0
+
+
+def main_du(args: argparse.Namespace) -> int:
+    from indexer.layout import IndexLayout
+    from indexer.storage import format_sizes, version_sizes
+    from vitrine.errors import UserError
+
+    if args.catalog or args.bundle or args.index_type:
+        raise UserError("--du takes only --out")
+    sizes = version_sizes(IndexLayout(args.out).resolve())
+    print(json.dumps(sizes, indent=2) if args.json else format_sizes(sizes))
     return 0
 
 

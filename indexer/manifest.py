@@ -7,13 +7,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from indexer.storage import IndexStorage
 from vitrine.embed import ProductError
 from vitrine.errors import UserError
 from vitrine.runtime.preprocess import PatchSpec
 from vitrine.scoring import Alphas
 
 INDEX_FORMAT = "vitrine-product-index"
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2  # 2: `storage` (vectors stored once, float16 vectors, compact patches); 1 still loads
+READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 MAX_LISTED_ERRORS = 10_000  # per-product errors kept in the manifest; the count is always exact
 MAX_HISTORY = 50
@@ -81,6 +83,8 @@ class IndexManifest(BaseModel):
     # The BM25 index in `lexical/` (indexer.lexical): library, tokenizer, documents; None in versions that predate it.
     lexical: dict[str, Any] | None = None
     history: list[Operation] = Field(default_factory=list)  # earlier operations, oldest first
+    # How vectors, Faiss indexes and patches are stored (format 2); None: format 1 (`indexer.storage.FORMAT_1`).
+    storage: IndexStorage | None = None
 
 
 def write_manifest(folder: Path, manifest: IndexManifest) -> Path:
@@ -99,10 +103,10 @@ def read_manifest(folder: Path) -> IndexManifest:
         raise UserError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(raw, dict) or raw.get("format") != INDEX_FORMAT:
         raise UserError(f"{path}: not a Vitrine product index manifest")
-    if raw.get("format_version") != INDEX_FORMAT_VERSION:
+    if raw.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise UserError(
-            f"{path}: index format version {raw.get('format_version')!r}, this Vitrine reads version "
-            f"{INDEX_FORMAT_VERSION}; rebuild the index with `vitrine index`"
+            f"{path}: index format version {raw.get('format_version')!r}, this Vitrine reads versions "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}; rebuild the index with `vitrine index`"
         )
     try:
         return IndexManifest.model_validate(raw)

@@ -42,6 +42,7 @@ from indexer.filters import FilterColumns, FilterError, match_key
 from indexer.layout import IndexLayout, VersionLease
 from indexer.lexical import LexicalSearch
 from indexer.manifest import IndexManifest, IndexVersionFacts, read_manifest
+from indexer.storage import open_patches, patch_roles
 from indexer.store import SqliteProductStore
 from vitrine.catalog.record import ProductRecord
 from vitrine.errors import IndexUnavailableError, UserError
@@ -488,7 +489,7 @@ class QdrantIndex(LexicalSearch, IndexVersionFacts):
         engine.acquire()
         try:
             manifest = read_manifest(folder)
-            for role in ("store", "labels", "text_vectors", "image_vectors", *(("patches",) if manifest.patches else ())):
+            for role in ("store", "labels", "text_vectors", "image_vectors", *patch_roles(manifest)):
                 if role not in manifest.files or not (folder / manifest.files[role]).is_file():
                     raise UserError(f"index version {folder} is incomplete: {manifest.files.get(role, role)} missing")
             if engine.embedded if load is None else load:
@@ -503,7 +504,7 @@ class QdrantIndex(LexicalSearch, IndexVersionFacts):
                         f"Qdrant collection {collection} ({engine.describe()}) is {state}: load index version "
                         f"{folder.name} with `vitrine index --out {layout.root} --qdrant-load --qdrant-url URL`"
                     )
-            patches = np.load(folder / manifest.files["patches"], mmap_mode="r") if manifest.patches else None
+            patches = open_patches(folder, manifest)
             return cls(
                 index_dir=layout.root, version_dir=folder, manifest=manifest,
                 store=SqliteProductStore(folder / manifest.files["store"]), engine=engine, collection=collection,

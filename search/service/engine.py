@@ -229,7 +229,7 @@ class SearchEngine:
         self.cache = TieredEmbeddingCache(LRUEmbeddingCache(settings.cache_size, self.embed_dim), remote)
         # Concurrent cache misses share encoder calls (search.service.batching).
         # One call at a time per two cores: on 2 cores that gave larger batches and less CPU per query than
-        # two at a time (docs/results/perf.md), while the other core serves HTTP and searches.
+        # two at a time (docs/RESULTS.md, “Per-query cost”), while the other core serves HTTP and searches.
         concurrency = settings.encode_concurrency or max(1, (os.cpu_count() or 2) // 2)
         self.text_batcher = TextBatcher(encoder.encode_texts, max_batch=settings.text_batch_max, max_concurrent=concurrency)
         self._served = ServedVersion(index, settings, self.link, owned=owns_index)

@@ -97,7 +97,7 @@ def test_auto_and_ivfpq_by_size() -> None:
     assert faiss_index.resolve_spec("auto", 50_000, 256).type == "flat"
     assert faiss_index.resolve_spec("auto", 500_000, 256).type == "hnsw"
     big = faiss_index.resolve_spec("auto", 4_000_000, 256)
-    assert big.type == "ivfpq" and big.factory == "IVF8000,PQ64np" and big.search == {"nprobe": 16}
+    assert big.type == "ivfpq" and big.factory == "IVF8000,PQ64np" and big.search == {"nprobe": 200}  # 1/40 of the lists
     with pytest.raises(UserError, match="ivfpq needs at least 1,000 products"):
         faiss_index.resolve_spec("ivfpq", 32, 256)
     with pytest.raises(UserError, match="invalid index type 'Bogus42'"):

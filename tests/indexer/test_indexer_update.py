@@ -171,7 +171,7 @@ def test_a_failing_build_leaves_the_previous_index_live(tmp_path: Path, catalogs
         build_index(read_catalog(catalogs["final"]), FailingEncoder(fail_on=2), out, batch_size=8)
     with pytest.raises(RuntimeError, match="encoder crashed"):
         upsert_index(out, read_catalog(catalogs["update"]), FailingEncoder(fail_on=2), batch_size=4)
-    # a crash after the vectors, while writing the Faiss indexes
+    # a crash after the vectors, while writing the Faiss indexes (hnsw: a flat index is built at load, not written)
     from indexer import build as build_module
 
     calls = []
@@ -184,7 +184,7 @@ def test_a_failing_build_leaves_the_previous_index_live(tmp_path: Path, catalogs
 
     monkeypatch.setattr(build_module.faiss_index, "write", write_then_fail)
     with pytest.raises(OSError, match="disk full"):
-        build_index(read_catalog(catalogs["final"]), encoder, out)
+        build_index(read_catalog(catalogs["final"]), encoder, out, index_type="hnsw")
     monkeypatch.undo()
 
     after = ProductIndex.open(out)

@@ -276,3 +276,25 @@ def test_judged_queries_score_the_reranked_modes(built, tmp_path, capsys):
     report = json.loads((out / "metrics.json").read_text())
     assert list(report["modes"]) == ["vector", "lexical", "hybrid", "vector+rerank", "hybrid+rerank"]  # the default with a reranker
     assert (out / "run.hybrid+rerank.trec").read_text().count("q1 Q0") == 10
+
+
+def test_rerank_reads_compact_patches(bundle, built, reranker, tmp_path):
+    """An index with compact (PCA int8) patches serves the reranker decoded float32 patches of the bundle's shape."""
+    from indexer.build import build_index
+    from vitrine.catalog import read_catalog
+    from vitrine.runtime import load_bundle
+
+    build_index(read_catalog(built.catalog_dir), load_bundle(bundle), tmp_path / "compact", patch_storage="pca-int8", threads=2)
+    with ProductIndex.open(tmp_path / "compact") as compact, ProductIndex.open(built.index_dir) as full:
+        assert compact.manifest["storage"]["patches"] == "pca-int8" and compact.patch_spec == full.patch_spec
+        with serve(compact, built.encoder) as client:
+            body = search(client, query=QUERY, k=5, rerank=True, rerank_top_n=10)
+        ids, scores = expected_rerank(compact, built.encoder, reranker, QUERY, k=5, n=10)
+        assert [r["id"] for r in body["results"]] == ids
+        assert [r["rerank_score"] for r in body["results"]] == pytest.approx(scores, abs=1e-5)
+        head = [h.id for h in first_stage(full, built.encoder, QUERY, 10)]
+        titles = [full.get(i).title for i in head]
+        on_full = reranker.score(normalise_query(QUERY), titles, full.patches(head))
+        on_compact = reranker.score(normalise_query(QUERY), titles, compact.patches(head))
+        # 24 products span at most 24 dimensions of the 64-d patches: the 24 components keep them, up to int8 rounding
+        np.testing.assert_allclose(on_compact, on_full, atol=1e-4)
