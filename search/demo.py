@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CATALOG = "../shared/data/fashion-products"
 # Attention heads (+ mean-pooled residual) over cached token states (trainer.recipe). Not the train default
-# (fashion-lite-apc): its conv-head residual costs 30 % more per epoch for +2 T2P, and the demo is timed.
+# (fashion-lite-apu, ~24 min): the demo is timed, and this trains in about 10 minutes.
 DEMO_MODEL = "fashion-lite-apr"
 DEMO_EPOCHS = 10
 

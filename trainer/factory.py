@@ -30,7 +30,7 @@ from trainer.pretrained import (
 )
 
 # Config sections Vitrine reads itself; the rest goes to open_clip's CustomTextCLIP.
-_VITRINE_KEYS = ("preprocess_cfg", "pretrained", "pruning_cfg", "heads_cfg")
+_VITRINE_KEYS = ("preprocess_cfg", "pretrained", "pruning_cfg", "heads_cfg", "recipe_cfg")
 _RANDOM_INIT = ("none", "random")
 _OFFLINE = "offline"
 
@@ -54,6 +54,11 @@ def list_models() -> list[str]:
 def has_token_heads(name: str) -> bool:
     """Whether a Vitrine config pools token states with attention heads (and trains with trainer.recipe)."""
     return name in _configs() and (_configs()[name].get("heads_cfg") or {}).get("type") == "attention"
+
+
+def recipe_defaults(name: str) -> dict:
+    """A Vitrine config's training defaults (`recipe_cfg`: what it unlocks above the cache); {} for others."""
+    return dict(_configs()[name].get("recipe_cfg") or {}) if name in _configs() else {}
 
 
 def get_model_config(name: str) -> dict:

@@ -90,3 +90,18 @@ def test_default_config_reads_the_pooled_conv_head_in_the_image_residual():
     model = create_model(DEFAULT_MODEL, pretrained="none")
     assert model.image_summary == "conv_head" and model.image_head.skip.in_features == 1280
     assert model.text_head.skip.in_features == 384  # MiniLM's mean token, as in fashion-lite-apr
+
+
+def test_default_config_unlocks_the_last_stage_and_top_two_text_layers_unless_flags_say_otherwise():
+    from trainer.cli import DEFAULT_MODEL, resolve_unlocking
+    from trainer.factory import recipe_defaults
+
+    assert recipe_defaults(DEFAULT_MODEL) == {"image_unlocked_groups": 2, "text_unlocked_layers": 2}
+    assert resolve_unlocking(DEFAULT_MODEL, None, None) == (2, 2)
+    assert resolve_unlocking(DEFAULT_MODEL, 0, None) == (0, 2)  # a flag on the command line wins
+    assert resolve_unlocking(DEFAULT_MODEL, None, 0) == (2, 0)
+    assert resolve_unlocking("fashion-lite-apr", None, None) == (0, 0)  # configs without recipe_cfg stay frozen
+    assert resolve_unlocking("ViT-B-32", None, 1) == (0, 1)  # open_clip names have no Vitrine config
+    # The model itself is fashion-lite-apc's: the recipe_cfg key never reaches the open_clip constructor.
+    model = create_model(DEFAULT_MODEL, pretrained="none")
+    assert model.image_summary == "conv_head" and model.image_head.skip.in_features == 1280
