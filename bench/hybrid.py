@@ -11,7 +11,8 @@ behind POST /search/text). Query sets, composed from each split's catalog:
   first gender word (Men, Women, Boys, Girls, Unisex, Kids), lower-cased; titles without one (5 %) get no
   brand and are never relevant. Brands are exact: "lee" is not "lee cooper", "adidas" not "adidas originals".
   `brand` takes the (brand, type) pairs with at least 3 products in the split (a query with one relevant
-  product caps P@10 at 0.1, so it says little about P@10); `brand_all` samples every pair, for comparison.
+  product caps P@10 at 0.1, so it says little about P@10); `brand10` takes every pair with at least 10
+  (its P@10 ceiling is 100); `brand_all` samples every pair, for comparison.
   Each set's P@10 ceiling (mean min(10, relevant) / 10) is reported beside it.
 - title: a product's exact title; relevant = every product of the split with that title.
 - paraphrase (a diagnostic, not one of the three): T2P queries whose article type is swapped for a word
@@ -53,8 +54,9 @@ K = 10
 WEIGHTS = (0.3, 0.5, 0.7, 0.85)  # BM25 weight; the vector list gets 1 - w
 SETS = ("t2p", "brand", "title")  # the three the issue names
 PICK_SETS = ("t2p", "brand", "title", "paraphrase")  # the fusion is picked on their mean nDCG@10 on val
-ALL_SETS = ("t2p", "brand", "brand_all", "title", "paraphrase")
+ALL_SETS = ("t2p", "brand", "brand10", "brand_all", "title", "paraphrase")
 MIN_BRAND_PRODUCTS = 3
+FULL_BRAND_PRODUCTS = K  # brand10: pairs with at least 10 products, where P@10 can reach 100
 PARAPHRASES = {
     "tshirts": "tees", "casual shoes": "sneakers", "sports shoes": "trainers", "watches": "wristwatch",
     "handbags": "purses", "sunglasses": "shades", "flip flops": "slippers", "briefs": "underwear",
@@ -97,6 +99,8 @@ def query_sets(products: Sequence[Any], n: int, seed: int) -> dict[str, list[tup
         pairs = sorted(pair for pair, found in by_pair.items() if len(found) >= least)
         picked = sorted(rng.choice(len(pairs), size=min(n, len(pairs)), replace=False))
         brand_sets[name] = [(f"{pairs[i][0]} {pairs[i][1]}", by_pair[pairs[i]]) for i in picked]
+    # Every pair with at least 10 products (no sampling, so the sets above keep their draws).
+    brand_sets["brand10"] = [(f"{b} {a}", found) for (b, a), found in sorted(by_pair.items()) if len(found) >= FULL_BRAND_PRODUCTS]
 
     by_title: dict[str, set[str]] = {}
     for p in products:
