@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from indexer.candidates import check_counts, check_query, exact_similarities, fetch_size, rank_union, scored_hits
-from indexer.filters import FilterColumns, FilterError, match_key
+from indexer.filters import FilterColumns, match_key
 from indexer.layout import IndexLayout, VersionLease
 from indexer.lexical import LexicalSearch
 from indexer.manifest import IndexManifest, IndexVersionFacts, read_manifest
@@ -95,6 +95,11 @@ def payload_key(field: str) -> str:
     if _SAFE_FIELD.match(field):
         return f"f_{field}"
     return f"fx_{field.encode('utf-8').hex()}"
+
+
+def predicted_payload_key(field: str) -> str:
+    """The payload key of a field's value with backfilled values filling the catalog's gaps (`pf_<name>`)."""
+    return "p" + payload_key(field)
 
 
 class QdrantEngine:
@@ -321,8 +326,10 @@ def _create_collection(engine: QdrantEngine, name: str, version_dir: Path, manif
     engine.call(lambda c: c.create_collection(name, vectors_config=vectors, metadata=metadata, **options))
     if not engine.embedded:  # payload indexes serve filtered HNSW search on a server (local mode scans)
         with SqliteProductStore(version_dir / manifest.files["store"]) as store:
-            fields = list(FilterColumns.from_records(record for _, record in store.scan()).fields())
-        for key in ["id", *(payload_key(f) for f in fields)]:
+            records = [record for _, record in store.scan()]
+        fields = list(FilterColumns.from_records(records).fields())
+        predicted = list(FilterColumns.from_records(records, include_predicted=True).fields()) if any(r.predicted for r in records) else []
+        for key in ["id", *(payload_key(f) for f in fields), *(predicted_payload_key(f) for f in predicted)]:
             engine.call(lambda c, key=key: c.create_payload_index(name, key, models.PayloadSchemaType.KEYWORD, wait=True))
 
 
@@ -338,10 +345,19 @@ def _version_batches(version_dir: Path, manifest: IndexManifest) -> Iterator[tup
         raise UserError(f"index version {version_dir} is inconsistent: the product store and labels.npy disagree")
     columns = FilterColumns.from_records(record for _, record in scanned)
     keys = {field: payload_key(field) for field in columns.fields()}
+    # A backfilled version also carries each field with predicted values filling the gaps (include_predicted).
+    with_predicted = FilterColumns.from_records((record for _, record in scanned), include_predicted=True)
+    predicted_keys = (
+        {field: predicted_payload_key(field) for field in with_predicted.fields()} if any(r.predicted for _, r in scanned) else {}
+    )
     for start in range(0, len(scanned), UPLOAD_BATCH):
         chunk = scanned[start : start + UPLOAD_BATCH]
         payloads = [
-            {"id": record.id, **{key: match_key(record.attribute(field)) for field, key in keys.items()}}
+            {
+                "id": record.id,
+                **{key: match_key(record.attribute(field)) for field, key in keys.items()},
+                **{key: match_key(record.attribute_or_predicted(field)) for field, key in predicted_keys.items()},
+            }
             for _, record in chunk
         ]
         end = start + len(chunk)
@@ -462,6 +478,11 @@ class QdrantIndex(LexicalSearch, IndexVersionFacts):
         self._columns = FilterColumns.from_records(record for _, record in scanned)
         self._has_predicted = any(record.predicted for _, record in scanned)
         self._keys = {field: payload_key(field) for field in self._columns.fields()}
+        # include_predicted filters read the `pf_` payloads, where backfilled values fill the catalog's gaps.
+        self._columns_with_predicted = (
+            FilterColumns.from_records((record for _, record in scanned), include_predicted=True) if self._has_predicted else self._columns
+        )
+        self._predicted_keys = {field: predicted_payload_key(field) for field in self._columns_with_predicted.fields()}
         # Exact (brute-force) search mirrors a flat Faiss index; HNSW otherwise (local mode is always exact).
         self.exact = bool(manifest.index.get("exact", False)) if exact is None else bool(exact)
         self._closed = False
@@ -607,11 +628,8 @@ class QdrantIndex(LexicalSearch, IndexVersionFacts):
     # ------------------------------------------------------------ search
 
     def filter_mask(self, filters: Mapping[str, str | list[str]], *, include_predicted: bool = False) -> np.ndarray:
-        """Boolean (n,) in label order: the products these filters admit (the lexical side reads it).
-        The payloads hold catalog values only, so `include_predicted` on a backfilled version is refused."""
-        if include_predicted and self._has_predicted:
-            raise FilterError("include_predicted filters are served by the faiss backend only (vitrine serve --backend faiss)")
-        return self._columns.mask(filters)
+        """Boolean (n,) in label order: the products these filters admit (the lexical side reads it)."""
+        return (self._columns_with_predicted if include_predicted else self._columns).mask(filters)
 
     def search(
         self,
@@ -626,18 +644,17 @@ class QdrantIndex(LexicalSearch, IndexVersionFacts):
     ) -> list[Hit]:
         """Top-k products for one query embedding (D,), by fused score (see the module docstring).
 
-        Same arguments, checks and results as `ProductIndex.search`, except that the payloads carry
-        no backfilled values: `include_predicted` with filters on a version that has some is a FilterError."""
-        if include_predicted and filters and self._has_predicted:
-            raise FilterError("include_predicted filters are served by the faiss backend only (vitrine serve --backend faiss)")
+        Same arguments, checks and results as `ProductIndex.search`."""
+        predicted = bool(include_predicted and self._has_predicted)
         query = check_query(query_emb, self.embed_dim)
         check_counts(k, fetch_k)
         alpha = self.alphas.resolve(kind, alpha)
-        wanted = self._columns.normalise(filters) if filters else None  # validates fields even on an empty index
+        columns = self._columns_with_predicted if predicted else self._columns
+        wanted = columns.normalise(filters) if filters else None  # validates fields even on an empty index
         n = len(self)
         if n == 0 or (wanted is not None and any(not keys for keys in wanted.values())):
             return []
-        ids, title_vectors, image_vectors = self._candidates(query, fetch_size(n, k, fetch_k), self._payload_filter(wanted))
+        ids, title_vectors, image_vectors = self._candidates(query, fetch_size(n, k, fetch_k), self._payload_filter(wanted, predicted))
         if not ids:
             return []
         title = exact_similarities(title_vectors, query)  # as ProductIndex, to the bit
@@ -662,14 +679,16 @@ class QdrantIndex(LexicalSearch, IndexVersionFacts):
         image = exact_similarities(np.array([by_label[label].vector["image"] for label in labels], dtype=np.float32), query)
         return scored_hits(list(ids), title, image, alpha)
 
-    def _payload_filter(self, wanted: dict[str, list[str]] | None) -> models.Filter | None:
-        """Every field must match one of its values: a Qdrant filter over the `match_key` payloads."""
+    def _payload_filter(self, wanted: dict[str, list[str]] | None, predicted: bool = False) -> models.Filter | None:
+        """Every field must match one of its values: a Qdrant filter over the `match_key` payloads
+        (`predicted`: the payloads where backfilled values fill the catalog's gaps)."""
         if not wanted:
             return None
         from qdrant_client import models
 
+        keys = self._predicted_keys if predicted else self._keys
         return models.Filter(
-            must=[models.FieldCondition(key=self._keys[field], match=models.MatchAny(any=keys)) for field, keys in wanted.items()]
+            must=[models.FieldCondition(key=keys[field], match=models.MatchAny(any=values)) for field, values in wanted.items()]
         )
 
     def _candidates(

@@ -206,14 +206,19 @@ def test_cli_train_eval_predict(built, tmp_path, capsys):
         _cli("attributes", "predict", "--heads", str(tmp_path), "--index", str(index_dir))
 
 
-def test_qdrant_refuses_include_predicted_filters_on_a_backfilled_version(backfilled):
+def test_qdrant_serves_include_predicted_filters_as_faiss_does(backfilled):
     from indexer import QdrantEngine, QdrantIndex
-    from indexer.filters import FilterError
 
     index_dir, _, _, fixture = backfilled
-    query = fixture.encoder.encode_texts(["men"])[0]
-    with QdrantIndex.open(index_dir, engine=QdrantEngine.embedded(":memory:")) as qdrant:
-        with pytest.raises(FilterError, match="faiss backend only"):
-            qdrant.search(query, k=5, filters={"gender": "Men"}, include_predicted=True)
-        with ProductIndex.open(index_dir) as faiss:  # catalog-only filters: the same results as Faiss
-            assert qdrant.search(query, k=5, filters={"gender": "Men"}) == faiss.search(query, k=5, filters={"gender": "Men"})
+    with QdrantIndex.open(index_dir, engine=QdrantEngine.embedded(":memory:")) as qdrant, ProductIndex.open(index_dir) as faiss:
+        for text in ("men", "red shoes", "women tshirts"):
+            query = fixture.encoder.encode_texts([text])[0]
+            for filters in ({"gender": "Men"}, {"baseColour": ["Red", "Blue"]}, {"gender": "Women", "baseColour": "Red"}):
+                for predicted in (False, True):
+                    q = qdrant.search(query, k=8, filters=filters, include_predicted=predicted)
+                    f = faiss.search(query, k=8, filters=filters, include_predicted=predicted)
+                    assert q == f, (text, filters, predicted)
+            np.testing.assert_array_equal(qdrant.filter_mask({"gender": "Men"}, include_predicted=True),
+                                          faiss.filter_mask({"gender": "Men"}, include_predicted=True))  # fmt: skip
+        # predicted values widen the filtered set: products the catalog leaves without a gender now match
+        assert qdrant.filter_mask({"gender": "Men"}, include_predicted=True).sum() > qdrant.filter_mask({"gender": "Men"}).sum()
