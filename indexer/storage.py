@@ -18,7 +18,7 @@ Format-1 versions load as before: no `storage` in the manifest means `FORMAT_1`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import faiss
 import numpy as np
@@ -28,6 +28,9 @@ from indexer import faiss_index
 from indexer.patch_codec import DEFAULT_COMPONENTS, CompactPatches, PatchCodec
 from vitrine.errors import UserError
 from vitrine.runtime.preprocess import PatchSpec
+
+if TYPE_CHECKING:  # indexer.manifest imports this module for its `storage` field
+    from indexer.manifest import IndexManifest
 
 VECTOR_DTYPES = ("auto", "float32", "float16")
 PATCH_STORAGES = ("auto", "float16", "pca-int8")
@@ -59,9 +62,9 @@ class IndexStorage(BaseModel):
 FORMAT_1 = IndexStorage(vectors="float32", faiss_files=True, patches="float16")
 
 
-def storage_of(manifest: Any) -> IndexStorage:
+def storage_of(manifest: IndexManifest) -> IndexStorage:
     """The storage of a version (format 1: its implicit storage)."""
-    storage = getattr(manifest, "storage", None)
+    storage = manifest.storage
     if storage is None:
         return FORMAT_1 if manifest.patches is not None else FORMAT_1.model_copy(update={"patches": None})
     return storage
@@ -145,7 +148,7 @@ def flat_index(spec: faiss_index.IndexSpec, vectors: np.ndarray, labels: np.ndar
     return index, view
 
 
-def open_search_arrays(folder: Path, manifest: Any, labels: np.ndarray, *, mmap: bool) -> tuple[np.ndarray, np.ndarray, Any, Any]:
+def open_search_arrays(folder: Path, manifest: IndexManifest, labels: np.ndarray, *, mmap: bool) -> tuple[np.ndarray, np.ndarray, Any, Any]:
     """(text vectors, image vectors, text index, image index) of a version, whatever its storage."""
     storage = storage_of(manifest)
     spec = faiss_index.IndexSpec.from_dict(manifest.index)
@@ -158,13 +161,13 @@ def open_search_arrays(folder: Path, manifest: Any, labels: np.ndarray, *, mmap:
     return text, image, text_index, image_index
 
 
-def patch_roles(manifest: Any) -> tuple[str, ...]:
+def patch_roles(manifest: IndexManifest) -> tuple[str, ...]:
     """The manifest roles of a version's patch files (none without patches)."""
     kind = storage_of(manifest).patches if manifest.patches is not None else None
     return tuple(PATCH_FILES) if kind == "float16" else tuple(COMPACT_PATCH_FILES) if kind == "pca-int8" else ()
 
 
-def open_patches(folder: Path, manifest: Any) -> np.ndarray | CompactPatches | None:
+def open_patches(folder: Path, manifest: IndexManifest) -> np.ndarray | CompactPatches | None:
     """The version's patches, memory-mapped; compact ones decode the rows they are indexed with."""
     storage = storage_of(manifest)
     if manifest.patches is None or storage.patches is None:

@@ -153,3 +153,37 @@ class SearchIndex(Protocol):
         """Top-k by fused score; `fetch_k`: candidates taken from each vector index (None: max(100, 10k));
         `include_predicted`: filters also match backfilled attribute values."""
         ...
+
+    def lexical_search(
+        self,
+        query: str,
+        *,
+        k: int,
+        filters: Mapping[str, str | list[str]] | None = None,
+        include_predicted: bool = False,
+    ) -> Sequence[ScoredId]:
+        """Top-k by BM25 over titles and attribute values, with the same filters as `search`."""
+        ...
+
+    def score_ids(
+        self, query_emb: np.ndarray, ids: Sequence[str], *, kind: QueryKind = "text", alpha: float | None = None
+    ) -> list[Hit]:
+        """The fused score and its parts of each of `ids`, in that order, exactly as `search` scores them."""
+        ...
+
+
+class ScoredId(Protocol):
+    """A product id with a score (BM25's, from `SearchIndex.lexical_search`)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def score(self) -> float: ...
+
+
+@runtime_checkable
+class StoredVectors(Protocol):
+    """An index that returns its products' stored (title, image) vectors: "more like this" needs it."""
+
+    def vectors(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]: ...

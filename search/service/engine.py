@@ -36,7 +36,7 @@ from search.service.settings import MAX_RERANK_TOP_N, Settings
 from vitrine.catalog.record import ProductRecord
 from vitrine.errors import UserError
 from vitrine.fusion import DEFAULT_FUSION, DEFAULT_LEXICAL_WEIGHT, FusionMethod, SearchMode, fuse_lists, hybrid_depth
-from vitrine.protocols import Reranker, SearchIndex, ServingEncoder
+from vitrine.protocols import Reranker, SearchIndex, ServingEncoder, StoredVectors
 from vitrine.runtime.reranker import RerankerSpec
 from vitrine.scoring import Hit, QueryKind
 from vitrine.timing import recording
@@ -636,12 +636,11 @@ class SearchEngine:
         404 for an id the served version does not hold, 422 similar_unavailable for an index without stored vectors."""
         timings: dict[str, float] = {}
         with self.pinned() as served, self.metrics.stage("similar", "total", timings):
-            vectors = getattr(served.index, "vectors", None)
-            if vectors is None:
+            if not isinstance(served.index, StoredVectors):
                 raise ApiError(422, "similar_unavailable", "this index cannot look up a product's stored vectors")
             with self.metrics.stage("similar", "encode", timings):  # the "encoding" is a lookup
                 try:
-                    _, image = vectors([product_id])
+                    _, image = served.index.vectors([product_id])
                 except KeyError:
                     raise ApiError(404, "product_not_found", f"no product with id {product_id!r}") from None
             emb = self._check_emb(image, "stored image")
