@@ -5,8 +5,11 @@ same kernel, fused in float64 with α, sorted by score then id). Pure functions 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
+from indexer.store import SqliteProductStore
 from vitrine.scoring import Hit, fuse
 
 MIN_FETCH_K = 100
@@ -61,3 +64,12 @@ def rank_union(ids: np.ndarray, title: np.ndarray, image: np.ndarray, alpha: flo
     score = fuse(title.astype(np.float64), image.astype(np.float64), alpha)
     order = np.lexsort((ids, -score))[:k]
     return [Hit(str(ids[i]), float(score[i]), float(title[i]), float(image[i])) for i in order]
+
+
+def rows_of_ids(store: SqliteProductStore, labels: np.ndarray, ids: Sequence[str]) -> np.ndarray:
+    """Rows (positions in the sorted `labels`) of `ids`, in their order; KeyError for the first unknown id."""
+    found = store.labels_of(list(ids))
+    unknown = [i for i in ids if i not in found]
+    if unknown:
+        raise KeyError(unknown[0])
+    return np.searchsorted(labels, np.array([found[i] for i in ids], dtype=np.int64))

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from indexer import faiss_index, storage
-from indexer.candidates import MIN_FETCH_K, check_counts, check_query, default_fetch_k, fetch_size, scored_hits
+from indexer.candidates import MIN_FETCH_K, check_counts, check_query, default_fetch_k, fetch_size, rows_of_ids, scored_hits
 from indexer.filters import FilterColumns, FilterError, UnknownFilterError
 from indexer.fused_scan import FusedScan, exact_top_k, row_dots
 from indexer.layout import IndexLayout, VersionLease
@@ -292,11 +292,7 @@ class ProductIndex(LexicalSearch, IndexVersionFacts):
         return rows
 
     def _rows_of_ids(self, ids: Sequence[str]) -> np.ndarray:
-        found = self._store.labels_of(list(ids))
-        unknown = [i for i in ids if i not in found]
-        if unknown:
-            raise KeyError(unknown[0])
-        return self._rows(np.array([found[i] for i in ids], dtype=np.int64))
+        return rows_of_ids(self._store, self._labels, ids)
 
     def _candidates(self, query: np.ndarray, fetch: int, allowed_labels: np.ndarray | None = None) -> np.ndarray:
         """Rows of the union of the top-`fetch` of the title index and of the image index."""

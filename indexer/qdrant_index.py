@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 from PIL import Image
 
-from indexer.candidates import check_counts, check_query, exact_similarities, fetch_size, rank_union, scored_hits
+from indexer.candidates import check_counts, check_query, exact_similarities, fetch_size, rank_union, rows_of_ids, scored_hits
 from indexer.filters import FilterColumns, match_key
 from indexer.layout import IndexLayout, VersionLease
 from indexer.lexical import LexicalSearch
@@ -604,11 +604,7 @@ class QdrantIndex(LexicalSearch, IndexVersionFacts):
             files = self._manifest.files
             self._vectors = (np.load(self.version_dir / files["text_vectors"], mmap_mode="r"),
                              np.load(self.version_dir / files["image_vectors"], mmap_mode="r"))  # fmt: skip
-        found = self._store.labels_of(list(ids))
-        unknown = [i for i in ids if i not in found]
-        if unknown:
-            raise KeyError(unknown[0])
-        rows = np.searchsorted(self._labels, np.array([found[i] for i in ids], dtype=np.int64))
+        rows = rows_of_ids(self._store, self._labels, ids)
         text, image = self._vectors
         return np.asarray(text[rows], dtype=np.float32), np.asarray(image[rows], dtype=np.float32)
 
@@ -618,11 +614,10 @@ class QdrantIndex(LexicalSearch, IndexVersionFacts):
             raise UserError(f"index {self.index_dir} stores no patch features: rebuild it with a bundle exported with patches")
         if isinstance(ids, str):
             raise UserError("patches expects a list of product ids, got a single string")
-        found = self._store.labels_of(list(ids))
-        unknown = [i for i in ids if i not in found]
-        if unknown:
-            raise UserError(f"product {unknown[0]!r} is not in the index {self.index_dir}")
-        rows = np.searchsorted(self._labels, np.array([found[i] for i in ids], dtype=np.int64))
+        try:
+            rows = rows_of_ids(self._store, self._labels, ids)
+        except KeyError as exc:
+            raise UserError(f"product {exc.args[0]!r} is not in the index {self.index_dir}") from None
         return np.asarray(self._patches[rows], dtype=np.float32)
 
     # ------------------------------------------------------------ search
@@ -668,11 +663,7 @@ class QdrantIndex(LexicalSearch, IndexVersionFacts):
         alpha = self.alphas.resolve(kind, alpha)
         if not len(ids):
             return []
-        found = self._store.labels_of(list(ids))
-        unknown = [i for i in ids if i not in found]
-        if unknown:
-            raise KeyError(unknown[0])
-        labels = [int(found[i]) for i in ids]
+        labels = self._labels[rows_of_ids(self._store, self._labels, ids)].tolist()
         points = self.engine.call(lambda c: c.retrieve(self.collection, ids=labels, with_vectors=list(VECTORS)))
         by_label = {int(p.id): p for p in points}
         title = exact_similarities(np.array([by_label[label].vector["text"] for label in labels], dtype=np.float32), query)
