@@ -398,10 +398,10 @@ class OracleScorer:
     def with_prior(self, logits, first_stage):
         return logits + self.prior_weight * first_stage
 
-    def score(self, query, titles, patches):
+    def score(self, query, titles, patches, *, aligned=None):
         return -np.abs(patches[:, 0, 0] - self.markers.get(query, -99.0))
 
-    def score_pairs(self, queries, titles, patches):
+    def score_pairs(self, queries, titles, patches, *, aligned=None):
         return np.array([self.score(q, [t], patches[i : i + 1])[0] for i, (q, t) in enumerate(zip(queries, titles))])
 
 

@@ -36,9 +36,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     import numpy as np
 
     from trainer.concepts import ConceptGraph
-    from trainer.cross_encoder.data import QueryMaker
+    from trainer.cross_encoder.data import DualEmbeddings, QueryMaker
     from trainer.cross_encoder.knowledge import AttributeSchema
-    from trainer.cross_encoder.mining import mine_groups
+    from trainer.cross_encoder.mining import mine_groups, tia_hard_negatives
     from trainer.cross_encoder.train import RerankerTrainConfig, RerankerTrainer
     from vitrine.runtime.bundle import load_bundle
 
@@ -50,9 +50,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     (products,) = _splits(args.catalog, "train")
     feats = _features(args.bundle, products, args.cache)
     schema = AttributeSchema.from_products(products)
+    bundle = load_bundle(args.bundle)
+    dual = DualEmbeddings(feats.text, feats.image, bundle.encode_texts)
+    hard = None
+    if cfg.stage == "pretrain" and args.hard_negatives:
+        hard = tia_hard_negatives([p.title for p in products], feats.text, feats.image, k=args.hard_negatives)
     groups = None
     if cfg.stage != "pretrain":
-        bundle = load_bundle(args.bundle)
         graph = ConceptGraph.build(products)
         visual = frozenset(w for c in graph.concepts for w in c.split())
         maker = QueryMaker(graph.brand_words, visual)
@@ -67,7 +71,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             for g in groups:
                 fh.write(json.dumps({"query": g.query, "positive": products[g.positive].id, "negatives": [products[j].id for j in g.negatives],
                                      "with_titles": g.with_titles, "swapped_query": g.swapped_query}) + "\n")
-    summary = RerankerTrainer(cfg, products, np.asarray(feats.patches), groups=groups, schema=schema).run()
+    trainer = RerankerTrainer(cfg, products, feats.patches, groups=groups, schema=schema, dual=dual, hard=hard,
+                              source_grid=bundle.manifest.patches.grid)
+    summary = trainer.run()
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -136,13 +142,15 @@ def register(subparsers) -> None:
     train.add_argument("--bundle", required=True, help="dual-encoder bundle with patch features (hard negatives, patches)")
     train.add_argument("--catalog", required=True)
     train.add_argument("--out", required=True)
-    train.add_argument("--model", default="minilm-l6", help="cross-encoder config (pretrain)")
+    train.add_argument("--model", default="minilm-l6-aligned", help="cross-encoder config (pretrain)")
     train.add_argument("--init", help="checkpoint to start from (finetune: pretrained; distill: teacher)")
     train.add_argument("--no-knowledge", action="store_true", help="FashionBERT without KG-MLIM / KG-ITM (ablation)")
     train.add_argument("--steps", type=positive_int, default=300)
     train.add_argument("--batch-size", type=positive_int, default=24)
     train.add_argument("--groups-per-step", type=positive_int, default=4)
     train.add_argument("--negatives", type=positive_int, default=7)
+    train.add_argument("--hard-negatives", type=non_negative_int, default=10,
+                       help="pretrain: TIA negatives from the dual encoder's top K wrong images / titles (0: swaps and random texts only)")
     train.add_argument("--student-layers", type=positive_int, default=2)
     train.add_argument("--lr", type=positive_float, default=5e-5)
     train.add_argument("--prior-init", type=float, default=20.0,

@@ -20,8 +20,8 @@ from torch import nn
 from trainer.cross_encoder.factory import load_cross_encoder
 from trainer.cross_encoder.model import CrossEncoder
 from vitrine.runtime.manifest import BundleError, hash_bundle_files, read_manifest, verify_files, write_manifest
-from vitrine.runtime.rerank_inputs import PairEncoder
-from vitrine.runtime.reranker import INPUT_NAMES, OUTPUT_NAME, RERANKER_KEY, Reranker, RerankerSpec
+from vitrine.runtime.rerank_inputs import ALIGNED_SLOTS, PairEncoder
+from vitrine.runtime.reranker import ALIGNED_INPUT, INPUT_NAMES, OUTPUT_NAME, RERANKER_KEY, Reranker, RerankerSpec
 from vitrine.runtime.session import make_session
 
 RERANKER_DIR = "reranker"
@@ -35,20 +35,39 @@ class _ScoreGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, token_type_ids, attention_mask, patches):
-        return self.model.score(input_ids, token_type_ids, attention_mask, patches)
+    def forward(self, input_ids, token_type_ids, attention_mask, patches, aligned=None):
+        return self.model.score(input_ids, token_type_ids, attention_mask, patches, aligned)
+
+
+def _input_names(model: CrossEncoder) -> list[str]:
+    return list(INPUT_NAMES) + ([ALIGNED_INPUT] if model.aligned else [])
+
+
+def _check_aligned(model: CrossEncoder, k: int, rng: np.random.Generator) -> np.ndarray | None:
+    """Unit-length check embeddings [k, 3, D] (no title in the rows whose title is empty)."""
+    if not model.aligned:
+        return None
+    x = rng.normal(size=(k, len(ALIGNED_SLOTS), model.config.aligned_dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    x[[i for i, t in enumerate(PARITY_TITLES[:k]) if not t], 1] = 0.0
+    return x
 
 
 def export_reranker_graph(model: CrossEncoder, encoder: PairEncoder, path: Path, opset: int = 17) -> None:
     model = model.eval()
     feeds = encoder.batch(list(PARITY_QUERIES[:2]), list(PARITY_TITLES[:2]))
     example = tuple(torch.from_numpy(feeds[n]) for n in INPUT_NAMES[:3]) + (torch.zeros(2, model.config.num_patches, model.config.patch_dim),)
+    aligned = _check_aligned(model, 2, np.random.default_rng(0))
+    if aligned is not None:
+        example += (torch.from_numpy(aligned),)
     dynamic = {n: {0: "candidates", 1: "text_length"} for n in INPUT_NAMES[:3]}
     dynamic["patches"] = {0: "candidates"}
+    if aligned is not None:
+        dynamic[ALIGNED_INPUT] = {0: "candidates"}
     dynamic[OUTPUT_NAME] = {0: "candidates"}
     with torch.no_grad():
         torch.onnx.export(
-            _ScoreGraph(model), example, str(path), input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+            _ScoreGraph(model), example, str(path), input_names=_input_names(model), output_names=[OUTPUT_NAME],
             dynamic_axes=dynamic, opset_version=opset, dynamo=False,
         )
 
@@ -58,11 +77,15 @@ def measure_reranker_parity(model: CrossEncoder, reranker: Reranker, seed: int =
     rng = np.random.default_rng(seed)
     k = len(PARITY_QUERIES)
     patches = rng.normal(size=(k, model.config.num_patches, model.config.patch_dim)).astype(np.float32)
-    ort_scores = reranker.score_pairs(list(PARITY_QUERIES), list(PARITY_TITLES), patches)
+    aligned = _check_aligned(model, k, rng)
+    ort_scores = reranker.score_pairs(list(PARITY_QUERIES), list(PARITY_TITLES), patches, aligned=aligned)
     width = reranker.encoder.max_text_tokens
     padded = reranker.encoder.batch(list(PARITY_QUERIES), list(PARITY_TITLES), pad_to=width)
     with torch.no_grad():
-        torch_scores = model.eval().score(**{n: torch.from_numpy(padded[n]) for n in INPUT_NAMES[:3]}, patches=torch.from_numpy(patches)).numpy()
+        torch_scores = model.eval().score(
+            **{n: torch.from_numpy(padded[n]) for n in INPUT_NAMES[:3]}, patches=torch.from_numpy(patches),
+            aligned=None if aligned is None else torch.from_numpy(aligned),
+        ).numpy()
     vsl = reranker.encoder.batch(list(PARITY_QUERIES), list(PARITY_TITLES))["input_ids"].shape[1]
     return {
         "max_abs_diff": float(np.abs(ort_scores - torch_scores).max()),
@@ -102,8 +125,11 @@ def export_reranker(
     if patches is None:
         raise BundleError(f"bundle {bundle_dir} has no image patches output; the reranker needs one")
     grid, dim = tuple(patches.grid), int(patches.dim)
-    if (grid, dim) != (model.config.patch_grid, model.config.patch_dim):
-        raise BundleError(f"the reranker reads {model.config.patch_grid} x {model.config.patch_dim} patches, the bundle gives {grid} x {dim}")
+    mine = model.config.patch_grid
+    if dim != model.config.patch_dim or mine[0] > grid[0] or mine[1] > grid[1]:
+        raise BundleError(f"the reranker reads {mine} x {model.config.patch_dim} patches, the bundle gives {grid} x {dim}")
+    if model.aligned and model.config.aligned_dim != int(manifest.embed_dim):
+        raise BundleError(f"the reranker reads {model.config.aligned_dim}-d dual-encoder embeddings, the bundle gives {manifest.embed_dim}")
     with tempfile.TemporaryDirectory(prefix="vitrine-reranker-") as tmp:
         staged = Path(tmp)
         export_reranker_graph(model, encoder, staged / "reranker.onnx", opset)
@@ -113,6 +139,7 @@ def export_reranker(
             model=model.config.name, layers=model.num_layers, hidden_size=model.hidden_size,
             max_query_tokens=encoder.max_query_tokens, max_title_tokens=encoder.max_title_tokens,
             patch_grid=model.config.patch_grid, patch_dim=model.config.patch_dim, default_top_n=default_top_n,
+            source_grid=None if grid == mine else grid, aligned_dim=model.config.aligned_dim,
             prior_weight=float(model.prior_weight.detach()),
         )
         staged_spec = spec.model_copy(update={"file": "reranker.onnx", "tokenizer": "tokenizer.json"})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -64,8 +65,43 @@ def mine_groups(
             chosen = tuple(int(j) for j in rng.choice(wrong[:max(pool, negatives)], size=negatives, replace=False))
             swapped = schema.swap(query, rng) if knowledge else None
             first = tuple(float(sims[j]) for j in (picks[g], *chosen))
-            groups.append(RerankGroup(query, int(picks[g]), chosen, bool(with_titles[g]), swapped, first))
+            groups.append(RerankGroup(query, int(picks[g]), chosen, bool(with_titles[g]), swapped, first, q_embs[g]))
+    swapped_at = [k for k, g in enumerate(groups) if g.swapped_query is not None]
+    if swapped_at:  # aligned models read the swapped query's own embedding
+        texts = [groups[k].swapped_query for k in swapped_at]
+        embs = np.concatenate([encode_texts(texts[s : s + 256]) for s in range(0, len(texts), 256)])
+        for k, e in zip(swapped_at, embs):
+            groups[k] = replace(groups[k], swapped_embedding=np.asarray(e, dtype=np.float32))
     return groups
 
 
-__all__ = ["mine_groups"]
+def tia_hard_negatives(
+    titles: Sequence[str], title_embs: np.ndarray, image_embs: np.ndarray, k: int = 10
+) -> tuple[np.ndarray, np.ndarray]:
+    """The dual encoder's hard negatives for image-text matching: ([N, k] the top-ranked images of
+    products with another title, for each title; [N, k] the top-ranked other titles, for each image).
+    Products sharing a title are right answers of each other, never negatives."""
+    n = len(titles)
+    assert title_embs.shape == image_embs.shape and title_embs.shape[0] == n
+    keys = np.unique([t.strip().lower() for t in titles], return_inverse=True)[1]
+    if np.unique(keys).size <= k:
+        raise ValueError(f"need more than {k} distinct titles to mine {k} hard negatives")
+    depth = min(n, 4 * k + 16)
+    out = []
+    for queries, keys_side in ((title_embs, image_embs), (image_embs, title_embs)):
+        hard = np.empty((n, k), np.int64)
+        for start in range(0, n, BLOCK):
+            sims = queries[start : start + BLOCK] @ keys_side.T
+            for r in range(sims.shape[0]):
+                i = start + r
+                row = sims[r].copy()
+                row[keys == keys[i]] = -np.inf
+                top = np.argpartition(-row, depth - 1)[:depth]
+                top = top[np.argsort(-row[top])]
+                got = top[np.isfinite(row[top])][:k]
+                hard[i] = np.resize(got, k)  # a title shared by most of the top: repeat the few left
+        out.append(hard)
+    return out[0], out[1]
+
+
+__all__ = ["mine_groups", "tia_hard_negatives"]

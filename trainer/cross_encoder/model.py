@@ -2,7 +2,12 @@
 
 Text tokens get BERT's word and position embeddings; patch tokens are the image tower's spatial feature
 map projected to the hidden size, with 2-D (row, column) position embeddings. All tokens get a segment
-embedding (query / title / image) and BERT's embedding LayerNorm. Heads: the match score on [CLS]
+embedding (query / title / image) and BERT's embedding LayerNorm. With `aligned_dim` (issue 12) each row also carries the dual encoder's query,
+title and image embeddings (`vitrine.runtime.rerank_inputs.ALIGNED_SLOTS`): they enter as five tokens
+(the three, plus query x image and query x title elementwise, whose sums are the first stage's
+cosines), and a similarity head adds a learned weighting of those two cosines to the match logit, so
+image-text matching starts where the dual encoder already is instead of from 49 fresh patch tokens.
+Heads: the match score on [CLS]
 (TIA during pretraining, the rerank score afterwards), masked-token prediction (MLM, tied to the word
 embeddings) and masked-patch prediction (MPM, a distribution over patch feature channels).
 """
@@ -15,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vitrine.runtime.rerank_inputs import IMAGE_SEGMENT, NUM_SEGMENTS
+from vitrine.runtime.rerank_inputs import ALIGNED_SLOTS, IMAGE_SEGMENT, NUM_SEGMENTS
 
 MASK_FILL = -1e4  # additive attention mask; finite so fully-masked rows cannot produce NaN
 
@@ -29,6 +34,7 @@ class CrossEncoderConfig:
     max_query_tokens: int = 16
     max_title_tokens: int = 32
     num_layers: int | None = None  # None: all of the backbone's layers
+    aligned_dim: int = 0  # the dual encoder's embedding size when rows carry its embeddings; 0: none
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -37,6 +43,8 @@ class CrossEncoderConfig:
             raise ValueError(f"patch_grid must be two positive ints, got {self.patch_grid}")
         if self.patch_dim < 1:
             raise ValueError("patch_dim must be >= 1")
+        if self.aligned_dim < 0:
+            raise ValueError("aligned_dim must be >= 0")
 
     @property
     def num_patches(self) -> int:
@@ -68,6 +76,32 @@ class PatchEmbedding(nn.Module):
         return self.proj(patches) + self.row(self.rows) + self.col(self.cols)
 
 
+class AlignedEmbedding(nn.Module):
+    """[B, 3, D] (query, title, image) dual-encoder embeddings -> [B, 5, H] tokens."""
+
+    NUM_TOKENS = len(ALIGNED_SLOTS) + 2
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.proj = nn.Linear(dim, hidden)
+        self.product_proj = nn.Linear(dim, hidden)
+        self.kind = nn.Embedding(self.NUM_TOKENS, hidden)
+        nn.init.normal_(self.kind.weight, std=0.02)
+
+    def forward(self, aligned: Tensor) -> Tensor:
+        q, t, v = aligned.unbind(1)
+        # x D: unit vectors' elementwise products are O(1/D) each, their sum the cosine
+        products = torch.stack([q * v, q * t], dim=1) * self.dim
+        return torch.cat([self.proj(aligned), self.product_proj(products)], dim=1) + self.kind.weight
+
+    @staticmethod
+    def similarities(aligned: Tensor) -> Tensor:
+        """[B, 2]: cos(query, image) and cos(query, title) (0 for rows without a title)."""
+        q, t, v = aligned.unbind(1)
+        return torch.stack([(q * v).sum(-1), (q * t).sum(-1)], dim=-1)
+
+
 class CrossEncoder(nn.Module):
     def __init__(self, bert: nn.Module, config: CrossEncoderConfig) -> None:
         super().__init__()
@@ -91,6 +125,12 @@ class CrossEncoder(nn.Module):
             old = emb.token_type_embeddings.weight
             self.segment_embeddings.weight.copy_(torch.stack([old[0], old[min(1, old.shape[0] - 1)], old[0]]))
         self.patch_embedding = PatchEmbedding(config.patch_dim, config.patch_grid, hidden)
+        self.aligned_embedding = AlignedEmbedding(config.aligned_dim, hidden) if config.aligned_dim else None
+        # The first stage's cosines, weighted into the match logit; starts at 0 and learns.
+        self.similarity_head = nn.Linear(2, 1) if config.aligned_dim else None
+        if self.similarity_head is not None:
+            nn.init.zeros_(self.similarity_head.weight)
+            nn.init.zeros_(self.similarity_head.bias)
         self.encoder = bert.encoder
         self.hf_config = hf
 
@@ -120,7 +160,20 @@ class CrossEncoder(nn.Module):
         """The last encoder layer: shared by every task, where Eq. 6 reads the task gradients."""
         return [p for p in self.encoder.layer[-1].parameters() if p.requires_grad]
 
-    def embed(self, input_ids: Tensor, token_type_ids: Tensor, patches: Tensor) -> Tensor:
+    @property
+    def aligned(self) -> bool:
+        return self.aligned_embedding is not None
+
+    def _check_aligned(self, aligned: Tensor | None, b: int) -> None:
+        if not self.aligned:
+            if aligned is not None:
+                raise ValueError("this cross-encoder takes no aligned inputs")
+            return
+        expected = (b, len(ALIGNED_SLOTS), self.config.aligned_dim)
+        if aligned is None or tuple(aligned.shape) != expected:
+            raise ValueError(f"aligned must be {list(expected)}, got {None if aligned is None else tuple(aligned.shape)}")
+
+    def embed(self, input_ids: Tensor, token_type_ids: Tensor, patches: Tensor, aligned: Tensor | None = None) -> Tensor:
         b, t = input_ids.shape
         if patches.dim() != 3 or patches.shape[0] != b or patches.shape[1:] != (self.config.num_patches, self.config.patch_dim):
             raise ValueError(
@@ -129,26 +182,40 @@ class CrossEncoder(nn.Module):
         positions = torch.arange(t, device=input_ids.device)
         text = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None] + self.segment_embeddings(token_type_ids)
         image = self.patch_embedding(patches) + self.segment_embeddings.weight[IMAGE_SEGMENT]
-        return self.dropout(self.embedding_norm(torch.cat([text, image], dim=1)))
+        parts = [text, image]
+        self._check_aligned(aligned, b)
+        if aligned is not None:
+            parts.append(self.aligned_embedding(aligned))
+        return self.dropout(self.embedding_norm(torch.cat(parts, dim=1)))
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor, attention_mask: Tensor, patches: Tensor) -> Tensor:
-        """Hidden states [B, T + P, H]: the T text positions first, then the P patches."""
+    def forward(
+        self, input_ids: Tensor, token_type_ids: Tensor, attention_mask: Tensor, patches: Tensor, aligned: Tensor | None = None
+    ) -> Tensor:
+        """Hidden states [B, T + P (+ 5), H]: the T text positions first, then the P patches, then the
+        aligned tokens when the model has them."""
         if input_ids.shape != token_type_ids.shape or input_ids.shape != attention_mask.shape:
             raise ValueError("input_ids, token_type_ids and attention_mask must have one shape")
-        hidden = self.embed(input_ids, token_type_ids, patches)
-        full = torch.cat([attention_mask.to(hidden.dtype), hidden.new_ones(patches.shape[:2])], dim=1)
+        hidden = self.embed(input_ids, token_type_ids, patches, aligned)
+        extra = hidden.shape[1] - input_ids.shape[1]
+        full = torch.cat([attention_mask.to(hidden.dtype), hidden.new_ones(hidden.shape[0], extra)], dim=1)
         additive = (1.0 - full)[:, None, None, :] * MASK_FILL
         for layer in self.encoder.layer:
             out = layer(hidden, attention_mask=additive)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
-    def match_logits(self, hidden: Tensor) -> Tensor:
-        """[B] match (rerank) logits from the [CLS] state."""
-        return self.match_head(hidden[:, 0]).squeeze(-1)
+    def match_logits(self, hidden: Tensor, aligned: Tensor | None = None) -> Tensor:
+        """[B] match (rerank) logits from the [CLS] state (plus the weighted first-stage cosines)."""
+        logits = self.match_head(hidden[:, 0]).squeeze(-1)
+        if self.similarity_head is not None:
+            self._check_aligned(aligned, hidden.shape[0])
+            logits = logits + self.similarity_head(AlignedEmbedding.similarities(aligned)).squeeze(-1)
+        return logits
 
-    def score(self, input_ids: Tensor, token_type_ids: Tensor, attention_mask: Tensor, patches: Tensor) -> Tensor:
-        return self.match_logits(self.forward(input_ids, token_type_ids, attention_mask, patches))
+    def score(
+        self, input_ids: Tensor, token_type_ids: Tensor, attention_mask: Tensor, patches: Tensor, aligned: Tensor | None = None
+    ) -> Tensor:
+        return self.match_logits(self.forward(input_ids, token_type_ids, attention_mask, patches, aligned), aligned)
 
     def with_prior(self, logits: Tensor, first_stage: Tensor | None) -> Tensor:
         """Rerank scores: match logits plus prior_weight x the candidates' first-stage scores."""
@@ -183,4 +250,4 @@ def _replace(config: CrossEncoderConfig, **changes: Any) -> CrossEncoderConfig:
     return CrossEncoderConfig(**d)
 
 
-__all__ = ["CrossEncoder", "CrossEncoderConfig", "PatchEmbedding"]
+__all__ = ["AlignedEmbedding", "CrossEncoder", "CrossEncoderConfig", "PatchEmbedding"]

@@ -22,13 +22,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from trainer.cross_encoder.data import Batch, PretrainSampler, RerankGroup, rows_for_groups
-from trainer.cross_encoder.factory import create_cross_encoder, load_cross_encoder, save_cross_encoder
+from trainer.cross_encoder.data import Batch, DualEmbeddings, PretrainSampler, RerankGroup, rows_for_groups
+from trainer.cross_encoder.factory import create_cross_encoder, get_cross_encoder_config, load_cross_encoder, save_cross_encoder
 from trainer.cross_encoder.knowledge import AttributeSchema
 from trainer.cross_encoder.loss import AdaptiveLoss, distillation_loss, listwise_rerank_loss, masked_patch_kl
 from trainer.cross_encoder.masking import IGNORE_INDEX
 from trainer.cross_encoder.model import CrossEncoder
 from vitrine.catalog.product import Product
+from vitrine.runtime.patch_grid import pool_patches
 
 log = logging.getLogger(__name__)
 STAGES = ("pretrain", "finetune", "distill")
@@ -68,7 +69,9 @@ class RerankerTrainConfig:
             raise ValueError("steps must be >= 1")
 
 
-NEW_PARAM_PREFIXES = ("patch_embedding.", "segment_embeddings.", "match_head.", "mlm_", "mpm_head.")
+NEW_PARAM_PREFIXES = ("patch_embedding.", "segment_embeddings.", "match_head.", "mlm_", "mpm_head.", "aligned_embedding.")
+# Scalars of order 10 that need the larger rate: the first-stage prior and the similarity head's weights.
+PRIOR_PARAM_PREFIXES = ("prior_weight", "similarity_head.")
 
 
 def _optimizer(model: CrossEncoder, cfg: RerankerTrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -77,7 +80,7 @@ def _optimizer(model: CrossEncoder, cfg: RerankerTrainConfig) -> tuple[torch.opt
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name == "prior_weight":
+        if name.startswith(PRIOR_PARAM_PREFIXES):
             groups["prior"].append(p)
         else:
             groups["new" if fresh and name.startswith(NEW_PARAM_PREFIXES) else "backbone"].append(p)
@@ -91,16 +94,17 @@ def _optimizer(model: CrossEncoder, cfg: RerankerTrainConfig) -> tuple[torch.opt
 
 def pretrain_losses(model: CrossEncoder, batch: Batch) -> dict[str, torch.Tensor]:
     hidden = model(**batch.inputs())
-    t = batch.input_ids.shape[1]
+    t, p = batch.input_ids.shape[1], batch.patches.shape[1]
     tia = batch.extra.get("tia_rows", hidden.shape[0])
-    losses = {"tia": F.binary_cross_entropy_with_logits(model.match_logits(hidden[:tia]), batch.match[:tia])}
+    aligned = None if batch.aligned is None else batch.aligned[:tia]
+    losses = {"tia": F.binary_cross_entropy_with_logits(model.match_logits(hidden[:tia], aligned), batch.match[:tia])}
     target = batch.mlm_labels != IGNORE_INDEX
     if bool(target.any()):
         logits = model.mlm_logits(hidden[:, :t][target])
         losses["mlm"] = F.cross_entropy(logits, batch.mlm_labels[target])
     pmask = batch.patch_mask
     if pmask is not None and bool(pmask.any()):
-        losses["mpm"] = masked_patch_kl(model.mpm_logits(hidden[:, t:][pmask]), batch.patch_targets[pmask])
+        losses["mpm"] = masked_patch_kl(model.mpm_logits(hidden[:, t : t + p][pmask]), batch.patch_targets[pmask])
     return losses
 
 
@@ -134,9 +138,13 @@ class RerankerTrainer:
         *,
         groups: Sequence[RerankGroup] | None = None,
         schema: AttributeSchema | None = None,
+        dual: DualEmbeddings | None = None,
+        hard: tuple[np.ndarray, np.ndarray] | None = None,
+        source_grid: tuple[int, int] | None = None,
         progress: bool = True,
     ) -> None:
         self.cfg, self.products, self.patches, self.progress = cfg, list(products), patches, progress
+        self.dual, self.hard = dual, hard
         self.schema = schema or AttributeSchema.from_products(self.products)
         self.groups = list(groups or [])
         if cfg.stage != "pretrain":
@@ -148,7 +156,9 @@ class RerankerTrainer:
         torch.manual_seed(cfg.seed)
         self.teacher: CrossEncoder | None = None
         if cfg.stage == "pretrain":
-            self.model, self.encoder = create_cross_encoder(cfg.model, pretrained=cfg.pretrained_backbone)
+            # an aligned config reads embeddings of the dual encoder's size, whatever its JSON says
+            aligned_dim = int(dual.titles.shape[1]) if dual is not None and get_cross_encoder_config(cfg.model).aligned_dim else None
+            self.model, self.encoder = create_cross_encoder(cfg.model, pretrained=cfg.pretrained_backbone, aligned_dim=aligned_dim)
         else:
             model, self.encoder, _ = load_cross_encoder(cfg.init)
             if cfg.stage == "distill":
@@ -163,6 +173,13 @@ class RerankerTrainer:
                 if cfg.prior_init is not None:
                     with torch.no_grad():
                         model.prior_weight.fill_(cfg.prior_init)
+        if self.model.aligned and self.dual is None:
+            raise ValueError("an aligned cross-encoder trains on the dual encoder's embeddings: pass dual=")
+        if not self.model.aligned:
+            self.dual = None  # a plain model ignores them (the same groups train both kinds)
+        grid = self.model.config.patch_grid
+        if source_grid is not None and tuple(source_grid) != grid and self.patches.shape[1] == source_grid[0] * source_grid[1]:
+            self.patches = pool_patches(self.patches, tuple(source_grid), grid)  # once: every row is read many times
         if self.patches.shape[1:] != (self.model.config.num_patches, self.model.config.patch_dim):
             raise ValueError(
                 f"patch features {self.patches.shape[1:]} do not fit the model "
@@ -178,7 +195,8 @@ class RerankerTrainer:
         opt, sched = _optimizer(model, cfg)
         adaptive = AdaptiveLoss(model.shared_parameters()) if cfg.stage == "pretrain" else None
         sampler = (
-            PretrainSampler(self.products, self.patches, self.encoder, self.schema, knowledge=cfg.knowledge, seed=cfg.seed)
+            PretrainSampler(self.products, self.patches, self.encoder, self.schema, knowledge=cfg.knowledge, seed=cfg.seed,
+                            hard=self.hard, dual=self.dual)
             if cfg.stage == "pretrain" else None
         )
         history: list[dict[str, Any]] = []
@@ -193,7 +211,7 @@ class RerankerTrainer:
                     record["weights"], record["grad_sq_norms"] = weights, sq
                 else:
                     groups = self.groups[step * cfg.groups_per_step : (step + 1) * cfg.groups_per_step]
-                    batch, width = rows_for_groups(groups, self.products, self.patches, self.encoder)
+                    batch, width = rows_for_groups(groups, self.products, self.patches, self.encoder, self.dual)
                     logits, swaps = group_scores(model, batch, width)
                     if self.teacher is not None:
                         with torch.no_grad():

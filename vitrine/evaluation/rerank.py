@@ -4,7 +4,11 @@
   candidates are images, so the reranker reads (query, no title, patches).
 * T2P shopper queries over the split: candidates are products, ranked by the α-fused score, and the
   reranker reads (query, title, patches).
-* TIA: the match classifier on (title, image) pairs against random texts and attribute-swapped texts.
+* TIA: the match classifier on (title, image) pairs against random texts, attribute-swapped texts and
+  the dual encoder's hardest wrong titles; the dual encoder's own cosine AUC is reported beside it.
+
+Aligned rerankers also read each row's dual-encoder embeddings (query, title, image); the evaluator
+always passes them (`rerank_inputs.aligned_rows`), a plain reranker ignores them.
 
 "reranked" orders the top N as the service does (match logit + the reranker's prior weight x the
 first-stage score); "cross_only" by the match logit alone, to show what the cross-encoder adds.
@@ -24,13 +28,16 @@ from vitrine.catalog.product import Product
 from vitrine.evaluation.protocols import index_distinct, recall_metrics, sample_query_products, sample_t2i_candidates
 from vitrine.evaluation.queries import compose_shopper_queries, relevance_matrix
 from vitrine.evaluation.ranking import ndcg_at_k, precision_at_k, rank_against_negatives, ranked_relevance
+from vitrine.runtime.rerank_inputs import aligned_rows
 from vitrine.scoring import add_prior, blend_product_vectors
 
 
 class PairScorer(Protocol):
-    def score(self, query: str, titles: Sequence[str], patches: np.ndarray) -> np.ndarray: ...
+    def score(self, query: str, titles: Sequence[str], patches: np.ndarray, *, aligned: np.ndarray | None = None) -> np.ndarray: ...
 
-    def score_pairs(self, queries: Sequence[str], titles: Sequence[str], patches: np.ndarray) -> np.ndarray: ...
+    def score_pairs(
+        self, queries: Sequence[str], titles: Sequence[str], patches: np.ndarray, *, aligned: np.ndarray | None = None
+    ) -> np.ndarray: ...
 
     def with_prior(self, logits: np.ndarray, first_stage: np.ndarray) -> np.ndarray: ...
 
@@ -110,7 +117,7 @@ class RerankEvaluator:
         started = time.perf_counter()
         report["t2i_sample"] = self.sample_t2i(reranker, products, title_embs, image_embs, patches)
         report["t2p"] = self.t2p(reranker, products, title_embs, image_embs, patches, encode_texts)
-        report["tia"] = self.tia(reranker, products, patches, swap)
+        report["tia"] = self.tia(reranker, products, title_embs, image_embs, patches, encode_texts, swap)
         sweep = {"t2i_R@1": report["t2i_sample"].pop("prior_sweep"), "t2p_nDCG@10": report["t2p"].pop("prior_sweep", None)}
         if self.prior_grid:
             report["prior_sweep"] = {"weights": list(self.prior_grid), **sweep}
@@ -134,7 +141,8 @@ class RerankEvaluator:
             before.append(int(rank_against_negatives(first[:1], first[None, 1:])[0]))
             top = top_n(first, self.top_n)
             t0 = time.perf_counter()
-            logits = reranker.score(titles[q], [""] * top.size, patches[cands[top]])
+            aligned = aligned_rows(title_embs[q], None, image_embs[cands[top]])
+            logits = reranker.score(titles[q], [""] * top.size, patches[cands[top]], aligned=aligned)
             scores = reranker.with_prior(logits, first[top])
             seconds.append(time.perf_counter() - t0)
             after.append(reranked_rank(first, scores, top, 0))
@@ -163,7 +171,8 @@ class RerankEvaluator:
         swept = [first.copy() for _ in self.prior_grid]
         for i, query in enumerate(tqdm(queries, desc="rerank t2p", disable=not self.progress)):
             top = top_n(first[i], self.top_n)
-            logits = reranker.score(query.text, [products[j].title for j in top], patches[top])
+            aligned = aligned_rows(q_embs[i], title_embs[top], image_embs[top])
+            logits = reranker.score(query.text, [products[j].title for j in top], patches[top], aligned=aligned)
             tables = [(reranked, reranker.with_prior(logits, first[i, top])), (alone, logits)]
             tables += [(table, add_prior(logits, first[i, top], w)) for table, w in zip(swept, self.prior_grid)]
             for table, scores in tables:  # reranked candidates stay above the rest, in rerank order
@@ -183,30 +192,41 @@ class RerankEvaluator:
         return out
 
     @staticmethod
-    def _score_rows(reranker, texts: list[str], patches: np.ndarray, chunk: int = 64) -> np.ndarray:
+    def _score_rows(reranker, texts: list[str], text_embs: np.ndarray, image_embs: np.ndarray, patches: np.ndarray, chunk: int = 64) -> np.ndarray:
         """(text, no title, patches) rows scored in batches: each row is its own query."""
         return np.concatenate([
-            reranker.score_pairs(texts[s : s + chunk], [""] * len(texts[s : s + chunk]), patches[s : s + chunk])
+            reranker.score_pairs(texts[s : s + chunk], [""] * len(texts[s : s + chunk]), patches[s : s + chunk],
+                                 aligned=aligned_rows(text_embs[s : s + chunk], None, image_embs[s : s + chunk]))
             for s in range(0, len(texts), chunk)
         ])
 
-    def tia(self, reranker, products, patches, swap) -> dict[str, Any]:
-        """Match accuracy (logit > 0) and AUC of (title, image) pairs against mismatched texts."""
+    def tia(self, reranker, products, title_embs, image_embs, patches, encode_texts, swap) -> dict[str, Any]:
+        """Match accuracy (logit > 0) and AUC of (title, image) pairs against mismatched texts: random
+        titles, attribute swaps, and `hard` (for each image the dual encoder's top-ranked title of a
+        product with another title). `dual_encoder_auc`: the first stage's cosine on the same pairs."""
         rng = np.random.default_rng([self.seed, 37])
         picks = rng.choice(len(products), size=min(self.tia_pairs, len(products)), replace=False)
         titles = [products[i].title for i in picks]
-        pos = self._score_rows(reranker, titles, patches[picks])
+        pos = self._score_rows(reranker, titles, title_embs[picks], image_embs[picks], patches[picks])
+        pos_cos = (title_embs[picks] * image_embs[picks]).sum(1)
         out: dict[str, Any] = {"pairs": int(picks.size)}
         kinds = {"random": [products[int(j)].title for j in rng.permutation(len(products))[: picks.size]]}
         if swap is not None:
             kinds["attribute_swap"] = [swap(t) for t in titles]
+        lowered = np.array([p.title.strip().lower() for p in products])
+        sims = image_embs[picks] @ title_embs.T
+        sims[lowered[None, :] == lowered[picks][:, None]] = -np.inf
+        kinds["hard"] = [products[int(j)].title for j in sims.argmax(1)]
         for kind, texts in kinds.items():
             keep = [k for k, t in enumerate(texts) if t and t != titles[k]]
-            neg = self._score_rows(reranker, [texts[k] for k in keep], patches[picks[keep]])
+            kept = [texts[k] for k in keep]
+            embs = encode_texts(kept) if kept else np.zeros((0, title_embs.shape[1]), np.float32)
+            neg = self._score_rows(reranker, kept, embs, image_embs[picks[keep]], patches[picks[keep]])
             p = pos[keep]
             out[kind] = {
                 "accuracy": float(((p > 0).sum() + (neg <= 0).sum()) / (2 * len(keep))),
                 "auc": binary_auc(p, neg),
+                "dual_encoder_auc": binary_auc(pos_cos[keep], (embs * image_embs[picks[keep]]).sum(1)),
                 "negatives": len(keep),
             }
         return out

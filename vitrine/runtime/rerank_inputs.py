@@ -18,6 +18,32 @@ from vitrine.errors import UserError
 
 QUERY_SEGMENT, TITLE_SEGMENT, IMAGE_SEGMENT = 0, 1, 2
 NUM_SEGMENTS = 3
+# Aligned inputs (issue 12): each row also carries the dual encoder's embeddings, in its shared space:
+# the query's (a text's, or a photo's for image queries), the candidate's title's (zeros when the row
+# has no title) and the candidate's image's. The cross-encoder starts from what the first stage knows.
+ALIGNED_SLOTS = ("query", "title", "image")
+
+
+def aligned_rows(query: np.ndarray, titles: np.ndarray | None, images: np.ndarray) -> np.ndarray:
+    """float32 [K, 3, D] aligned inputs of K rows: one query embedding [D] (or one per row [K, D]),
+    the candidates' title embeddings [K, D] (None: rows without titles) and image embeddings [K, D]."""
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 2:
+        raise UserError(f"image embeddings must be [K, D], got {images.shape}")
+    k, d = images.shape
+    query = np.asarray(query, dtype=np.float32)
+    if query.shape == (d,):
+        query = np.broadcast_to(query, (k, d))
+    if query.shape != (k, d):
+        raise UserError(f"query embedding must be [{d}] or [{k}, {d}], got {query.shape}")
+    out = np.zeros((k, len(ALIGNED_SLOTS), d), np.float32)
+    out[:, 0], out[:, 2] = query, images
+    if titles is not None:
+        titles = np.asarray(titles, dtype=np.float32)
+        if titles.shape != (k, d):
+            raise UserError(f"title embeddings must be [{k}, {d}], got {titles.shape}")
+        out[:, 1] = titles
+    return out
 
 
 @dataclass(frozen=True)
@@ -113,4 +139,4 @@ class PairEncoder:
         return self.pad([self.row(q, t) for q, t in zip(queries, titles)], pad_to)
 
 
-__all__ = ["IMAGE_SEGMENT", "NUM_SEGMENTS", "PairEncoder", "PairRow", "QUERY_SEGMENT", "TITLE_SEGMENT"]
+__all__ = ["ALIGNED_SLOTS", "IMAGE_SEGMENT", "NUM_SEGMENTS", "PairEncoder", "PairRow", "QUERY_SEGMENT", "TITLE_SEGMENT", "aligned_rows"]

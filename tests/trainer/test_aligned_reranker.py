@@ -1,0 +1,209 @@
+"""Issue 12's reranker inputs: the dual encoder's aligned embeddings as tokens, the first-stage cosines
+in the match logit, pooled patch grids, the dual encoder's hard negatives for TIA, and ONNX parity."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.cross_encoder.factory import create_cross_encoder, get_cross_encoder_config, get_pair_encoder
+from vitrine.errors import UserError
+from vitrine.runtime.patch_grid import pool_patches
+from vitrine.runtime.rerank_inputs import ALIGNED_SLOTS, aligned_rows
+
+pytestmark = pytest.mark.torch
+
+
+def _unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    x = rng.normal(size=shape).astype(np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("source,grid", [((7, 7), (3, 3)), ((7, 7), (4, 4)), ((7, 5), (2, 3)), ((3, 3), (3, 3)), ((7, 7), (1, 1))])
+def test_pool_patches_matches_torch_adaptive_average_pooling(source, grid):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, source[0] * source[1], 5)).astype(np.float32)
+    ours = pool_patches(x, source, grid)
+    ref = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(x).view(3, *source, 5).permute(0, 3, 1, 2), grid)
+    np.testing.assert_allclose(ours, ref.permute(0, 2, 3, 1).reshape(3, grid[0] * grid[1], 5).numpy(), atol=1e-6)
+
+
+def test_pool_patches_rejects_bad_grids():
+    x = np.zeros((1, 49, 4), np.float32)
+    with pytest.raises(ValueError):
+        pool_patches(x, (7, 7), (8, 8))
+    with pytest.raises(ValueError):
+        pool_patches(x, (6, 8), (3, 3))
+
+
+def test_aligned_rows_broadcast_the_query_and_zero_missing_titles():
+    rng = np.random.default_rng(0)
+    q, t, v = _unit(rng, 4), _unit(rng, 3, 4), _unit(rng, 3, 4)
+    rows = aligned_rows(q, t, v)
+    assert rows.shape == (3, len(ALIGNED_SLOTS), 4) and rows.dtype == np.float32
+    np.testing.assert_array_equal(rows[:, 0], np.broadcast_to(q, (3, 4)))
+    np.testing.assert_array_equal(rows[:, 1], t)
+    np.testing.assert_array_equal(rows[:, 2], v)
+    assert not aligned_rows(q, None, v)[:, 1].any()
+    with pytest.raises(UserError):
+        aligned_rows(q, t[:2], v)
+    with pytest.raises(UserError):
+        aligned_rows(np.zeros(5), None, v)
+
+
+def test_aligned_model_reads_the_first_stage_cosines():
+    """The similarity head adds w . [cos(q, v), cos(q, t)] to the logit: with the encoder's own part
+    fixed, the logit moves exactly by that much when only the cosines change."""
+    torch.manual_seed(0)
+    model, encoder = create_cross_encoder("tiny-aligned", pretrained=False)
+    model.eval()
+    assert model.aligned and model.config.aligned_dim == 32
+    with torch.no_grad():
+        model.similarity_head.weight.copy_(torch.tensor([[3.0, 2.0]]))
+    rng = np.random.default_rng(0)
+    feeds = {k: torch.from_numpy(v) for k, v in encoder.batch(["red dress"] * 2, ["Red Dress", "Red Dress"]).items()}
+    patches = torch.zeros(2, 1, 64)
+    a = torch.from_numpy(aligned_rows(_unit(rng, 32), _unit(rng, 2, 32), _unit(rng, 2, 32)))
+    with torch.no_grad():
+        hidden = model(**feeds, patches=patches, aligned=a)
+        base = model.match_head(hidden[:, 0]).squeeze(-1)
+        logits = model.match_logits(hidden, a)
+    cos = (a[:, 0] * a[:, 2]).sum(-1) * 3 + (a[:, 0] * a[:, 1]).sum(-1) * 2
+    np.testing.assert_allclose(logits.numpy(), (base + cos).numpy(), atol=1e-5)
+    # aligned tokens change the hidden states too (they are attended to)
+    b = a.clone()
+    b[:, 2] = -b[:, 2]
+    with torch.no_grad():
+        assert not torch.allclose(model(**feeds, patches=patches, aligned=b)[:, 0], hidden[:, 0])
+    with pytest.raises(ValueError):
+        model(**feeds, patches=patches)  # an aligned model needs its embeddings
+    plain, _ = create_cross_encoder("tiny", pretrained=False)
+    with pytest.raises(ValueError):
+        plain(**feeds, patches=patches, aligned=a)
+
+
+def test_tia_hard_negatives_are_top_ranked_and_never_share_the_title():
+    from trainer.cross_encoder.mining import tia_hard_negatives
+
+    rng = np.random.default_rng(0)
+    titles = [f"title {i // 2}" for i in range(30)]  # pairs of products share a title
+    t, v = _unit(rng, 30, 8), _unit(rng, 30, 8)
+    hard_images, hard_titles = tia_hard_negatives(titles, t, v, k=4)
+    assert hard_images.shape == hard_titles.shape == (30, 4)
+    for i in range(30):
+        same = {j for j in range(30) if titles[j] == titles[i]}
+        assert not same & set(hard_images[i].tolist()) and not same & set(hard_titles[i].tolist())
+        allowed = [j for j in range(30) if j not in same]
+        best_images = sorted(allowed, key=lambda j: -float(t[i] @ v[j]))[:4]
+        best_titles = sorted(allowed, key=lambda j: -float(v[i] @ t[j]))[:4]
+        assert hard_images[i].tolist() == best_images and hard_titles[i].tolist() == best_titles
+
+
+def test_pretraining_with_hard_negatives_and_aligned_rows(tmp_path):
+    from tests.trainer.test_cross_encoder import SCHEMA, _products
+    from trainer.cross_encoder.data import DualEmbeddings, PretrainSampler
+    from trainer.cross_encoder.mining import tia_hard_negatives
+
+    products = _products()
+    rng = np.random.default_rng(0)
+    t, v = _unit(rng, 40, 32), _unit(rng, 40, 32)
+    encoded: list[str] = []
+
+    def encode(texts):
+        encoded.extend(texts)
+        return _unit(rng, len(texts), 32)
+
+    dual = DualEmbeddings(t, v, encode)
+    hard = tia_hard_negatives([p.title for p in products], t, v, k=3)
+    patches = rng.normal(size=(40, 1, 64)).astype(np.float16) + 5
+    encoder = get_pair_encoder(get_cross_encoder_config("tiny-aligned"))
+    sampler = PretrainSampler(products, patches, encoder, SCHEMA, seed=0, hard=hard, dual=dual)
+    batch = sampler.batch(64)
+    tia = batch.extra["tia_rows"]
+    assert batch.aligned.shape == (batch.input_ids.shape[0], 3, 32)
+    assert not batch.aligned[:, 1].any()  # pretraining rows carry no title segment
+    stats = sampler.stats
+    assert stats["hard_image_negatives"] > 0 and stats["hard_title_negatives"] > 0 and stats["swap_negatives"] > 0
+    # a matched row's query embedding is its title's and its image embedding its product's
+    matched = [r for r in range(tia) if batch.match[r] == 1.0]
+    for r in matched:
+        i = int(np.flatnonzero((t == batch.aligned[r, 0].numpy()).all(1))[0])
+        np.testing.assert_array_equal(batch.aligned[r, 2].numpy(), v[i])
+    assert len(encoded) == stats["swap_negatives"]  # only made-up texts go through the text encoder
+
+    from trainer.cross_encoder.train import RerankerTrainConfig, RerankerTrainer
+
+    summary = RerankerTrainer(
+        RerankerTrainConfig(stage="pretrain", out_dir=str(tmp_path / "pre"), model="tiny-aligned", pretrained_backbone=False, steps=2, batch_size=8),
+        products, patches, dual=dual, hard=hard, progress=False,
+    ).run()
+    assert set(summary["final_weights"]) == {"tia", "mlm", "mpm"}
+    with pytest.raises(ValueError):  # an aligned model cannot train without the dual encoder's embeddings
+        RerankerTrainer(RerankerTrainConfig(stage="pretrain", out_dir=str(tmp_path / "x"), model="tiny-aligned", pretrained_backbone=False, steps=1),
+                        products, patches, progress=False)
+
+
+def test_aligned_stages_pool_patches_and_export_with_parity(tmp_path):
+    """Fine-tuning and distillation of an aligned model on a finer patch grid than it reads (pooled once),
+    then the ONNX export: VSL scores of the graph equal torch's on padded rows, from source-grid patches."""
+    from tests.support.indexes import export_tiny_bundle
+    from tests.trainer.test_cross_encoder import SCHEMA, _products
+    from trainer.cross_encoder.data import DualEmbeddings, QueryMaker
+    from trainer.cross_encoder.export import export_reranker_copy
+    from trainer.cross_encoder.factory import load_cross_encoder, save_cross_encoder
+    from trainer.cross_encoder.mining import mine_groups
+    from trainer.cross_encoder.train import RerankerTrainConfig, RerankerTrainer
+    from vitrine.runtime import read_manifest
+    from vitrine.runtime.reranker import load_reranker
+
+    products = _products()
+    rng = np.random.default_rng(0)
+    t, v = _unit(rng, 40, 32), _unit(rng, 40, 32)
+    dual = DualEmbeddings(t, v, lambda qs: _unit(rng, len(qs), 32))
+    fine = rng.normal(size=(40, 4, 64)).astype(np.float16)  # a 2 x 2 grid; the model reads 1 x 1
+    torch.manual_seed(0)
+    model, _ = create_cross_encoder("tiny-aligned", pretrained=False)
+    init = save_cross_encoder(model, tmp_path / "init.pt")
+    maker = QueryMaker(frozenset({"brand0", "brand1"}), frozenset({"red", "blue", "navy", "black"}))
+    groups = mine_groups(products, t, v, dual.encode_texts, maker, SCHEMA, count=8, alpha_t2p=0.9, negatives=3, pool=10, progress=False)
+    assert all(g.query_embedding is not None and g.query_embedding.shape == (32,) for g in groups)
+    assert all(g.swapped_embedding is not None for g in groups if g.swapped_query is not None)
+    ft = RerankerTrainer(RerankerTrainConfig(stage="finetune", out_dir=str(tmp_path / "ft"), init=str(init), steps=2, groups_per_step=4, negatives=3),
+                         products, fine, groups=groups, dual=dual, source_grid=(2, 2), progress=False)
+    np.testing.assert_allclose(ft.patches, pool_patches(fine, (2, 2), (1, 1)))
+    assert "listwise" in ft.run()["final_losses"]
+    st = RerankerTrainer(RerankerTrainConfig(stage="distill", out_dir=str(tmp_path / "st"), init=str(tmp_path / "ft" / "model.pt"),
+                                             steps=2, groups_per_step=4, negatives=3, student_layers=1),
+                         products, fine, groups=groups, dual=dual, source_grid=(2, 2), progress=False).run()
+    assert st["layers"] == 1
+
+    bundle = export_tiny_bundle(tmp_path / "bundle")
+    spec = export_reranker_copy(tmp_path / "ft" / "model.pt", bundle, tmp_path / "with-reranker")
+    assert spec.aligned_dim == 32 and spec.parity["max_abs_diff"] <= 1e-4
+    reranker = load_reranker(tmp_path / "with-reranker", read_manifest(tmp_path / "with-reranker"), threads=1)
+    tuned, encoder, _ = load_cross_encoder(tmp_path / "ft" / "model.pt")
+    queries, titles = ["red dress", "black shoes for men", "bag"], ["Nike Red Dress", "", "A much longer title of a bag"]
+    patches = rng.normal(size=(3, 1, 64)).astype(np.float32)
+    a = aligned_rows(_unit(rng, 32), _unit(rng, 3, 32), _unit(rng, 3, 32))
+    padded = encoder.batch(queries, titles, pad_to=encoder.max_text_tokens)
+    with torch.no_grad():
+        ref = tuned.eval().score(**{k: torch.from_numpy(x) for k, x in padded.items()}, patches=torch.from_numpy(patches),
+                                 aligned=torch.from_numpy(a)).numpy()
+    np.testing.assert_allclose(reranker.score_pairs(queries, titles, patches, aligned=a), ref, atol=1e-4)
+    with pytest.raises(UserError):
+        reranker.score_pairs(queries, titles, patches)  # the embeddings are required
+
+
+def test_reranker_pools_source_grid_patches():
+    """A reranker reading 1 x 1 patches from a bundle giving 2 x 2 ones pools them itself."""
+    from vitrine.runtime.reranker import Reranker, RerankerSpec
+
+    spec = RerankerSpec(file="r.onnx", tokenizer="t.json", layers=1, hidden_size=8, max_query_tokens=4, max_title_tokens=4,
+                        patch_grid=(1, 1), patch_dim=3, source_grid=(2, 2))
+    reranker = Reranker.__new__(Reranker)
+    reranker.spec = spec
+    x = np.arange(24, dtype=np.float32).reshape(2, 4, 3)
+    np.testing.assert_allclose(reranker.model_patches(x), x.mean(1, keepdims=True))
+    np.testing.assert_array_equal(reranker.model_patches(x[:, :1]), x[:, :1])
+    with pytest.raises(UserError):
+        reranker.model_patches(x[:, :3])
