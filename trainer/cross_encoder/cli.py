@@ -33,7 +33,6 @@ def _features(bundle: str, products, cache: str):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import numpy as np
 
     from trainer.concepts import ConceptGraph
     from trainer.cross_encoder.data import DualEmbeddings, QueryMaker

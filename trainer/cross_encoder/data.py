@@ -299,4 +299,4 @@ def rows_for_groups(
     return Batch(**t, patches=feats, match=match, extra=extra, aligned=aligned), width
 
 
-__all__ = ["Batch", "DualEmbeddings", "NEGATIVE_KINDS", "PretrainSampler", "QUERY_KINDS", "QueryMaker", "RerankGroup", "is_relevant", "rows_for_groups"]
+__all__ = ["NEGATIVE_KINDS", "QUERY_KINDS", "Batch", "DualEmbeddings", "PretrainSampler", "QueryMaker", "RerankGroup", "is_relevant", "rows_for_groups"]

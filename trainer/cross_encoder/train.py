@@ -268,4 +268,4 @@ class RerankerTrainer:
         return summary
 
 
-__all__ = ["RerankerTrainConfig", "RerankerTrainer", "STAGES", "group_scores", "pretrain_losses"]
+__all__ = ["STAGES", "RerankerTrainConfig", "RerankerTrainer", "group_scores", "pretrain_losses"]

@@ -139,4 +139,4 @@ class PairEncoder:
         return self.pad([self.row(q, t) for q, t in zip(queries, titles)], pad_to)
 
 
-__all__ = ["ALIGNED_SLOTS", "IMAGE_SEGMENT", "NUM_SEGMENTS", "PairEncoder", "PairRow", "QUERY_SEGMENT", "TITLE_SEGMENT", "aligned_rows"]
+__all__ = ["ALIGNED_SLOTS", "IMAGE_SEGMENT", "NUM_SEGMENTS", "QUERY_SEGMENT", "TITLE_SEGMENT", "PairEncoder", "PairRow", "aligned_rows"]
