@@ -21,6 +21,12 @@ import numpy as np
 CODE_DTYPE = np.int8
 SCALE_DTYPE = np.float16
 DEFAULT_COMPONENTS = 24  # 49 x 24 int8 + a scale = 1,178 B a product (issue 13: <= 3 KB a product in all)
+CODE_BUDGET = 49 * DEFAULT_COMPONENTS  # int8 code bytes a product; a coarser grid keeps more channels a patch
+
+
+def components_for(num_patches: int, dim: int) -> int:
+    """PCA channels a patch keeps within CODE_BUDGET: 24 of 320 on a 7 x 7 grid, 130 on 3 x 3."""
+    return max(1, min(dim, CODE_BUDGET // max(1, num_patches)))
 FIT_MAX_PRODUCTS = 4096  # products sampled to fit the basis (x P patch rows)
 _ENCODE_CHUNK = 4096
 

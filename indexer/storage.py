@@ -10,8 +10,8 @@ Format 2 records an `IndexStorage` in the manifest:
 * **float16 vectors past the flat range.** Up to `AUTO_FLAT_MAX` products vectors stay float32 (they
   are small and scores are then bit-identical to format 1); beyond, float16 halves them (cosine
   error < 2e-4, measured in docs/RESULTS.md, “Index memory and speed at scale”).
-* **compact patches** (`indexer.patch_codec`) past `AUTO_FLAT_MAX` products, when full float16
-  patches exceed `PATCH_BUDGET` (the demo bundle's: 31,360 B a product).
+* **compact patches** (`indexer.patch_codec`) when full float16 patches exceed `PATCH_BUDGET` (the
+  demo bundle's: 31,360 B a product; an aligned reranker's pooled 3 x 3 grid: 5,760 B), at any size.
 
 Format-1 versions load as before: no `storage` in the manifest means `FORMAT_1`.
 """
@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from indexer import faiss_index
-from indexer.patch_codec import DEFAULT_COMPONENTS, CompactPatches, PatchCodec
+from indexer.patch_codec import CompactPatches, PatchCodec, components_for
 from vitrine.errors import UserError
 from vitrine.runtime.preprocess import PatchSpec
 
@@ -97,17 +97,13 @@ def choose_storage(
     if patch_spec is not None:
         full = patch_spec.num_patches * patch_spec.dim * 2
         if patches == "auto":
-            # Up to the flat range full patches cost at most ~3 GB (100k x 31 KB) and the reranker reads them
-            # as trained; past it they would dominate the index (310 GB at 10M), so they are stored compactly.
-            small = num_products <= faiss_index.AUTO_FLAT_MAX or full <= PATCH_BUDGET
-            patches = "float16" if small else "pca-int8"
-            reasons.append(
-                f"patches {patches}: float16 patches take {full:,} B a product (budget {PATCH_BUDGET:,} B past "
-                f"{faiss_index.AUTO_FLAT_MAX:,} products), {num_products:,} products"
-            )  # fmt: skip
+            # Past the budget patches would dominate the index (31 KB a product at 7 x 7 x 320: 310 GB at
+            # 10M), and the reranker reads only its top N's: PCA-int8 codes (issue 12: <= 2 KB a product).
+            patches = "float16" if full <= PATCH_BUDGET else "pca-int8"
+            reasons.append(f"patches {patches}: float16 patches take {full:,} B a product (budget {PATCH_BUDGET:,} B)")
         patch_kind = patches
         if patches == "pca-int8":
-            patch_components = min(DEFAULT_COMPONENTS, patch_spec.dim)
+            patch_components = components_for(patch_spec.num_patches, patch_spec.dim)
     return IndexStorage(vectors=vector_dtype, faiss_files=faiss_files, patches=patch_kind,
                         patch_components=patch_components, reasons=reasons)  # fmt: skip
 

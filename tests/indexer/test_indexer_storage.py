@@ -64,7 +64,9 @@ def test_storage_choice_by_size_and_patch_budget() -> None:
     big = choose_storage(faiss_index.AUTO_FLAT_MAX + 1, faiss_index.resolve_spec("hnsw", 10, 8), big_patches)
     assert (big.vectors, big.faiss_files, big.patches, big.patch_components) == ("float16", True, "pca-int8", 24)
     assert len(big.reasons) == 2
-    assert choose_storage(faiss_index.AUTO_FLAT_MAX, flat, big_patches).patches == "float16"  # small catalog: full patches
+    assert choose_storage(10, flat, big_patches).patches == "pca-int8"  # over the 2 KB budget at any size (issue 12)
+    pooled = choose_storage(10, flat, PatchSpec(grid=(3, 3), dim=320))
+    assert (pooled.patches, pooled.patch_components) == ("pca-int8", 130)  # a coarser grid keeps more channels: 9 x 130 + 2 B
     assert choose_storage(faiss_index.AUTO_FLAT_MAX + 1, flat, small_patches).patches == "float16"  # within budget
     explicit = choose_storage(10, flat, big_patches, vector_dtype="float16", patches="float16")
     assert (explicit.vectors, explicit.patches) == ("float16", "float16")

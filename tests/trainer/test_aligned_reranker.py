@@ -207,3 +207,24 @@ def test_reranker_pools_source_grid_patches():
     np.testing.assert_array_equal(reranker.model_patches(x[:, :1]), x[:, :1])
     with pytest.raises(UserError):
         reranker.model_patches(x[:, :3])
+
+
+def test_image_encoder_pools_patches_to_the_rerankers_grid():
+    """With a reranker reading a coarser grid, the encoder gives (and the index stores) pooled patches."""
+    from vitrine.runtime.image import ImageEncoder
+    from vitrine.runtime.preprocess import PatchSpec, PreprocessSettings
+
+    rng = np.random.default_rng(0)
+    graph_patches = rng.normal(size=(2, 4 * 4, 3)).astype(np.float32)
+
+    class GraphSession:  # the ONNX graph's two outputs, fixed
+        def run(self, names, feeds):
+            return [np.ones((2, 5), np.float32), graph_patches]
+
+    settings = PreprocessSettings(image_size=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    encoder = ImageEncoder(GraphSession(), settings, embed_dim=5, patches=PatchSpec(grid=(4, 4), dim=3), patch_grid=(2, 2))
+    assert encoder.patches.grid == (2, 2) and encoder.graph_patches.grid == (4, 4)
+    _, pooled = encoder.encode_pixels_with_patches(np.zeros((2, 3, 8, 8), np.float32))
+    np.testing.assert_allclose(pooled, pool_patches(graph_patches, (4, 4), (2, 2)))
+    same = ImageEncoder(GraphSession(), settings, embed_dim=5, patches=PatchSpec(grid=(4, 4), dim=3))
+    np.testing.assert_array_equal(same.encode_pixels_with_patches(np.zeros((2, 3, 8, 8), np.float32))[1], graph_patches)

@@ -52,8 +52,9 @@ class BundleEncoder:
 
     @property
     def patch_spec(self) -> PatchSpec | None:
-        """The image graph's patch output (grid, dim), or None when the bundle has none."""
-        return self.manifest.patches
+        """The patch features this encoder gives (grid, dim): the image graph's, pooled to the grid of
+        the bundle's reranker when it reads a coarser one; None when the bundle has none."""
+        return self.image.patches
 
     @property
     def reranker_spec(self) -> RerankerSpec | None:
@@ -76,6 +77,18 @@ class BundleEncoder:
 
     def describe(self) -> str:
         return f"bundle {self.model_name} {self.fingerprint} ({self.path})"
+
+
+def _reranker_grid(manifest: BundleManifest) -> tuple[int, int] | None:
+    """The coarser grid the bundle's reranker reads, when it pools the image graph's patches."""
+    from vitrine.runtime.reranker import reranker_spec
+
+    spec = reranker_spec(manifest)
+    if spec is None or manifest.patches is None or spec.source_grid is None:
+        return None
+    if tuple(spec.source_grid) != tuple(manifest.patches.grid):
+        raise BundleError(f"the reranker pools a {spec.source_grid} grid, the image graph gives {manifest.patches.grid}")
+    return tuple(spec.patch_grid)
 
 
 def load_bundle(
@@ -123,5 +136,6 @@ def load_bundle(
         output_name=image_spec.output_name,
         batch_size=image_batch_size,
         patches=manifest.patches,
+        patch_grid=_reranker_grid(manifest),
     )
     return BundleEncoder(path, manifest, text, image, bundle_fingerprint(path))

@@ -8,6 +8,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from vitrine.errors import UserError
+from vitrine.runtime.patch_grid import pool_patches
 from vitrine.runtime.preprocess import PatchSpec, PreprocessSettings, preprocess_images
 
 
@@ -24,7 +25,10 @@ class ImageEncoder:
         output_name: str = "embeddings",
         batch_size: int = 32,
         patches: PatchSpec | None = None,
+        patch_grid: tuple[int, int] | None = None,
     ) -> None:
+        """`patches`: the graph's patch output. `patch_grid`: a coarser grid to pool it to (the grid a
+        bundle's reranker reads), so what is stored and served is already the reranker's input."""
         if batch_size < 1:
             raise UserError(f"image batch size must be at least 1, got {batch_size}")
         self.session = session
@@ -33,7 +37,10 @@ class ImageEncoder:
         self.input_name = input_name
         self.output_name = output_name
         self.batch_size = batch_size
+        self.graph_patches = patches
         self.patches = patches
+        if patches is not None and patch_grid is not None and tuple(patch_grid) != tuple(patches.grid):
+            self.patches = patches.model_copy(update={"grid": tuple(patch_grid)})
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """(n, 3, S, S) float32 pixels -> (n, D) float32 embeddings."""
@@ -52,7 +59,10 @@ class ImageEncoder:
             [self.output_name, spec.output], {self.input_name: pixels.astype(np.float32, copy=False)}
         )
         assert out.shape == (pixels.shape[0], self.embed_dim), out.shape
-        assert patches.shape == (pixels.shape[0], *spec.shape), (patches.shape, spec.shape)
+        graph = self.graph_patches
+        assert patches.shape == (pixels.shape[0], *graph.shape), (patches.shape, graph.shape)
+        if graph.grid != spec.grid:
+            return out.astype(np.float32, copy=False), pool_patches(patches, graph.grid, spec.grid)
         return out.astype(np.float32, copy=False), patches.astype(np.float32, copy=False)
 
     def encode(self, images: Sequence[Image.Image]) -> np.ndarray:
