@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.patches import bundle_product_features
     from vitrine.catalog.registry import read_catalog
     from vitrine.runtime import load_bundle, read_manifest
+    from vitrine.runtime.rerank_inputs import aligned_rows
     from vitrine.runtime.reranker import load_reranker
     from vitrine.scoring import blend_product_vectors
 
@@ -53,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     fused = blend_product_vectors(feats.text, feats.image, encoder.alphas.for_kind("text"))
     tops = np.argsort(-(q @ fused.T), axis=1)[:, : args.top_n]
     patches = np.asarray(feats.patches)
-    inputs = [(queries[i], [products[j].title for j in tops[i]], patches[tops[i]].astype(np.float32)) for i in range(len(queries))]
+    # patches as the index gives them (the bundle's grid; a pooling reranker pools them inside `score`) and
+    # the dual-encoder embeddings an aligned reranker reads (a plain one ignores them)
+    inputs = [(queries[i], [products[j].title for j in tops[i]], patches[tops[i]].astype(np.float32),
+               aligned_rows(q[i], feats.text[tops[i]], feats.image[tops[i]])) for i in range(len(queries))]
 
     rerankers, fns = {}, {}
     for item in args.bundle:
@@ -63,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"rerank_speed: {path} carries no reranker")
         rerankers[name] = reranker
         width = reranker.encoder.max_text_tokens
-        fns[f"{name} VSL"] = lambda x, r=reranker: r.score(*x)
-        fns[f"{name} padded"] = lambda x, r=reranker, w=width: r.score(*x, pad_to=w)
+        fns[f"{name} VSL"] = lambda x, r=reranker: r.score(x[0], x[1], x[2], aligned=x[3])
+        fns[f"{name} padded"] = lambda x, r=reranker, w=width: r.score(x[0], x[1], x[2], aligned=x[3], pad_to=w)
     times = time_interleaved(fns, inputs)
     lengths = [len(r.input_ids) for x in inputs for r in [next(iter(rerankers.values())).encoder.row(x[0], t) for t in x[1]]]
     rows, results = [], {}

@@ -228,3 +228,17 @@ def test_image_encoder_pools_patches_to_the_rerankers_grid():
     np.testing.assert_allclose(pooled, pool_patches(graph_patches, (4, 4), (2, 2)))
     same = ImageEncoder(GraphSession(), settings, embed_dim=5, patches=PatchSpec(grid=(4, 4), dim=3))
     np.testing.assert_array_equal(same.encode_pixels_with_patches(np.zeros((2, 3, 8, 8), np.float32))[1], graph_patches)
+
+
+@pytest.mark.parametrize("tokens,head", [(True, False), (False, True)])
+def test_ablation_switches_drop_the_tokens_or_the_similarity_head(tokens, head):
+    torch.manual_seed(0)
+    model, encoder = create_cross_encoder("tiny-aligned", pretrained=False, aligned_tokens=tokens, similarity_head=head)
+    model.eval()
+    assert model.aligned and (model.aligned_embedding is not None) == tokens and (model.similarity_head is not None) == head
+    rng = np.random.default_rng(0)
+    feeds = {k: torch.from_numpy(v) for k, v in encoder.batch(["red dress"], ["Red Dress"]).items()}
+    a = torch.from_numpy(aligned_rows(_unit(rng, 32), _unit(rng, 1, 32), _unit(rng, 1, 32)))
+    with torch.no_grad():
+        hidden = model(**feeds, patches=torch.zeros(1, 1, 64), aligned=a)
+    assert hidden.shape[1] == feeds["input_ids"].shape[1] + 1 + (5 if tokens else 0)

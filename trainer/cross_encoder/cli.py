@@ -44,6 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = RerankerTrainConfig(
         stage=args.stage, out_dir=args.out, model=args.model, init=args.init, knowledge=not args.no_knowledge,
         steps=args.steps, batch_size=args.batch_size, groups_per_step=args.groups_per_step, negatives=args.negatives,
+        negative_pool=args.negative_pool,
         student_layers=args.student_layers, lr=args.lr, seed=args.seed, threads=args.threads, prior_init=args.prior_init,
     )
     (products,) = _splits(args.catalog, "train")
@@ -148,6 +149,8 @@ def register(subparsers) -> None:
     train.add_argument("--batch-size", type=positive_int, default=24)
     train.add_argument("--groups-per-step", type=positive_int, default=4)
     train.add_argument("--negatives", type=positive_int, default=7)
+    train.add_argument("--negative-pool", type=positive_int, default=20,
+                       help="finetune/distill: negatives are drawn from the dual encoder's top N wrong products")
     train.add_argument("--hard-negatives", type=non_negative_int, default=10,
                        help="pretrain: TIA negatives from the dual encoder's top K wrong images / titles (0: swaps and random texts only)")
     train.add_argument("--student-layers", type=positive_int, default=2)

@@ -35,6 +35,8 @@ class CrossEncoderConfig:
     max_title_tokens: int = 32
     num_layers: int | None = None  # None: all of the backbone's layers
     aligned_dim: int = 0  # the dual encoder's embedding size when rows carry its embeddings; 0: none
+    aligned_tokens: bool = True  # with aligned_dim: the embeddings enter as tokens (ablation switch)
+    similarity_head: bool = True  # with aligned_dim: the first-stage cosines enter the match logit (ablation switch)
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -125,9 +127,9 @@ class CrossEncoder(nn.Module):
             old = emb.token_type_embeddings.weight
             self.segment_embeddings.weight.copy_(torch.stack([old[0], old[min(1, old.shape[0] - 1)], old[0]]))
         self.patch_embedding = PatchEmbedding(config.patch_dim, config.patch_grid, hidden)
-        self.aligned_embedding = AlignedEmbedding(config.aligned_dim, hidden) if config.aligned_dim else None
+        self.aligned_embedding = AlignedEmbedding(config.aligned_dim, hidden) if config.aligned_dim and config.aligned_tokens else None
         # The first stage's cosines, weighted into the match logit; starts at 0 and learns.
-        self.similarity_head = nn.Linear(2, 1) if config.aligned_dim else None
+        self.similarity_head = nn.Linear(2, 1) if config.aligned_dim and config.similarity_head else None
         if self.similarity_head is not None:
             nn.init.zeros_(self.similarity_head.weight)
             nn.init.zeros_(self.similarity_head.bias)
@@ -162,7 +164,8 @@ class CrossEncoder(nn.Module):
 
     @property
     def aligned(self) -> bool:
-        return self.aligned_embedding is not None
+        """Rows carry the dual encoder's embeddings (read as tokens, by the similarity head, or both)."""
+        return self.config.aligned_dim > 0
 
     def _check_aligned(self, aligned: Tensor | None, b: int) -> None:
         if not self.aligned:
@@ -184,7 +187,7 @@ class CrossEncoder(nn.Module):
         image = self.patch_embedding(patches) + self.segment_embeddings.weight[IMAGE_SEGMENT]
         parts = [text, image]
         self._check_aligned(aligned, b)
-        if aligned is not None:
+        if self.aligned_embedding is not None:
             parts.append(self.aligned_embedding(aligned))
         return self.dropout(self.embedding_norm(torch.cat(parts, dim=1)))
 

@@ -47,7 +47,7 @@ class RerankerTrainConfig:
     batch_size: int = 24  # pretraining TIA rows per step (plus a masked copy of each matched one)
     groups_per_step: int = 4  # reranking groups per step (each 1 + negatives rows, plus a KG-ITM row)
     negatives: int = 7
-    negative_pool: int = 30
+    negative_pool: int = 20  # the dual encoder's top 20: what the service reranks
     title_drop: float = 0.5
     student_layers: int = 2
     lr: float = 5e-5
