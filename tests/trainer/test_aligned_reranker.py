@@ -242,3 +242,29 @@ def test_ablation_switches_drop_the_tokens_or_the_similarity_head(tokens, head):
     with torch.no_grad():
         hidden = model(**feeds, patches=torch.zeros(1, 1, 64), aligned=a)
     assert hidden.shape[1] == feeds["input_ids"].shape[1] + 1 + (5 if tokens else 0)
+
+
+def test_hidden_state_distillation_maps_student_layers_onto_the_teachers():
+    """TinyBERT's mapping: a 1-layer student copy of a 2-layer teacher matches the teacher's layer 2,
+    so its hidden loss is > 0 and falls to 0 when the student is the whole teacher."""
+    from tests.trainer.test_cross_encoder import SCHEMA, _products
+    from trainer.cross_encoder.data import DualEmbeddings, QueryMaker, rows_for_groups
+    from trainer.cross_encoder.mining import mine_groups
+    from trainer.cross_encoder.train import distill_losses
+
+    products = _products()
+    rng = np.random.default_rng(0)
+    t, v = _unit(rng, 40, 32), _unit(rng, 40, 32)
+    dual = DualEmbeddings(t, v, lambda qs: _unit(rng, len(qs), 32))
+    maker = QueryMaker(frozenset({"brand0"}), frozenset({"red", "blue"}))
+    groups = mine_groups(products, t, v, dual.encode_texts, maker, SCHEMA, count=4, alpha_t2p=0.9, negatives=3, pool=10, progress=False)
+    torch.manual_seed(0)
+    teacher, encoder = create_cross_encoder("tiny-aligned", pretrained=False)
+    teacher.eval()
+    assert teacher.num_layers == 2
+    batch, width = rows_for_groups(groups, products, rng.normal(size=(40, 1, 64)).astype(np.float32), encoder, dual)
+    losses, logits = distill_losses(teacher.truncated(1).eval(), teacher, batch, width, hidden_weight=1.0)
+    assert logits.shape == (4, width) and float(losses["hidden"]) > 0
+    same, _ = distill_losses(teacher.truncated(2).eval(), teacher, batch, width, hidden_weight=1.0)
+    assert float(same["hidden"]) == pytest.approx(0.0, abs=1e-10) and float(same["distill"]) == pytest.approx(0.0, abs=1e-6)
+    assert "hidden" not in distill_losses(teacher.truncated(1).eval(), teacher, batch, width)[0]

@@ -45,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         stage=args.stage, out_dir=args.out, model=args.model, init=args.init, knowledge=not args.no_knowledge,
         steps=args.steps, batch_size=args.batch_size, groups_per_step=args.groups_per_step, negatives=args.negatives,
         negative_pool=args.negative_pool,
-        student_layers=args.student_layers, lr=args.lr, seed=args.seed, threads=args.threads, prior_init=args.prior_init,
+        student_layers=args.student_layers, hidden_distill=args.hidden_distill, lr=args.lr, seed=args.seed, threads=args.threads, prior_init=args.prior_init,
     )
     (products,) = _splits(args.catalog, "train")
     feats = _features(args.bundle, products, args.cache)
@@ -154,6 +154,8 @@ def register(subparsers) -> None:
     train.add_argument("--hard-negatives", type=non_negative_int, default=10,
                        help="pretrain: TIA negatives from the dual encoder's top K wrong images / titles (0: swaps and random texts only)")
     train.add_argument("--student-layers", type=positive_int, default=2)
+    train.add_argument("--hidden-distill", type=float, default=0.0,
+                       help="distill: weight of the hidden-state MSE (TinyBERT layer mapping); 0: scores only")
     train.add_argument("--lr", type=positive_float, default=5e-5)
     train.add_argument("--prior-init", type=float, default=20.0,
                        help="finetune: starting weight of the first-stage score added to the match logit (0 with --prior-lr 0: cross-encoder alone)")

@@ -192,10 +192,12 @@ class CrossEncoder(nn.Module):
         return self.dropout(self.embedding_norm(torch.cat(parts, dim=1)))
 
     def forward(
-        self, input_ids: Tensor, token_type_ids: Tensor, attention_mask: Tensor, patches: Tensor, aligned: Tensor | None = None
+        self, input_ids: Tensor, token_type_ids: Tensor, attention_mask: Tensor, patches: Tensor, aligned: Tensor | None = None,
+        layers: list[Tensor] | None = None,
     ) -> Tensor:
         """Hidden states [B, T + P (+ 5), H]: the T text positions first, then the P patches, then the
-        aligned tokens when the model has them."""
+        aligned tokens when the model has them. `layers`, when given, receives every layer's output
+        (what hidden-state distillation compares)."""
         if input_ids.shape != token_type_ids.shape or input_ids.shape != attention_mask.shape:
             raise ValueError("input_ids, token_type_ids and attention_mask must have one shape")
         hidden = self.embed(input_ids, token_type_ids, patches, aligned)
@@ -205,6 +207,8 @@ class CrossEncoder(nn.Module):
         for layer in self.encoder.layer:
             out = layer(hidden, attention_mask=additive)
             hidden = out[0] if isinstance(out, tuple) else out
+            if layers is not None:
+                layers.append(hidden)
         return hidden
 
     def match_logits(self, hidden: Tensor, aligned: Tensor | None = None) -> Tensor:

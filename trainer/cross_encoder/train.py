@@ -50,6 +50,7 @@ class RerankerTrainConfig:
     negative_pool: int = 20  # the dual encoder's top 20: what the service reranks
     title_drop: float = 0.5
     student_layers: int = 2
+    hidden_distill: float = 0.0  # distill: weight of TinyBERT's hidden-state MSE (student layer m <- teacher layer m * N / M)
     lr: float = 5e-5
     new_params_lr: float = 5e-4  # patch embedding, segments and heads start from scratch
     prior_init: float | None = 20.0  # finetune: the first-stage score's weight to start from (None: keep the checkpoint's)
@@ -114,6 +115,33 @@ def group_scores(model: CrossEncoder, batch: Batch, width: int) -> tuple[torch.T
     logits = model.with_prior(model.score(**batch.inputs()), batch.extra.get("first_stage"))
     g = batch.extra["groups"]
     return logits[: g * width].view(g, width), logits[g * width :]
+
+
+def distill_losses(
+    student: CrossEncoder, teacher: CrossEncoder, batch: Batch, width: int, hidden_weight: float = 0.0
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The student fit to the teacher on the same rows: its group scores (MSE + softened KL) and swap
+    rows' scores, plus, with `hidden_weight`, TinyBERT's layer-mapped hidden-state MSE. Returns the
+    losses and the student's group scores."""
+    feeds, prior = batch.inputs(), batch.extra.get("first_stage")
+    s_layers: list[torch.Tensor] = []
+    with torch.no_grad():
+        t_layers: list[torch.Tensor] = []
+        t_hidden = teacher(**feeds, layers=t_layers)
+        t_all = teacher.with_prior(teacher.match_logits(t_hidden, batch.aligned), prior)
+    s_hidden = student(**feeds, layers=s_layers)
+    s_all = student.with_prior(student.match_logits(s_hidden, batch.aligned), prior)
+    g = batch.extra["groups"]
+    logits, t_logits = s_all[: g * width].view(g, width), t_all[: g * width].view(g, width)
+    losses = {"distill": distillation_loss(logits, t_logits)}
+    if s_all.numel() > g * width:
+        losses["distill_swaps"] = F.mse_loss(s_all[g * width :], t_all[g * width :])
+    if hidden_weight > 0:
+        step = len(t_layers) // len(s_layers)
+        mask = torch.cat([batch.attention_mask.to(s_hidden.dtype), s_hidden.new_ones(s_hidden.shape[0], s_hidden.shape[1] - batch.attention_mask.shape[1])], 1)
+        per_layer = [(((s - t_layers[(m + 1) * step - 1]) ** 2).mean(-1) * mask).sum() / mask.sum() for m, s in enumerate(s_layers)]
+        losses["hidden"] = hidden_weight * torch.stack(per_layer).mean()
+    return losses, logits
 
 
 def rerank_loss(groups_logits: torch.Tensor, swap_logits: torch.Tensor, swap_positive_logits: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -212,16 +240,12 @@ class RerankerTrainer:
                 else:
                     groups = self.groups[step * cfg.groups_per_step : (step + 1) * cfg.groups_per_step]
                     batch, width = rows_for_groups(groups, self.products, self.patches, self.encoder, self.dual)
-                    logits, swaps = group_scores(model, batch, width)
                     if self.teacher is not None:
-                        with torch.no_grad():
-                            t_logits, t_swaps = group_scores(self.teacher, batch, width)
-                        losses = {"distill": distillation_loss(logits, t_logits)}
-                        if swaps.numel():
-                            losses["distill_swaps"] = F.mse_loss(swaps, t_swaps)
+                        losses, logits = distill_losses(model, self.teacher, batch, width, cfg.hidden_distill)
                     else:
+                        logits, swaps = group_scores(model, batch, width)
                         losses = rerank_loss(logits, swaps, _swap_positive_logits(logits, groups))
-                        record["group_acc"] = float((logits.argmax(1) == 0).float().mean())
+                    record["group_acc"] = float((logits.argmax(1) == 0).float().mean())
                     total = sum(losses.values())
                 opt.zero_grad(set_to_none=True)
                 total.backward()
@@ -268,4 +292,4 @@ class RerankerTrainer:
         return summary
 
 
-__all__ = ["STAGES", "RerankerTrainConfig", "RerankerTrainer", "group_scores", "pretrain_losses"]
+__all__ = ["STAGES", "RerankerTrainConfig", "RerankerTrainer", "distill_losses", "group_scores", "pretrain_losses"]
