@@ -21,10 +21,11 @@ from search.service import Settings, create_app
 from search.service.cache import normalise_query
 from search.service.engine import check_reranker_fits_index
 from tests.support.indexes import PatchFixtureEncoder, build_fixture_index
-from tests.support.service import build_bundle_index, jpeg_bytes
+from tests.support.service import build_bundle_index, export_tiny_reranker_bundle, jpeg_bytes
 from vitrine.errors import UserError
 from vitrine.runtime.rerank_inputs import aligned_rows
-from vitrine.runtime.reranker import Reranker, RerankerSpec
+from vitrine.runtime import read_manifest
+from vitrine.runtime.reranker import Reranker, RerankerSpec, reranker_spec
 
 pytestmark = pytest.mark.torch  # needs the train extra
 
@@ -39,20 +40,10 @@ PHOTOS = ((200, 30, 30), (40, 90, 200))
 def bundle(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> Path:
     """The tiny bundle (32-d embeddings, 1 x 1 grid of 64-d patches) plus an untrained, seeded tiny-aligned
     cross-encoder: it reads the rows' 32-d dual-encoder embeddings."""
-    import torch
-
-    from trainer.cross_encoder.export import export_reranker_copy
-    from trainer.cross_encoder.factory import create_cross_encoder, save_cross_encoder
-
-    root = tmp_path_factory.mktemp("aligned-bundle")
-    torch.manual_seed(0)
-    model, _ = create_cross_encoder("tiny-aligned", pretrained=False)
-    with torch.no_grad():
-        model.prior_weight.fill_(PRIOR_WEIGHT)
-    spec = export_reranker_copy(save_cross_encoder(model, root / "ce.pt"), tiny_bundle, root / "with-reranker",
-                                default_top_n=DEFAULT_TOP_N)  # fmt: skip
-    assert spec.aligned_dim == 32
-    return root / "with-reranker"
+    out = export_tiny_reranker_bundle(tmp_path_factory.mktemp("aligned-bundle"), tiny_bundle, model="tiny-aligned",
+                                      prior_weight=PRIOR_WEIGHT, default_top_n=DEFAULT_TOP_N)  # fmt: skip
+    assert reranker_spec(read_manifest(out)).aligned_dim == 32
+    return out
 
 
 @pytest.fixture(scope="module")
