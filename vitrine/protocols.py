@@ -80,7 +80,8 @@ class ServingEncoder(Encoder, Protocol):
 
 @runtime_checkable
 class Reranker(Protocol):
-    """Rescores a text query's first-stage candidates from (query, title, image patches)."""
+    """Rescores a query's first-stage candidates from (query, title, image patches), and for an aligned
+    reranker (spec.aligned_dim > 0) the rows' dual-encoder embeddings (`rerank_inputs.aligned_rows`)."""
 
     @property
     def spec(self) -> RerankerSpec: ...
@@ -89,9 +90,11 @@ class Reranker(Protocol):
     def layers(self) -> int: ...
 
     def score(
-        self, query: str, titles: Sequence[str], patches: np.ndarray, *, first_stage: np.ndarray | None = None
+        self, query: str, titles: Sequence[str], patches: np.ndarray, *, first_stage: np.ndarray | None = None,
+        aligned: np.ndarray | None = None,
     ) -> np.ndarray:
-        """float32 (K,) scores for K candidates; with `first_stage`, the rerank scores including its prior."""
+        """float32 (K,) scores for K candidates; with `first_stage`, the rerank scores including its prior.
+        `aligned`: [K, 3, D] (query, title, image) embeddings; a plain reranker ignores them."""
         ...
 
 

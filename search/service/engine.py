@@ -65,23 +65,42 @@ class SearchOutcome:
 
 
 def check_reranker_fits_index(spec: RerankerSpec, index: SearchIndex) -> None:
-    """UserError unless the index stores the patch features the reranker reads."""
+    """UserError unless the index stores what the reranker reads: patch features on a grid it accepts, and
+    for an aligned reranker, stored vectors of the dimension it reads."""
     stored, where = index.patch_spec, index.index_dir
     if stored is None:
         raise UserError(
             f"the bundle has a reranker but index {where} stores no image patch features: "
             "rebuild the index with this bundle"
         )
-    wanted, have = (tuple(spec.patch_grid), int(spec.patch_dim)), (tuple(stored.grid), int(stored.dim))
-    if wanted != have:
+    have = (tuple(int(x) for x in stored.grid), int(stored.dim))
+    # Patches on the bundle's image-encoder grid (input_grid: the reranker pools them per query) or already
+    # pooled to the reranker's own grid (patch_grid) are both read; any other grid is another bundle's.
+    readable = [(tuple(int(x) for x in spec.input_grid), int(spec.patch_dim)), (tuple(int(x) for x in spec.patch_grid), int(spec.patch_dim))]
+    if have not in readable:
         raise UserError(
-            f"the bundle's reranker reads {_patches_text(*wanted)}, index {where} stores {_patches_text(*have)}: "
+            f"the bundle's reranker reads {_reranker_patches_text(spec)}, index {where} stores {_patches_text(*have)}: "
             "rebuild the index with this bundle"
         )
+    if spec.aligned_dim:
+        if int(spec.aligned_dim) != int(index.embed_dim):
+            raise UserError(
+                f"the bundle's reranker reads {spec.aligned_dim}-d dual-encoder embeddings, index {where} holds "
+                f"{index.embed_dim}-d vectors: rebuild the index with this bundle"
+            )
+        if not isinstance(index, StoredVectors):
+            raise UserError(f"the bundle's reranker reads the candidates' stored vectors, which index {where} cannot look up")
 
 
 def _patches_text(grid: tuple[int, ...], dim: int) -> str:
     return f"a {grid[0]}x{grid[1]} grid of {dim}-d patches"
+
+
+def _reranker_patches_text(spec: RerankerSpec) -> str:
+    own, source = tuple(spec.patch_grid), tuple(spec.input_grid)
+    if own == source:
+        return _patches_text(own, spec.patch_dim)
+    return f"{_patches_text(source, spec.patch_dim)} (pooled to {own[0]}x{own[1]}) or {_patches_text(own, spec.patch_dim)}"
 
 
 def open_reranker(settings: Settings, index: SearchIndex, encoder: ServingEncoder) -> Reranker | None:
@@ -209,6 +228,8 @@ class SearchEngine:
         if reranker is not None:
             check_reranker_fits_index(reranker.spec, index)
             metrics.stage_seconds.labels("text", "rerank")  # the series exists before the first reranked query
+            if reranker.spec.aligned_dim:
+                metrics.stage_seconds.labels("image", "rerank")
         self.settings = settings
         self.encoder = encoder
         self.metrics = metrics
@@ -457,23 +478,39 @@ class SearchEngine:
             return None
         return self.settings.rerank_top_n or min(int(self.reranker.spec.default_top_n), MAX_RERANK_TOP_N)
 
-    def rerank_plan(self, rerank: bool | None, top_n: int | None) -> int | None:
-        """How many first-stage hits a text query reranks (None: no rerank).
+    @property
+    def reranks_images(self) -> bool:
+        """Photo queries can be reranked: the reranker reads the dual encoder's embeddings (aligned), so the
+        photo's embedding stands for the query; a plain reranker has only a text query to read."""
+        return self.reranker is not None and self.reranker.spec.aligned_dim > 0
+
+    def rerank_plan(self, rerank: bool | None, top_n: int | None, kind: QueryKind = "text") -> int | None:
+        """How many first-stage hits a query of `kind` reranks (None: no rerank).
 
         rerank omitted follows VITRINE_RERANK_DEFAULT, but giving rerank_top_n asks for it;
-        asking when the bundle has no reranker is a 422, never a silent plain answer.
+        asking when the bundle has no reranker (or, for a photo query, a reranker that reads text
+        queries only) is a 422, never a silent plain answer.
         """
         wanted = rerank if rerank is not None else (top_n is not None or self.settings.rerank_default)
         if not wanted:
             return None
+        loc = "rerank" if rerank is not None else "rerank_top_n"
         if self.reranker is None:
             if rerank is None and top_n is None:
                 return None  # the default, with nothing to rerank with
-            loc = "rerank" if rerank is not None else "rerank_top_n"
             raise ApiError(
                 422, "rerank_unavailable",
                 "rerank was requested but the served bundle has no reranker; omit rerank or set it to false",
                 [{"loc": ["body", loc], "msg": "no reranker in the bundle"}],
+            )  # fmt: skip
+        if kind == "image" and not self.reranks_images:
+            if rerank is None and top_n is None:
+                return None  # the default, with nothing the reranker can read
+            raise ApiError(
+                422, "rerank_unsupported",
+                "photo queries cannot be reranked by this bundle's reranker: it reads a text query (it is not aligned "
+                "with the dual encoder); omit rerank or set it to false",
+                [{"loc": ["body", loc], "msg": "this reranker reranks text queries only"}],
             )  # fmt: skip
         return top_n or self.default_rerank_top_n
 
@@ -482,12 +519,16 @@ class SearchEngine:
             return {"loaded": False}
         spec = self.reranker.spec
         return {"loaded": True, "layers": int(self.reranker.layers), "model": spec.model, "hidden_size": spec.hidden_size,
-                "patch_grid": list(spec.patch_grid), "patch_dim": spec.patch_dim,
+                "patch_grid": list(spec.patch_grid), "input_grid": list(spec.input_grid), "patch_dim": spec.patch_dim,
+                "aligned_dim": int(spec.aligned_dim), "image_queries": self.reranks_images,
                 "prior_weight": spec.prior_weight, "precision": spec.precision,
                 "default_on": self.settings.rerank_default, "top_n": self.default_rerank_top_n}  # fmt: skip
 
-    def _rerank(self, text: str, outcome: SearchOutcome, top_n: int, served: ServedVersion) -> None:
-        """Reorder the first `top_n` hits of `outcome` by the reranker's scores (stable on ties); the rest stay after them."""
+    def _rerank(self, text: str, query_emb: np.ndarray, outcome: SearchOutcome, top_n: int, served: ServedVersion) -> None:
+        """Reorder the first `top_n` hits of `outcome` by the reranker's scores (stable on ties); the rest stay after them.
+
+        `text` is the query segment ("" for a photo query), `query_emb` the first stage's query vector (the
+        text's or the photo's): an aligned reranker reads it beside the candidates' stored vectors."""
         from vitrine.runtime.reranker import rerank_order
 
         n = min(top_n, len(outcome.hits))
@@ -496,11 +537,13 @@ class SearchEngine:
             outcome.rerank_scores = []
             return
         head = outcome.hits[:n]
+        ids = [h.id for h in head]
         titles = [record.title if record is not None else "" for record in outcome.records[:n]]
-        patches = served.index.patches([h.id for h in head])
+        patches = served.index.patches(ids)
+        aligned = self._aligned_rows(query_emb, ids, titles, served) if self.reranker.spec.aligned_dim else None
         try:
             first_stage = [h.score for h in head] if outcome.parts is None else [p["vector"] for p in outcome.parts[:n]]
-            scores = self.reranker.score(text, titles, patches, first_stage=np.array(first_stage, np.float32))
+            scores = self.reranker.score(text, titles, patches, first_stage=np.array(first_stage, np.float32), aligned=aligned)
         except UserError as exc:  # e.g. a query the reranker's tokenizer cannot read
             raise ApiError(422, "invalid_query", str(exc)) from exc
         assert scores.shape == (n,), (scores.shape, n)
@@ -510,6 +553,18 @@ class SearchEngine:
         if outcome.parts is not None:
             outcome.parts = [outcome.parts[i] for i in order] + outcome.parts[n:]
         outcome.rerank_scores = [float(scores[i]) for i in order] + [None] * (len(outcome.hits) - n)
+
+    @staticmethod
+    def _aligned_rows(query_emb: np.ndarray, ids: list[str], titles: list[str], served: ServedVersion) -> np.ndarray:
+        """[K, 3, D] (query, title, image) dual-encoder embeddings of the candidates `ids`, from the index's
+        stored vectors (check_reranker_fits_index made sure it has them). A row without a title (its
+        record's title is empty) gets a zero title slot, as the reranker was trained on such rows."""
+        from vitrine.runtime.rerank_inputs import aligned_rows
+
+        assert isinstance(served.index, StoredVectors)
+        title_vecs, image_vecs = served.index.vectors(ids)
+        has_title = np.array([bool(t) for t in titles])[:, None]
+        return aligned_rows(query_emb, np.where(has_title, title_vecs, np.float32(0.0)), image_vecs)
 
     # ------------------------------------------------------------------ search
 
@@ -550,7 +605,7 @@ class SearchEngine:
                     outcome.parts = outcome.parts[:fetch] if outcome.parts is not None else None
             if rerank_top_n is not None:
                 with self.metrics.stage("text", "rerank", timings):
-                    self._rerank(text, outcome, rerank_top_n, served)
+                    self._rerank(text, emb, outcome, rerank_top_n, served)
                 outcome.hits, outcome.records = outcome.hits[:k], outcome.records[:k]
                 outcome.rerank_scores = (outcome.rerank_scores or [])[:k]
         outcome.cache = tier
@@ -559,8 +614,12 @@ class SearchEngine:
 
     def search_image(self, image: Image.Image, *, k: int, alpha: float | None, filters: dict | None,
                      timings: dict[str, float], facets: list[str] | None = None,
-                     include_predicted: bool = False) -> SearchOutcome:  # fmt: skip
-        """`timings` may already hold the decode stage, measured by the router."""
+                     include_predicted: bool = False, rerank_top_n: int | None = None) -> SearchOutcome:  # fmt: skip
+        """`timings` may already hold the decode stage, measured by the router. With `rerank_top_n`
+        (rerank_plan(..., kind="image"): an aligned reranker) the first-stage top N are reranked from
+        (no query text, title, patches) rows whose query embedding is the photo's."""
+        if rerank_top_n is not None and (not self.reranks_images or not 1 <= rerank_top_n <= MAX_RERANK_TOP_N):
+            raise ValueError(f"rerank_top_n={rerank_top_n!r} needs an aligned reranker and 1..{MAX_RERANK_TOP_N}; see rerank_plan")
         start = time.perf_counter()
         with self.metrics.stage("image", "encode", timings):
             try:
@@ -569,8 +628,14 @@ class SearchEngine:
                 raise ApiError(422, "invalid_image", str(exc)) from exc
             emb = self._check_emb(embs, "image")
         with self.pinned() as served:
-            outcome = self._search(emb, "image", k=k, alpha=alpha, filters=filters, timings=timings, served=served,
+            fetch = k if rerank_top_n is None else max(k, rerank_top_n)
+            outcome = self._search(emb, "image", k=fetch, alpha=alpha, filters=filters, timings=timings, served=served,
                                    facets=facets, include_predicted=include_predicted)  # fmt: skip
+            if rerank_top_n is not None:
+                with self.metrics.stage("image", "rerank", timings):
+                    self._rerank("", emb, outcome, rerank_top_n, served)
+                outcome.hits, outcome.records = outcome.hits[:k], outcome.records[:k]
+                outcome.rerank_scores = (outcome.rerank_scores or [])[:k]
         total = (time.perf_counter() - start) * 1000.0 + timings.get("decode", 0.0)
         timings["total"] = total
         self.metrics.stage_seconds.labels("image", "total").observe(total / 1000.0)

@@ -64,7 +64,8 @@ class SearchOptions(BaseModel):
     rerank: bool | None = Field(
         default=None,
         strict=True,
-        description="rerank the first-stage top N with the bundle's cross-encoder (text queries only); "
+        description="rerank the first-stage top N with the bundle's cross-encoder (text queries; photo queries too when "
+        "the reranker is aligned, GET /readyz reranker.image_queries, else 422 rerank_unsupported); "
         "default: on when the bundle has a reranker (VITRINE_RERANK_DEFAULT); 422 rerank_unavailable when it has none",
     )
     rerank_top_n: RerankTopN | None = Field(default=None, description="N; default VITRINE_RERANK_TOP_N or the reranker's own")
@@ -185,7 +186,11 @@ class SearchResult(BaseModel):
     id: str
     title: str
     score: float = Field(description="first-stage fused score α·sim(q, title) + (1−α)·sim(q, image)")
-    rerank_score: float | None = Field(default=None, description="the cross-encoder's logit; only on reranked results")
+    rerank_score: float | None = Field(
+        default=None,
+        description="the rerank score (the cross-encoder's match logit + its prior weight x the first-stage score); "
+        "only on reranked results (the top rerank_top_n)",
+    )
     parts: dict[str, float] = Field(
         description="{t2t, t2i} for text queries, {i2t, i2i} for image queries; lexical and hybrid add vector "
         "(the fused vector score) and bm25 (when BM25 found the product)"

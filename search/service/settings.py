@@ -75,8 +75,11 @@ class Settings(BaseSettings):
     keep_alive_timeout_s: int = Field(default=5, ge=1, description="idle keep-alive connections are closed after this")
     max_connections: int = Field(default=256, ge=1, description="open connections and in-flight requests; beyond: 503")
 
-    # Reranking text queries with the bundle's cross-encoder (when it has one).
-    rerank_default: bool = Field(default=True, description="rerank text queries that do not say, when the bundle has a reranker")
+    # Reranking queries with the bundle's cross-encoder (when it has one; photo queries when it is aligned).
+    rerank_default: bool = Field(
+        default=True,
+        description="rerank queries that do not say, when the bundle has a reranker that reads them (photo queries: an aligned one)",
+    )
     rerank_top_n: int | None = Field(
         default=None, ge=1, le=MAX_RERANK_TOP_N, description="first-stage hits reranked by default; unset: the reranker's default_top_n"
     )

@@ -6,6 +6,14 @@ const MAX_FILTER_VALUES = 80; // fields with more values (ids, free text) are no
 const MAX_FACETS = 16; // the API's limit on facet fields per request
 const FACET_VALUES_SHOWN = 6; // most frequent values shown under each filter
 let lastSearch = null; // {kind: "text", query} | {kind: "image", file} | {kind: "similar", id, title}
+let reranker = { loaded: false }; // GET /readyz's reranker: loaded, image_queries (an aligned one), top_n
+
+// The rerank field a search of `kind` sends: the toggle, where the reranker can read that kind of query
+// (photos: an aligned reranker only); otherwise nothing, and the server's default applies.
+function rerankOption(kind) {
+  if (!reranker.loaded || (kind === "image" && !reranker.image_queries)) return {};
+  return { rerank: $("rerank").checked };
+}
 
 // Facets: the fields offered as filter menus, counted over the first-stage top N of each search.
 function facetFields() {
@@ -91,6 +99,12 @@ function render(data) {
     card.querySelector(".title").textContent = hit.title;
     renderMeta(card.querySelector(".meta"), hit);
     card.querySelector(".fused").textContent = hit.score.toFixed(3);
+    const rerank = card.querySelector(".rerank");
+    if (typeof hit.rerank_score === "number") {
+      rerank.textContent = `rerank ${hit.rerank_score.toFixed(3)}`;
+      rerank.title = "the cross-encoder's rerank score (the order of the reranked top N)";
+      rerank.hidden = false;
+    }
     card.querySelector(".parts").textContent = Object.entries(hit.parts)
       .map(([name, value]) => `${name} ${value.toFixed(3)}`)
       .join(" · ");
@@ -106,7 +120,8 @@ function render(data) {
   const n = data.results.length;
   const like = lastSearch && lastSearch.kind === "similar" ? ` like “${lastSearch.title}”` : "";
   const mode = data.mode && data.mode !== "vector" ? `, ${data.mode}` : "";
-  $("status").textContent = `${n} result${n === 1 ? "" : "s"}${like} in ${data.took_ms.toFixed(1)} ms (α ${data.alpha.toFixed(2)}${mode})`;
+  const reranked = data.reranked ? `, reranked top ${data.rerank_top_n}` : "";
+  $("status").textContent = `${n} result${n === 1 ? "" : "s"}${like} in ${data.took_ms.toFixed(1)} ms (α ${data.alpha.toFixed(2)}${mode}${reranked})`;
 }
 
 // Under each filter menu, its most frequent values among the top N candidates; a click applies one.
@@ -155,7 +170,7 @@ async function run(search) {
       data = await callApi("/search/text", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ query: search.query, ...options(), mode: $("mode").value }),
+        body: JSON.stringify({ query: search.query, ...options(), mode: $("mode").value, ...rerankOption("text") }),
       });
     } else {
       const form = new FormData();
@@ -166,6 +181,8 @@ async function run(search) {
       if (opts.filters) form.append("filters", JSON.stringify(opts.filters));
       if (opts.facets) form.append("facets", JSON.stringify(opts.facets));
       if (opts.include_predicted) form.append("include_predicted", "true");
+      const rerank = rerankOption("image");
+      if (rerank.rerank !== undefined) form.append("rerank", String(rerank.rerank));
       data = await callApi("/search/image", { method: "POST", body: form });
     }
     render(data);
@@ -208,8 +225,15 @@ async function loadDefaults() {
       $("alpha").value = ready.index.alpha_text;
       $("alpha-value").textContent = `${ready.index.alpha_text.toFixed(2)} text, ${ready.index.alpha_image.toFixed(2)} photo (index)`;
     }
+    if (ready.reranker && ready.reranker.loaded) {
+      reranker = ready.reranker;
+      $("rerank").disabled = false;
+      $("rerank").checked = Boolean(ready.reranker.default_on);
+      $("rerank-label").title = `reorder the top ${ready.reranker.top_n} by the cross-encoder` +
+        (ready.reranker.image_queries ? " (text and photo queries)" : " (text queries; this reranker cannot read a photo)");
+    }
   } catch (_) {
-    /* the slider keeps its default */
+    /* the slider keeps its default; no rerank toggle */
   }
 }
 
@@ -240,6 +264,7 @@ $("alpha").addEventListener("change", () => {
   if (lastSearch) run(lastSearch);
 });
 $("k").addEventListener("change", () => lastSearch && run(lastSearch));
+$("rerank").addEventListener("change", () => lastSearch && lastSearch.kind !== "similar" && run(lastSearch));
 $("mode").addEventListener("change", () => lastSearch && lastSearch.kind === "text" && run(lastSearch));
 $("clear-filters").addEventListener("click", () => {
   for (const select of document.querySelectorAll("#filters select")) select.value = "";

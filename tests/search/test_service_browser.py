@@ -1,5 +1,5 @@
 """The web page in headless Debian Chromium (playwright): type a query, upload a photo, see the grid,
-facet counts by the filters, "more like this"."""
+facet counts by the filters, "more like this", the rerank toggle and each reranked card's rerank score."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +10,7 @@ import pytest
 from search.service import Settings, create_app
 from tests.support.browser import chromium_page
 from tests.support.indexes import IndexFixture
-from tests.support.service import LiveServer, build_bundle_index, jpeg_bytes
+from tests.support.service import LiveServer, build_bundle_index, export_tiny_reranker_bundle, jpeg_bytes
 
 pytestmark = [pytest.mark.browser, pytest.mark.torch]
 
@@ -65,6 +65,8 @@ def test_text_search_renders_a_grid_of_loaded_thumbnails(page, tmp_path):
     assert "t2t" in grid["parts"] and "t2i" in grid["parts"] and "results in" in grid["status"]
     assert not page.is_visible("#query-photo") and not page.is_visible("#error")
     assert (tmp_path / "text-search.png").stat().st_size > 0
+    assert page.is_disabled("#rerank") and not page.is_checked("#rerank")  # this bundle has no reranker
+    assert page.locator("#results .card .rerank:visible").count() == 0 and "reranked" not in grid["status"]
 
     page.select_option("#filters select[name=gender]", "Women")  # re-runs the search, filtered
     page.wait_for_function("() => document.querySelectorAll('#results .card').length > 0 && "
@@ -137,3 +139,83 @@ def test_more_like_this_shows_the_products_similar_to_a_card(page, server):
     page.wait_for_function("() => document.querySelectorAll('#results .card').length > 0 && "
                            "[...document.querySelectorAll('#results .card .meta')].every(e => e.textContent.startsWith('Women'))")  # fmt: skip
     assert first["title"] in page.inner_text("#status")
+
+
+# ---------------------------------------------------------------- the rerank toggle (an aligned reranker)
+
+RERANK_TOP_N = 6  # the reranker's default N, written into its bundle
+
+
+@pytest.fixture(scope="module")
+def rerank_server(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path):
+    """The service over a bundle with an untrained tiny-aligned reranker: it reranks text and photo queries."""
+    root = tmp_path_factory.mktemp("browser-rerank")
+    bundle = export_tiny_reranker_bundle(root / "bundle", tiny_bundle, model="tiny-aligned", default_top_n=RERANK_TOP_N)
+    built = build_bundle_index(root / "index", bundle, n=24)
+    with LiveServer(create_app(Settings(index=built.index_dir))) as live:
+        yield live
+
+
+def shown_cards(page) -> list[dict]:
+    """Per card: its id, and its rerank score's text when the score is shown."""
+    return page.evaluate(
+        """() => [...document.querySelectorAll('#results .card')].map(c => {
+            const r = c.querySelector('.rerank');
+            return {id: c.dataset.id, rerank: r.hidden ? null : r.textContent};
+        })"""
+    )
+
+
+def expected_cards(answer: dict) -> list[dict]:
+    return [{"id": r["id"], "rerank": f"rerank {r['rerank_score']:.3f}" if "rerank_score" in r else None} for r in answer["results"]]
+
+
+def test_the_rerank_toggle_reranks_and_each_card_shows_its_rerank_score(rerank_server, tmp_path):
+    with chromium_page() as page:
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        texts: list[dict] = []
+        page.on("request", lambda r: texts.append(r.post_data_json) if r.url.endswith("/search/text") else None)
+        page.goto(rerank_server.url + "/")
+        page.wait_for_selector("#rerank:not([disabled])")  # /readyz says a reranker is loaded
+        assert page.is_checked("#rerank")  # on by default, as the service is (VITRINE_RERANK_DEFAULT)
+
+        page.fill("#query", "red tshirts")
+        page.click("#text-form button[type=submit]")
+        wait_for_grid(page)
+        assert texts[-1]["rerank"] is True
+        body = {"query": "red tshirts", "k": 24, "rerank": True}
+        reranked = httpx.post(f"{rerank_server.url}/search/text", json=body).json()
+        assert reranked["reranked"] and reranked["rerank_top_n"] == RERANK_TOP_N
+        cards = shown_cards(page)
+        assert cards == expected_cards(reranked)  # the reranked order, a score on each of the top N and no other
+        assert all(c["rerank"] for c in cards[:RERANK_TOP_N]) and not any(c["rerank"] for c in cards[RERANK_TOP_N:])
+        assert f"reranked top {RERANK_TOP_N}" in page.inner_text("#status")
+        page.screenshot(path=str(tmp_path / "reranked.png"), full_page=True)
+
+        page.uncheck("#rerank")  # re-runs the search without the reranker
+        page.wait_for_function("() => !document.querySelector('#status').textContent.includes('reranked') && "
+                               "document.querySelectorAll('#results .card').length > 0")  # fmt: skip
+        assert texts[-1]["rerank"] is False
+        plain = httpx.post(f"{rerank_server.url}/search/text", json={**body, "rerank": False}).json()
+        assert shown_cards(page) == expected_cards(plain) and not any(c["rerank"] for c in shown_cards(page))
+        assert [c["id"] for c in shown_cards(page)] != [c["id"] for c in cards]  # the toggle changed the order
+
+        page.check("#rerank")  # a photo query is reranked too (the reranker is aligned)
+        page.wait_for_function("() => document.querySelector('#status').textContent.includes('reranked')")
+        photo = tmp_path / "my-photo.jpg"
+        photo.write_bytes(jpeg_bytes((200, 30, 30)))
+        page.set_input_files("#photo", str(photo))
+        page.wait_for_function("() => document.querySelector('#query-photo').hidden === false && "
+                               "document.querySelector('#status').textContent.includes('reranked')")  # fmt: skip
+        wait_for_grid(page)
+        upload = {"image": ("q.jpg", photo.read_bytes(), "image/jpeg")}
+        answer = httpx.post(f"{rerank_server.url}/search/image", files=upload, data={"k": "24", "rerank": "true"}).json()
+        assert answer["reranked"] and shown_cards(page) == expected_cards(answer)
+        # the form sends the toggle (rerank=false), not the server's default (on): the photo's plain order
+        page.uncheck("#rerank")
+        page.wait_for_function("() => !document.querySelector('#status').textContent.includes('reranked') && "
+                               "document.querySelectorAll('#results .card').length > 0")  # fmt: skip
+        plain = httpx.post(f"{rerank_server.url}/search/image", files=upload, data={"k": "24", "rerank": "false"}).json()
+        assert not plain["reranked"] and shown_cards(page) == expected_cards(plain) != expected_cards(answer)
+        assert not errors, errors

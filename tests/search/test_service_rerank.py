@@ -166,14 +166,16 @@ def test_rerank_top_n_bounds_are_inclusive(client, index):
     assert all("rerank_score" in r for r in body["results"])
 
 
-# ---------------------------------------------------------------- photo queries, no reranker
+# ---------------------------------------------------------------- photo queries: a plain reranker reads text only
 
 
-def test_photo_queries_are_never_reranked(client, index, built):
+def test_a_plain_reranker_never_reranks_photo_queries(client, index, built):
+    """(An aligned reranker does: tests/search/test_service_rerank_aligned.py.)"""
     photo = jpeg_bytes()
     for data in ({"rerank": "true"}, {"rerank_top_n": "5"}):
         response = client.post("/search/image", files={"image": ("a.jpg", photo, "image/jpeg")}, data=data)
         assert response.status_code == 422 and response.json()["error"]["code"] == "rerank_unsupported", response.text
+        assert response.headers["content-type"].startswith("application/json") and "text query" in response.json()["error"]["message"]
     import base64
 
     as_json = client.post("/search/image", json={"image_base64": base64.b64encode(photo).decode(), "rerank": True})
@@ -218,6 +220,7 @@ def test_readiness_reports_the_loaded_reranker(client, reranker):
     assert info["loaded"] is True and info["layers"] == reranker.layers >= 1
     assert info["top_n"] == DEFAULT_TOP_N and info["default_on"] is True
     assert info["prior_weight"] == pytest.approx(PRIOR_WEIGHT) and info["precision"] == "float32"
+    assert info["aligned_dim"] == 0 and info["image_queries"] is False
 
 
 # ---------------------------------------------------------------- caching, timings

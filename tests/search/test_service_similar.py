@@ -283,7 +283,7 @@ class ReversingReranker:
         self.spec = RerankerSpec(file="-", tokenizer="-", layers=1, hidden_size=8, max_query_tokens=8, max_title_tokens=8,
                                  patch_grid=grid, patch_dim=dim, default_top_n=5)  # fmt: skip
 
-    def score(self, query, titles, patches, *, first_stage=None) -> np.ndarray:
+    def score(self, query, titles, patches, *, first_stage=None, aligned=None) -> np.ndarray:
         return -np.asarray(first_stage, np.float32)
 
 

@@ -53,6 +53,24 @@ def build_bundle_index(root: Path, bundle: Path, n: int = 24) -> IndexFixture:
     return build_fixture_index(root, n=n, index_type="flat", encoder=load_bundle(bundle))
 
 
+def export_tiny_reranker_bundle(out: Path, bundle: Path, *, model: str = "tiny-aligned", prior_weight: float = 0.01,
+                                default_top_n: int = 6, seed: int = 0) -> Path:
+    """A copy of `bundle` (the tiny one) with an untrained, seeded cross-encoder `model` ("tiny" or
+    "tiny-aligned"), whose rerank scores add `prior_weight` x the first-stage score; needs torch."""
+    import torch
+
+    from trainer.cross_encoder.export import export_reranker_copy
+    from trainer.cross_encoder.factory import create_cross_encoder, save_cross_encoder
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    cross, _ = create_cross_encoder(model, pretrained=False)
+    with torch.no_grad():
+        cross.prior_weight.fill_(prior_weight)
+    export_reranker_copy(save_cross_encoder(cross, out / "ce.pt"), bundle, out / "with-reranker", default_top_n=default_top_n)
+    return out / "with-reranker"
+
+
 class LiveServer:
     """A real uvicorn server in a thread, on a free loopback port; `options` go to uvicorn.Config
     (e.g. `**search.service.connections.server_options(settings)`, as `vitrine serve` runs it)."""

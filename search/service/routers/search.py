@@ -39,17 +39,6 @@ def check_options(options: SearchOptions, settings: Settings) -> int:
     return k
 
 
-def refuse_image_rerank(options: SearchOptions) -> None:
-    """The reranker reads a text query: a photo query asking for it (rerank or rerank_top_n) is a 422."""
-    if options.rerank or (options.rerank is None and options.rerank_top_n is not None):
-        loc = "rerank" if options.rerank else "rerank_top_n"
-        raise ApiError(
-            422, "rerank_unsupported",
-            "photo queries cannot be reranked: the reranker reads a text query; omit rerank or set it to false",
-            [{"loc": ["body", loc], "msg": "rerank is for text queries only"}],
-        )  # fmt: skip
-
-
 def to_response(kind: str, outcome: SearchOutcome, k: int, *, timing: bool = False) -> SearchResponse:
     """The response; fields left unset here (timings_ms without `timing`, rerank_score on hits that
     were not reranked) are left out of the JSON (the routes use response_model_exclude_unset)."""
@@ -139,8 +128,10 @@ IMAGE_OPENAPI: dict[str, Any] = {
                             "type": "string", "contentMediaType": "application/json", "contentSchema": FILTERS_SCHEMA,
                             "description": 'JSON object, e.g. {"gender": "Women"}',
                         },
-                        "rerank": {"type": "boolean", "description": "true or false; photo queries cannot be reranked: true is a 422"},
-                        "rerank_top_n": {"type": "integer", "minimum": 1, "maximum": MAX_RERANK_TOP_N, "description": "photo queries cannot be reranked: a 422 unless rerank is false"},
+                        "rerank": {"type": "boolean", "description": "true or false; photo queries are reranked by an aligned reranker only "
+                                                                     "(GET /readyz: reranker.image_queries): with another, true is a 422 rerank_unsupported"},
+                        "rerank_top_n": {"type": "integer", "minimum": 1, "maximum": MAX_RERANK_TOP_N,
+                                         "description": "first-stage hits to rerank; as rerank, a 422 unless the reranker reads photo queries or rerank is false"},
                         "timing": {"type": "boolean", "description": "true or false: include timings_ms in the response"},
                         "facets": {"type": "string", "contentMediaType": "application/json",
                                    "description": 'JSON list of filterable fields to count, e.g. ["baseColour", "gender"]'},
@@ -165,8 +156,10 @@ async def search_image(
     settings: Annotated[Settings, Depends(get_settings)],
 ) -> SearchResponse:
     """Multipart upload (field `image`, optional form fields k, alpha, filters as JSON, timing)
-    or JSON `{image_base64, k, alpha, filters, timing}`. Ranks by α·sim(photo, title) + (1−α)·sim(photo, image).
-    Never reranked (the reranker reads a text query): rerank true is a 422 rerank_unsupported."""
+    or JSON `{image_base64, k, alpha, filters, timing}`. Ranks by α·sim(photo, title) + (1−α)·sim(photo, image),
+    then, when the bundle's reranker is aligned (it reads the dual encoder's embeddings, so the photo's stands
+    for the query), reorders the top N as text queries are. With a plain reranker rerank true is a 422
+    rerank_unsupported; rerank omitted follows VITRINE_RERANK_DEFAULT where a photo can be reranked."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     timings: dict[str, float] = {}
     if media_type == "multipart/form-data":
@@ -179,8 +172,8 @@ async def search_image(
             f"send multipart/form-data (field {IMAGE_FIELD!r}) or application/json with image_base64 "
             f"({f'not {media_type}' if media_type else 'the request has no Content-Type'})",
         )  # fmt: skip
-    refuse_image_rerank(options)
     k = check_options(options, settings)
+    top_n = engine.rerank_plan(options.rerank, options.rerank_top_n, kind="image")
 
     def run() -> SearchOutcome:
         start = time.perf_counter()
@@ -191,7 +184,8 @@ async def search_image(
             timings["decode"] = (time.perf_counter() - start) * 1000.0
             engine.metrics.stage_seconds.labels("image", "decode").observe(timings["decode"] / 1000.0)
         return engine.search_image(image, k=k, alpha=options.alpha, filters=options.filters, timings=timings,
-                                   facets=options.facets, include_predicted=options.include_predicted)  # fmt: skip
+                                   facets=options.facets, include_predicted=options.include_predicted,
+                                   rerank_top_n=top_n)  # fmt: skip
 
     outcome = await run_in_threadpool(run)
     return json_response("image", outcome, k, timing=options.timing, engine=engine)
