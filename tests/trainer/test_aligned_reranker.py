@@ -58,6 +58,7 @@ def test_aligned_model_reads_the_first_stage_cosines():
     model, encoder = create_cross_encoder("tiny-aligned", pretrained=False)
     model.eval()
     assert model.aligned and model.config.aligned_dim == 32
+    assert model.similarity_head.weight.tolist() == [[10.0, 10.0]]  # starts as a scaled first stage
     with torch.no_grad():
         model.similarity_head.weight.copy_(torch.tensor([[3.0, 2.0]]))
     rng = np.random.default_rng(0)

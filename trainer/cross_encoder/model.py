@@ -37,6 +37,7 @@ class CrossEncoderConfig:
     aligned_dim: int = 0  # the dual encoder's embedding size when rows carry its embeddings; 0: none
     aligned_tokens: bool = True  # with aligned_dim: the embeddings enter as tokens (ablation switch)
     similarity_head: bool = True  # with aligned_dim: the first-stage cosines enter the match logit (ablation switch)
+    similarity_init: float = 10.0  # its starting weight on each cosine: the match starts as a scaled first stage
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -128,10 +129,10 @@ class CrossEncoder(nn.Module):
             self.segment_embeddings.weight.copy_(torch.stack([old[0], old[min(1, old.shape[0] - 1)], old[0]]))
         self.patch_embedding = PatchEmbedding(config.patch_dim, config.patch_grid, hidden)
         self.aligned_embedding = AlignedEmbedding(config.aligned_dim, hidden) if config.aligned_dim and config.aligned_tokens else None
-        # The first stage's cosines, weighted into the match logit; starts at 0 and learns.
+        # The first stage's cosines, weighted into the match logit; starts at similarity_init and learns.
         self.similarity_head = nn.Linear(2, 1) if config.aligned_dim and config.similarity_head else None
         if self.similarity_head is not None:
-            nn.init.zeros_(self.similarity_head.weight)
+            nn.init.constant_(self.similarity_head.weight, config.similarity_init)
             nn.init.zeros_(self.similarity_head.bias)
         self.encoder = bert.encoder
         self.hf_config = hf
