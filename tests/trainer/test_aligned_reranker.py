@@ -269,3 +269,42 @@ def test_hidden_state_distillation_maps_student_layers_onto_the_teachers():
     same, _ = distill_losses(teacher.truncated(2).eval(), teacher, batch, width, hidden_weight=1.0)
     assert float(same["hidden"]) == pytest.approx(0.0, abs=1e-10) and float(same["distill"]) == pytest.approx(0.0, abs=1e-6)
     assert "hidden" not in distill_losses(teacher.truncated(1).eval(), teacher, batch, width)[0]
+
+
+def test_rerank_evaluator_i2p_reads_the_photo_in_the_query_slot():
+    """Photo queries: the first stage equals `vitrine eval`'s I2P ranking, and a scorer that reads the
+    aligned query slot (the photo) against the image slot reorders the top N as the prior says."""
+    from tests.trainer.test_cross_encoder import _products
+    from vitrine.evaluation import product_search
+    from vitrine.evaluation.rerank import RerankEvaluator
+
+    class PhotoScorer:
+        prior_weight = 0.0
+        seen: list[np.ndarray] = []
+
+        def with_prior(self, logits, first_stage):
+            return logits
+
+        def score(self, query, titles, patches, *, aligned=None):
+            assert aligned is not None
+            if query == "":  # photo queries have no text
+                self.seen.append(aligned)
+            return 100.0 * (aligned[:, 0] * aligned[:, 2]).sum(1)  # the photo against each candidate image
+
+        def score_pairs(self, queries, titles, patches, *, aligned=None):
+            return (aligned[:, 0] * aligned[:, 2]).sum(1)
+
+    products = _products()
+    rng = np.random.default_rng(0)
+    t, v = _unit(rng, 40, 16), _unit(rng, 40, 16)
+    targets = np.arange(0, 40, 4)
+    photos = v[targets] + 0.05 * rng.normal(size=(10, 16)).astype(np.float32)
+    photos /= np.linalg.norm(photos, axis=1, keepdims=True)
+    evaluator = RerankEvaluator(top_n=10, num_queries=5, num_negatives=20, t2p_queries=3, tia_pairs=5, progress=False)
+    scorer = PhotoScorer()
+    report = evaluator(scorer, products, t, v, np.zeros((40, 1, 2), np.float32), lambda qs: _unit(rng, len(qs), 16), photos=(photos, targets, 0.5))
+    i2p = report["i2p"]
+    expected = product_search.i2p_metrics(photos, targets, t, v, 0.5)
+    assert i2p["dual_encoder"]["R@1"] == expected["R@1"] and i2p["queries"] == 10
+    assert i2p["reranked"]["R@1"] == 1.0  # image against image finds each photo's product in its top 10
+    assert any(np.allclose(a[:, 0], photos[0]) for a in scorer.seen)

@@ -114,7 +114,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     evaluator = RerankEvaluator(top_n=args.top_n, num_queries=args.num_queries, t2p_queries=args.t2p_queries,
                                 alpha_t2p=bundle.alphas.for_kind("text"), seed=args.seed, prior_grid=grid)
     swap = lambda title: schema.swap(title, rng)  # noqa: E731
-    report = evaluator(reranker, products, feats.text, feats.image, np.asarray(feats.patches), bundle.encode_texts, swap=swap)
+    photos = None
+    if args.i2p_queries:
+        from vitrine.evaluation.encoder import encode_images
+        from vitrine.evaluation.photos import i2p_query_products, shopper_photo, shopper_photo_rng
+
+        targets = i2p_query_products(len(products), args.i2p_queries, args.seed)
+        photo_embs = encode_images(bundle, [products[t].image for t in targets], progress=False,
+                                   transform=lambda i, im: shopper_photo(im, shopper_photo_rng(args.seed, int(targets[i]))))
+        photos = (photo_embs, targets, bundle.alphas.for_kind("image"))
+    report = evaluator(reranker, products, feats.text, feats.image, np.asarray(feats.patches), bundle.encode_texts, swap=swap, photos=photos)
     report["bundle"], report["split"] = str(args.bundle), args.split
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,6 +189,8 @@ def register(subparsers) -> None:
     ev.add_argument("--top-n", type=positive_int, default=20)
     ev.add_argument("--num-queries", type=positive_int, default=1000)
     ev.add_argument("--t2p-queries", type=positive_int, default=500)
+    ev.add_argument("--i2p-queries", type=non_negative_int, default=0,
+                    help="also rerank this many shopper-photo queries (I2P; the photo's embedding in the query slot)")
     ev.add_argument("--tune-prior", action="store_true", help="also sweep the first-stage prior weight over a grid")
     ev.add_argument("--write-prior", action="store_true", help="with --tune-prior: write the best weight into --bundle")
     ev.add_argument("--seed", type=non_negative_int, default=0)

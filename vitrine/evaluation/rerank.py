@@ -4,6 +4,8 @@
   candidates are images, so the reranker reads (query, no title, patches).
 * T2P shopper queries over the split: candidates are products, ranked by the α-fused score, and the
   reranker reads (query, title, patches).
+* I2P (with `photos`): seeded shopper photos of products against every product by the α-fused score; the
+  reranker reads (no query text, title, patches) with the photo's embedding in the query slot.
 * TIA: the match classifier on (title, image) pairs against random texts, attribute-swapped texts and
   the dual encoder's hardest wrong titles; the dual encoder's own cosine AUC is reported beside it.
 
@@ -110,13 +112,17 @@ class RerankEvaluator:
         encode_texts: Callable[[list[str]], np.ndarray],
         *,
         swap: Callable[[str], str | None] | None = None,
+        photos: tuple[np.ndarray, np.ndarray, float] | None = None,
     ) -> dict[str, Any]:
+        """`photos`: (photo embeddings [Q, D], the product row each photographs [Q], α for image queries)."""
         n = len(products)
         assert title_embs.shape[0] == n and image_embs.shape == title_embs.shape and patches.shape[0] == n
         report: dict[str, Any] = {"top_n": self.top_n, "products": n}
         started = time.perf_counter()
         report["t2i_sample"] = self.sample_t2i(reranker, products, title_embs, image_embs, patches)
         report["t2p"] = self.t2p(reranker, products, title_embs, image_embs, patches, encode_texts)
+        if photos is not None:
+            report["i2p"] = self.i2p(reranker, products, title_embs, image_embs, patches, *photos)
         report["tia"] = self.tia(reranker, products, title_embs, image_embs, patches, encode_texts, swap)
         sweep = {"t2i_R@1": report["t2i_sample"].pop("prior_sweep"), "t2p_nDCG@10": report["t2p"].pop("prior_sweep", None)}
         if self.prior_grid:
@@ -189,6 +195,26 @@ class RerankEvaluator:
                 "nDCG@10": float(ndcg_at_k(hits, n_rel, 10).mean()),
             }
         out.update(queries=len(queries), alpha=self.alpha_t2p)
+        return out
+
+    def i2p(self, reranker, products, title_embs, image_embs, patches, photo_embs, targets, alpha) -> dict[str, Any]:
+        assert photo_embs.shape == (targets.shape[0], title_embs.shape[1]), (photo_embs.shape, targets.shape)
+        first = photo_embs @ blend_product_vectors(title_embs, image_embs, alpha).T
+        before, after, alone = [], [], []
+        swept: list[list[int]] = [[] for _ in self.prior_grid]
+        for i, target in enumerate(tqdm(targets, desc="rerank i2p", disable=not self.progress)):
+            top = top_n(first[i], self.top_n)
+            aligned = aligned_rows(photo_embs[i], title_embs[top], image_embs[top])
+            logits = reranker.score("", [products[j].title for j in top], patches[top], aligned=aligned)
+            before.append(int((first[i] >= first[i, target]).sum() - 1))  # ties count against, as elsewhere
+            after.append(reranked_rank(first[i], reranker.with_prior(logits, first[i, top]), top, int(target)))
+            alone.append(reranked_rank(first[i], logits, top, int(target)))
+            for ranks, w in zip(swept, self.prior_grid):
+                ranks.append(reranked_rank(first[i], add_prior(logits, first[i, top], w), top, int(target)))
+        out = {"dual_encoder": recall_metrics(np.array(before)), "reranked": recall_metrics(np.array(after)),
+               "cross_only": recall_metrics(np.array(alone)), "queries": int(targets.shape[0]), "alpha": alpha}
+        if self.prior_grid:
+            out["prior_sweep_R@1"] = [recall_metrics(np.array(r))["R@1"] for r in swept]
         return out
 
     @staticmethod
