@@ -67,6 +67,8 @@ def export_tiny_reranker_bundle(out: Path, bundle: Path, *, model: str = "tiny-a
     cross, _ = create_cross_encoder(model, pretrained=False)
     with torch.no_grad():
         cross.prior_weight.fill_(prior_weight)
+        if cross.similarity_head is not None:  # it starts at 10 x each cosine: keep it as small as the prior,
+            cross.similarity_head.weight.fill_(prior_weight)  # so the untrained encoder still reorders hits
     export_reranker_copy(save_cross_encoder(cross, out / "ce.pt"), bundle, out / "with-reranker", default_top_n=default_top_n)
     return out / "with-reranker"
 
