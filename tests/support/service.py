@@ -67,8 +67,12 @@ def export_tiny_reranker_bundle(out: Path, bundle: Path, *, model: str = "tiny-a
     cross, _ = create_cross_encoder(model, pretrained=False)
     with torch.no_grad():
         cross.prior_weight.fill_(prior_weight)
-        if cross.similarity_head is not None:  # it starts at 10 x each cosine: keep it as small as the prior,
-            cross.similarity_head.weight.fill_(prior_weight)  # so the untrained encoder still reorders hits
+        if cross.similarity_head is not None:
+            # An aligned model's logit starts as 10 x each first-stage cosine, and its untrained [CLS] head
+            # varies little between candidates: shrink the first and widen the second so the scores, and
+            # with them the tests' reordering, come from the encoder itself.
+            cross.similarity_head.weight.fill_(prior_weight)
+            cross.match_head[-1].weight.mul_(100.0)
     export_reranker_copy(save_cross_encoder(cross, out / "ce.pt"), bundle, out / "with-reranker", default_top_n=default_top_n)
     return out / "with-reranker"
 
