@@ -33,7 +33,6 @@ def _features(bundle: str, products, cache: str):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-
     from trainer.concepts import ConceptGraph
     from trainer.cross_encoder.data import DualEmbeddings, QueryMaker
     from trainer.cross_encoder.knowledge import AttributeSchema
@@ -71,8 +70,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             for g in groups:
                 fh.write(json.dumps({"query": g.query, "positive": products[g.positive].id, "negatives": [products[j].id for j in g.negatives],
                                      "with_titles": g.with_titles, "swapped_query": g.swapped_query}) + "\n")
+    source_grid = bundle.patch_spec.grid if bundle.patch_spec is not None else None
     trainer = RerankerTrainer(cfg, products, feats.patches, groups=groups, schema=schema, dual=dual, hard=hard,
-                              source_grid=bundle.manifest.patches.grid)
+                              source_grid=source_grid)
     summary = trainer.run()
     print(json.dumps(summary, indent=2))
     return 0

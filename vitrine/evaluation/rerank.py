@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from vitrine.catalog.product import Product
 from vitrine.evaluation.protocols import index_distinct, recall_metrics, sample_query_products, sample_t2i_candidates
 from vitrine.evaluation.queries import compose_shopper_queries, relevance_matrix
-from vitrine.evaluation.ranking import ndcg_at_k, precision_at_k, rank_against_negatives, ranked_relevance
+from vitrine.evaluation.ranking import ndcg_at_k, precision_at_k, rank_against_negatives, rank_of_positive, ranked_relevance
 from vitrine.runtime.rerank_inputs import aligned_rows
 from vitrine.scoring import add_prior, blend_product_vectors
 
@@ -200,18 +200,18 @@ class RerankEvaluator:
     def i2p(self, reranker, products, title_embs, image_embs, patches, photo_embs, targets, alpha) -> dict[str, Any]:
         assert photo_embs.shape == (targets.shape[0], title_embs.shape[1]), (photo_embs.shape, targets.shape)
         first = photo_embs @ blend_product_vectors(title_embs, image_embs, alpha).T
-        before, after, alone = [], [], []
+        before = rank_of_positive(first, targets)  # as `vitrine eval`'s I2P ranks them
+        after, alone = [], []
         swept: list[list[int]] = [[] for _ in self.prior_grid]
         for i, target in enumerate(tqdm(targets, desc="rerank i2p", disable=not self.progress)):
             top = top_n(first[i], self.top_n)
             aligned = aligned_rows(photo_embs[i], title_embs[top], image_embs[top])
             logits = reranker.score("", [products[j].title for j in top], patches[top], aligned=aligned)
-            before.append(int((first[i] >= first[i, target]).sum() - 1))  # ties count against, as elsewhere
             after.append(reranked_rank(first[i], reranker.with_prior(logits, first[i, top]), top, int(target)))
             alone.append(reranked_rank(first[i], logits, top, int(target)))
             for ranks, w in zip(swept, self.prior_grid):
                 ranks.append(reranked_rank(first[i], add_prior(logits, first[i, top], w), top, int(target)))
-        out = {"dual_encoder": recall_metrics(np.array(before)), "reranked": recall_metrics(np.array(after)),
+        out = {"dual_encoder": recall_metrics(before), "reranked": recall_metrics(np.array(after)),
                "cross_only": recall_metrics(np.array(alone)), "queries": int(targets.shape[0]), "alpha": alpha}
         if self.prior_grid:
             out["prior_sweep_R@1"] = [recall_metrics(np.array(r))["R@1"] for r in swept]
@@ -236,17 +236,26 @@ class RerankEvaluator:
         pos = self._score_rows(reranker, titles, title_embs[picks], image_embs[picks], patches[picks])
         pos_cos = (title_embs[picks] * image_embs[picks]).sum(1)
         out: dict[str, Any] = {"pairs": int(picks.size)}
-        kinds = {"random": [products[int(j)].title for j in rng.permutation(len(products))[: picks.size]]}
-        if swap is not None:
-            kinds["attribute_swap"] = [swap(t) for t in titles]
+        # Each kind: its texts and, when they are products' titles, those products' rows (their stored
+        # embeddings are reused); made-up texts (swaps) go through the text encoder.
         lowered = np.array([p.title.strip().lower() for p in products])
         sims = image_embs[picks] @ title_embs.T
         sims[lowered[None, :] == lowered[picks][:, None]] = -np.inf
-        kinds["hard"] = [products[int(j)].title for j in sims.argmax(1)]
-        for kind, texts in kinds.items():
+        kinds: dict[str, tuple[list[str], np.ndarray | None]] = {}
+        for kind, rows in (("random", rng.permutation(len(products))[: picks.size]), ("hard", sims.argmax(1))):
+            kinds[kind] = ([products[int(j)].title for j in rows], rows)
+        if swap is not None:
+            kinds["attribute_swap"] = ([swap(t) for t in titles], None)
+        for kind in ("random", "attribute_swap", "hard"):  # the report's order
+            if kind not in kinds:
+                continue
+            texts, rows = kinds[kind]
             keep = [k for k, t in enumerate(texts) if t and t != titles[k]]
             kept = [texts[k] for k in keep]
-            embs = encode_texts(kept) if kept else np.zeros((0, title_embs.shape[1]), np.float32)
+            if rows is not None:
+                embs = title_embs[rows[keep]]
+            else:
+                embs = encode_texts(kept) if kept else np.zeros((0, title_embs.shape[1]), np.float32)
             neg = self._score_rows(reranker, kept, embs, image_embs[picks[keep]], patches[picks[keep]])
             p = pos[keep]
             out[kind] = {
