@@ -307,7 +307,10 @@ class IndexLayout:
         return removed
 
     def _new_name(self) -> str:
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time_ns() // 1000 % 1_000_000:06d}Z"
+        # One clock read for seconds and microseconds: two reads straddling a second boundary gave a
+        # name that sorted before the previous version's, and versions are ordered by name.
+        now = time.time_ns()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 1_000_000_000)) + f"{now // 1000 % 1_000_000:06d}Z"
         name, n = stamp, 0
         while (self.versions / name).exists() or (self.versions / f"{name}{PARTIAL_SUFFIX}").exists():
             n += 1

@@ -175,3 +175,13 @@ def test_prune_reports_leased_versions_it_kept(tmp_path, catalog):
         build(catalog, out, keep_versions=1)
         cleanup = IndexLayout(out).gc(keep=1)
         assert cleanup.leased == [first] and cleanup.removed == [] and first.exists()
+
+
+def test_version_names_sort_in_time_order_across_a_second_boundary(tmp_path, monkeypatch) -> None:
+    """Seconds and microseconds come from one clock read: 0.999999 s then 1.000001 s must sort in that order."""
+    layout = IndexLayout(tmp_path / "index")
+    clock = iter([1_700_000_000_999_999_000, 1_700_000_001_000_001_000])
+    monkeypatch.setattr(time, "time_ns", lambda: next(clock))
+    first, second = layout._new_name(), layout._new_name()
+    assert first == "20231114T221320999999Z" and second == "20231114T221321000001Z"
+    assert sorted([second, first]) == [first, second]
