@@ -42,6 +42,12 @@ ROWS = {
     "unlock": ("res + conv head, last block stage and top 2 MiniLM layers trained",
                [*APR, "--image-summary", "conv_head", "--image-unlocked-groups", "2", "--text-unlocked-layers", "2"]),
 }
+# Tower learning rates (the lever left open by `unlock`, whose best epoch was always the last): the unlocked
+# towers at 3x and 10x the default image / text lr (1e-4 / 3e-5).
+UNLOCK = ["--image-summary", "conv_head", "--image-unlocked-groups", "2", "--text-unlocked-layers", "2"]
+for _x, (_ilr, _tlr) in {"3": ("3e-4", "1e-4"), "10": ("1e-3", "3e-4")}.items():
+    ROWS[f"unlock-lr{_x}"] = (f"unlock, tower lr x{_x} (image {_ilr}, text {_tlr})",
+                              [*APR, *UNLOCK, "--image-lr", _ilr, "--text-lr", _tlr])
 # FashionKLIP CVA (item 4): weight w and warm-up epochs on top of `res`; w = 1 without warm-up is the paper's
 # ½(L_ITC + L_CVA) up to a constant factor, which AdamW's step normalisation removes.
 for _w in ("0.1", "0.3", "1"):

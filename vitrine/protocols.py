@@ -53,6 +53,12 @@ class ServingEncoder(Encoder, Protocol):
         ...
 
     @property
+    def embeds_like(self) -> str | None:
+        """The fingerprint of another model whose embedding space this one shares (an int8 copy of a
+        bundle names its float original), so an index built with either serves with this one; else None."""
+        ...
+
+    @property
     def model_name(self) -> str: ...
 
     @property

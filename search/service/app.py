@@ -61,7 +61,7 @@ def open_encoder(settings: Settings, index: SearchIndex) -> ServingEncoder:
         raise UserError("the index does not record its bundle: pass --bundle or set VITRINE_BUNDLE")
     encoder = load_bundle(bundle, threads=settings.threads)
     expected = index.bundle_fingerprint
-    if expected and encoder.fingerprint != expected:
+    if expected and expected not in (encoder.fingerprint, encoder.embeds_like):
         raise UserError(
             f"bundle {bundle} (fingerprint {encoder.fingerprint}) is not the one index {index.index_dir} "
             f"was built with ({expected}): queries would be embedded by another model"

@@ -203,7 +203,7 @@ class ServedVersion:
 def check_index_fits(index: SearchIndex, encoder: ServingEncoder, reranker: Reranker | None) -> None:
     """UserError unless `index` was embedded by `encoder`'s model (and stores what the reranker reads)."""
     expected = index.bundle_fingerprint
-    if expected and encoder.fingerprint and encoder.fingerprint != expected:
+    if expected and encoder.fingerprint and expected not in (encoder.fingerprint, encoder.embeds_like):
         raise UserError(f"index version {index.version} was built with bundle {expected}, the service runs {encoder.fingerprint}")
     if int(index.embed_dim) != int(encoder.embed_dim):
         raise UserError(f"index version {index.version} holds {index.embed_dim}-d vectors, the encoder gives {encoder.embed_dim}-d")
@@ -235,7 +235,8 @@ class SearchEngine:
         self.metrics = metrics
         self.reranker = reranker
         self.embed_dim = int(index.embed_dim)
-        self.fingerprint = index.bundle_fingerprint or encoder.fingerprint or "unknown"
+        # Cached query embeddings are keyed by the model that computed them (an int8 copy's differ slightly).
+        self.fingerprint = encoder.fingerprint or index.bundle_fingerprint or "unknown"
         self.open_version = open_version
 
         self.link: RedisLink | None = None

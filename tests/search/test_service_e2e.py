@@ -137,3 +137,21 @@ def test_serve_defaults_and_clear_errors(tmp_path, built, bundle):
     with pytest.raises(UserError, match="does not record its bundle"):
         args = _parse_serve("--index", str(other.index_dir))
         args.func(args)
+
+
+def test_an_int8_copy_of_the_bundle_serves_the_index_the_float_one_built(tmp_path, built, bundle):
+    from vitrine.runtime.quantize import quantize_bundle
+
+    int8 = tmp_path / "int8"
+    quantize_bundle(bundle, int8, min_cosine=0.5)
+    encoder = load_bundle(int8)
+    assert encoder.fingerprint != load_bundle(bundle).fingerprint and encoder.embeds_like == load_bundle(bundle).fingerprint
+    settings = Settings(index=built.index_dir, bundle=int8)
+    with LiveServer(create_app(settings)) as live, httpx.Client(base_url=live.url, timeout=30) as client:
+        body = client.post("/search/text", json={"query": "women blue casual shoes", "k": 5}).json()
+        health = client.get("/readyz").json()
+    with ProductIndex.open(built.index_dir) as index:
+        expected = index.search(encoder.encode_texts(["women blue casual shoes"])[0], k=5)
+    assert [r["id"] for r in body["results"]] == [h.id for h in expected]
+    # Query embeddings are cached under the model that computed them, not the index's.
+    assert health["index"]["bundle_fingerprint"] == encoder.fingerprint

@@ -40,6 +40,7 @@ class FixtureEncoder(ColourHashEncoder):
     alpha_t2p: float | None = None
     alpha_i2p: float | None = None
     fingerprint = "colourhash-fixture"
+    embeds_like = None
     model_name = "colourhash"
     path = None
     patch_spec = None
@@ -62,6 +63,7 @@ class PatchFixtureEncoder(FixtureEncoder):
     (0..1) and the cell's brightness spread, so every image gets distinct, deterministic patches."""
 
     fingerprint = "colourhash-patches-fixture"
+    embeds_like = None
     grid = (2, 3)
 
     @property

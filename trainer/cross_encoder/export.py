@@ -20,6 +20,7 @@ from torch import nn
 from trainer.cross_encoder.factory import load_cross_encoder
 from trainer.cross_encoder.model import CrossEncoder
 from vitrine.runtime.manifest import BundleError, hash_bundle_files, read_manifest, verify_files, write_manifest
+from vitrine.runtime.quantize import quantize_graph_int8
 from vitrine.runtime.rerank_inputs import ALIGNED_SLOTS, PairEncoder
 from vitrine.runtime.reranker import ALIGNED_INPUT, INPUT_NAMES, OUTPUT_NAME, RERANKER_KEY, Reranker, RerankerSpec
 from vitrine.runtime.session import make_session
@@ -98,12 +99,6 @@ def measure_reranker_parity(model: CrossEncoder, reranker: Reranker, seed: int =
 QUANTIZATIONS = ("int8",)
 
 
-def quantize_reranker_graph(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
-
-
 def export_reranker(
     checkpoint: str | Path,
     bundle_dir: str | Path,
@@ -152,7 +147,7 @@ def export_reranker(
         if quantize == "int8":
             float_graph = staged / "reranker.float.onnx"
             (staged / "reranker.onnx").replace(float_graph)
-            quantize_reranker_graph(float_graph, staged / "reranker.onnx")
+            quantize_graph_int8(float_graph, staged / "reranker.onnx")
             float_graph.unlink()
             quantized = Reranker(make_session(staged / "reranker.onnx", threads=2), reranker.encoder, staged_spec)
             parity["int8_max_abs_diff_vs_torch"] = measure_reranker_parity(model, quantized)["max_abs_diff"]

@@ -47,6 +47,10 @@ class BundleEncoder:
         return self.manifest.image_size
 
     @property
+    def embeds_like(self) -> str | None:
+        return self.manifest.embeds_like
+
+    @property
     def model_name(self) -> str:
         return self.manifest.model.name
 

@@ -104,6 +104,11 @@ class BundleManifest(BaseModel):
     pruning: bool | dict[str, Any] | None = None
     # The image graph's patch-features output; None for bundles exported without it.
     patches: PatchSpec | None = None
+    # Graphs shipped int8 (`vitrine bundle quantize`): per graph, the method and how far its outputs moved.
+    quantization: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # The fingerprint of the bundle whose embedding space this one shares (an int8 copy names its float
+    # original): indexes built with that bundle serve with this one.
+    embeds_like: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> BundleManifest:

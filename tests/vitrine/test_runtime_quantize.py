@@ -1,0 +1,79 @@
+"""`vitrine bundle quantize`: an int8 copy of the text graph that loads, verifies and records what it lost."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vitrine.cli import main
+from vitrine.errors import UserError
+from vitrine.runtime import load_bundle, read_manifest
+from vitrine.runtime.manifest import sha256_file
+from vitrine.runtime.quantize import compare_embeddings, quantize_bundle
+
+pytestmark = pytest.mark.torch  # the tiny bundle is exported by the trainer
+
+TEXTS = ["red summer dress", "black leather boots for men", "navy blue jeans", "white sports shoes"]
+
+
+def test_compare_embeddings_reports_the_worst_row() -> None:
+    ref = np.eye(3, dtype=np.float32)
+    new = ref.copy()
+    new[1] = [0.0, 0.6, 0.8]
+    cos, diff = compare_embeddings(ref, new)
+    assert cos == pytest.approx(0.6) and diff == pytest.approx(0.8)
+    with pytest.raises(AssertionError):
+        compare_embeddings(ref, new[:2])
+
+
+def test_int8_copy_loads_verifies_and_records_its_error(tiny_bundle: Path, tmp_path: Path) -> None:
+    before = {p.name: sha256_file(p) for p in tiny_bundle.iterdir() if p.is_file()}
+    out = tmp_path / "int8"
+    records = quantize_bundle(tiny_bundle, out, check_texts=TEXTS, min_cosine=0.5)
+
+    manifest = read_manifest(out)
+    assert manifest.quantization == records and set(records) == {"text"}
+    assert records["text"]["checks"] == len(TEXTS) and 0.5 <= records["text"]["min_cosine"] <= 1.0
+    # The source bundle is the reference and stays as it was; the image graph is copied unchanged.
+    assert {p.name: sha256_file(p) for p in tiny_bundle.iterdir() if p.is_file()} == before
+    assert sha256_file(out / manifest.image_encoder.file) == before[manifest.image_encoder.file]
+    assert sha256_file(out / manifest.text_encoder.file) != before[manifest.text_encoder.file]
+
+    float_enc, int8_enc = load_bundle(tiny_bundle), load_bundle(out)  # verify=True: hashes match
+    ref, new = float_enc.encode_texts(TEXTS), int8_enc.encode_texts(TEXTS)
+    assert new.dtype == np.float32 and np.allclose(np.linalg.norm(new, axis=1), 1.0, atol=1e-4)
+    assert compare_embeddings(ref, new)[0] == pytest.approx(records["text"]["min_cosine"], abs=1e-5)
+    assert out.stat().st_mode & 0o755 == 0o755 and not list(tmp_path.glob(".int8.*"))
+
+
+def test_refusals_leave_nothing_behind(tiny_bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="must differ"):
+        quantize_bundle(tiny_bundle, tiny_bundle)
+    with pytest.raises(UserError, match="graphs must be"):
+        quantize_bundle(tiny_bundle, tmp_path / "x", graphs=("audio",))
+    # Nothing matches a float graph to cosine 1.0 after int8 rounding: refused, and no copy is left.
+    with pytest.raises(UserError, match="too far from the float one"):
+        quantize_bundle(tiny_bundle, tmp_path / "strict", check_texts=TEXTS, min_cosine=1.0)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(UserError, match="not a bundle"):
+        quantize_bundle(tiny_bundle, tmp_path / "notes", overwrite=True)
+    quantize_bundle(tiny_bundle, tmp_path / "b", check_texts=TEXTS, min_cosine=0.5)
+    with pytest.raises(UserError, match="exists"):
+        quantize_bundle(tiny_bundle, tmp_path / "b", check_texts=TEXTS, min_cosine=0.5)
+    quantize_bundle(tiny_bundle, tmp_path / "b", check_texts=TEXTS, min_cosine=0.5, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "notes"]
+
+
+def test_command(tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "int8"
+    assert main(["bundle", "quantize", "--bundle", str(tiny_bundle), "--out", str(out), "--min-cosine", "0.5", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["quantization"] == read_manifest(out).quantization
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bundle", "quantize", "--bundle", str(tiny_bundle), "--out", str(out), "--graphs", "text,audio"])
+    assert exit_info.value.code == 2 and "text,audio" in capsys.readouterr().err
+    assert main(["bundle", "quantize", "--bundle", str(tiny_bundle), "--out", str(out), "--min-cosine", "0.5"]) != 0
+    assert "exists" in capsys.readouterr().err
