@@ -1,6 +1,6 @@
 """What one query costs, part by part, in this process: the levers of issue 14 part 5 side by side.
 
-    python3 bench/query_cost.py --index indexes/fashion [--bundle B] [--queries 200] [--out bench/out]
+    python3 bench/query_cost.py --index indexes/fashion [--bundle B] [--int8-bundle B8] [--queries 200] [--out bench/out]
 
 Every variant runs on the same queries, interleaved query by query (A, B, A, B...), so a busy
 machine slows all of them alike. Each cell is the median over the queries of the wall time and of
@@ -66,7 +66,9 @@ def search_costs(index: Any, queries: np.ndarray, n: int) -> dict[str, dict[str,
     }, n)  # fmt: skip
 
 
-def encoder_costs(bundle_path: Path, texts: list[str], n: int) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+def encoder_costs(
+    bundle_path: Path, texts: list[str], n: int, int8_path: Path | None = None
+) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     import onnxruntime as ort
 
     from vitrine.runtime import load_bundle
@@ -84,6 +86,14 @@ def encoder_costs(bundle_path: Path, texts: list[str], n: int) -> tuple[dict[str
         "1 thread, ORT_ENABLE_BASIC": make_session(bundle_path / bundle.manifest.text_encoder.file, threads=1,
                                                    optimization=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC),  # fmt: skip
     }
+    int8 = None
+    if int8_path is not None:  # `vitrine bundle quantize`: the same tokenizer, an int8 text graph
+        int8 = load_bundle(int8_path, threads=1)
+        sessions["int8 graph (vitrine bundle quantize), 1 thread, ORT_ENABLE_ALL"] = int8.text.session
+        sessions["int8 graph, 2 threads, ORT_ENABLE_ALL"] = make_session(int8_path / int8.manifest.text_encoder.file, threads=2)
+        from vitrine.runtime.quantize import compare_embeddings
+
+        facts["int8_vs_float_min_cosine"] = compare_embeddings(batched, int8.encode_texts(texts[:64]))[0]
     ids = [tok.pad(tok.encode_rows([t])) for t in texts]
     name_in, name_out = bundle.text.input_name, bundle.text.output_name
     variants: dict[str, Callable[[int], Any]] = {"tokenise one query": lambda i: tok.pad(tok.encode_rows([texts[i]]))}
@@ -94,7 +104,10 @@ def encoder_costs(bundle_path: Path, texts: list[str], n: int) -> tuple[dict[str
         calls = max(4, n // size)
         cost = measure({f"batch {size}": lambda i, b=size: bundle.encode_texts(texts[(i * b) % len(texts):][:b])}, calls)
         costs[f"encode per query, {size} queries a call"] = {k: round(v / size, 4) for k, v in cost[f"batch {size}"].items()}
-    costs.update(measure({"encode per query, 1 query a call": lambda i: bundle.encode_texts([texts[i]])}, n))
+    lone_calls: dict[str, Callable[[int], Any]] = {"encode per query, 1 query a call": lambda i: bundle.encode_texts([texts[i]])}
+    if int8 is not None:
+        lone_calls["encode per query, 1 query a call, int8"] = lambda i: int8.encode_texts([texts[i]])
+    costs.update(measure(lone_calls, n))
     return costs, facts
 
 
@@ -130,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--index", type=Path, required=True)
     parser.add_argument("--bundle", type=Path, help="default: the bundle the index was built with")
+    parser.add_argument("--int8-bundle", type=Path, help="also time this int8 copy's text graph (vitrine bundle quantize)")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
@@ -148,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     sections: dict[str, Any] = {}
     sections["search"] = search_costs(index, queries, n)
     print(json.dumps(sections["search"], indent=1), flush=True)
-    sections["text encoder"], facts = encoder_costs(bundle, texts, n)
+    sections["text encoder"], facts = encoder_costs(bundle, texts, n, args.int8_bundle)
     print(json.dumps(sections["text encoder"], indent=1), flush=True)
     sections["serialisation"] = serialise_costs(index, queries, min(n, 100))
     print(json.dumps(sections["serialisation"], indent=1), flush=True)

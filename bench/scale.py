@@ -42,7 +42,8 @@ sys.path.insert(0, str(REPO))
 import faiss
 
 from bench.common import environment, latency_stats, write_json
-from indexer import faiss_index
+from indexer import ProductIndex, faiss_index
+from indexer.candidates import OVERFETCH_MAX, filtered_plan
 from indexer.layout import IndexLayout
 from indexer.store import SqliteProductStore
 
@@ -145,23 +146,34 @@ def serialized_bytes(index: Any) -> int:
 # ------------------------------------------------------------------ search, as the engine does it
 
 
-def engine_top(spec, index, vectors, query, allowed_mask=None, allowed_labels=None, n=None, probe_more=False) -> np.ndarray:
+def engine_top(spec, index, vectors, query, allowed_mask=None, allowed_labels=None, n=None, probe_more=False,
+               planned=True) -> np.ndarray:  # fmt: skip
     """Top K rows the engine returns: top FETCH_K candidates from the index, re-scored exactly."""
     if allowed_mask is None:
         rows = faiss_index.search(spec, index, query, FETCH_K)
     elif spec.exact:
         rows = faiss_index.search(spec, index, query, FETCH_K, allowed_labels=allowed_labels)
     else:
-        rows = overfetch(spec, index, query, allowed_mask, allowed_labels, n, probe_more)
+        if planned and not probe_more:
+            plan, first = filtered_plan(n, allowed_labels.size, FETCH_K, exact_index=False,
+                                        brute_force_max_rows=ProductIndex.brute_force_max_rows,
+                                        overfetch_max=OVERFETCH_MAX)  # fmt: skip
+        else:  # before filtered_plan (and the rejected probe-more variant): exact up to 4,096 rows, else from FETCH_K
+            small = allowed_labels.size <= ProductIndex.brute_force_max_rows
+            plan, first = ("exact", 0) if small else ("overfetch", FETCH_K)
+        if plan == "exact":
+            rows = allowed_labels
+        else:
+            rows = overfetch(spec, index, query, allowed_mask, allowed_labels, n, probe_more, first)
     scores = vectors[rows] @ query
     return rows[np.argsort(-scores, kind="stable")[:K]]
 
 
-def overfetch(spec, index, query, mask, allowed, n, probe_more: bool = False) -> np.ndarray:
-    """ProductIndex._overfetch for one index: double the fetch until FETCH_K matches survive.
+def overfetch(spec, index, query, mask, allowed, n, probe_more: bool = False, first: int = FETCH_K) -> np.ndarray:
+    """ProductIndex._overfetch for one index: fetch `first`, doubling until FETCH_K matches survive.
     `probe_more`: the alternative measured for IVF, doubling nprobe when a round comes back short."""
     wanted = min(FETCH_K, allowed.size)
-    f = FETCH_K
+    f = first
     nprobe, lists = spec.search.get("nprobe"), faiss_index.nlist(index)
     while f < n:
         labels = faiss_index.search(spec, index, query, f, nprobe=nprobe)
@@ -231,8 +243,8 @@ def p50_ms(times: list[float]) -> float:
 # ------------------------------------------------------------------ run
 
 
-def _engine_filtered(spec, index, vectors, mask, allowed, n, query, probe_more=False):
-    return engine_top(spec, index, vectors, query, mask, allowed, n, probe_more)
+def _engine_filtered(spec, index, vectors, mask, allowed, n, query, probe_more=False, planned=True):
+    return engine_top(spec, index, vectors, query, mask, allowed, n, probe_more, planned)
 
 
 def _native(spec, index, vectors, bitmap, query):
@@ -298,7 +310,11 @@ def run_size(n: int, real: dict, queries: np.ndarray, args, rng) -> dict[str, An
                 found0 = [fn0(q) for q in q_rec[: args.filtered_recall_queries]]
                 _, lat0 = timed(fn0, q_lat)
                 entry["probe_more"] = {"recall@10": round(recall(found0, truth[fname]), 4), "p50_ms": p50_ms(lat0)}
-            if not spec.exact:
+            if not spec.exact:  # the engine before indexer.candidates.filtered_plan
+                fn1 = partial(_engine_filtered, spec, index, vectors, mask, allowed, n, planned=False)
+                found1 = [fn1(q) for q in q_rec[: args.filtered_recall_queries]]
+                _, lat1 = timed(fn1, q_lat)
+                entry["before_plan"] = {"recall@10": round(recall(found1, truth[fname]), 4), "p50_ms": p50_ms(lat1)}
                 fn2 = partial(_native, spec, index, vectors, bitmap)
                 found2 = [fn2(q) for q in q_rec[: args.filtered_recall_queries]]
                 _, lat2 = timed(fn2, q_lat)
@@ -439,6 +455,8 @@ def storage_markdown(data: dict[str, Any]) -> str:
 
 def _filtered_cell(entry: dict[str, Any]) -> str:
     cell = f"{entry['p50_ms']:.2f} ({entry['recall@10_engine']:.3f})"
+    if "before_plan" in entry:
+        cell += f"; before the plan {entry['before_plan']['p50_ms']:.2f} ({entry['before_plan']['recall@10']:.3f})"
     if "probe_more" in entry:
         cell += f"; probing more lists instead {entry['probe_more']['p50_ms']:.2f} ({entry['probe_more']['recall@10']:.3f})"
     return cell + f"; exact scan of the set {entry['exact_scan_p50_ms']:.2f}"

@@ -45,6 +45,28 @@ def fetch_size(n: int, k: int, fetch_k: int | None) -> int:
     return min(n, max(int(k), int(fetch_k) if fetch_k is not None else default_fetch_k(int(k))))
 
 
+# An approximate index needs about fetch / selectivity results to keep `fetch` matches of a filter.
+# Past this many per index, scoring the filtered set exactly is cheaper: HNSW's efSearch and IVF's
+# scanned lists grow with the request (docs/RESULTS.md, "Filters on approximate indexes").
+OVERFETCH_MAX = 1000
+
+
+def filtered_plan(n: int, allowed: int, fetch: int, *, exact_index: bool, brute_force_max_rows: int,
+                  overfetch_max: int = OVERFETCH_MAX) -> tuple[str, int]:  # fmt: skip
+    """How to search `allowed` of `n` products for `fetch` candidates: ("exact", 0) scores the filtered
+    set; ("selector", 0) asks an exact index for the allowed labels only; ("overfetch", f) asks an
+    approximate index for f results per round (the expected need, doubling while too few match)."""
+    assert 0 < allowed <= n and fetch >= 1, (n, allowed, fetch)
+    if allowed <= max(brute_force_max_rows, fetch):
+        return "exact", 0
+    if exact_index:
+        return "selector", 0
+    expected = -(-fetch * n // allowed)  # ceil(fetch / selectivity)
+    if expected > overfetch_max:
+        return "exact", 0
+    return "overfetch", min(n, max(fetch, expected))
+
+
 def exact_similarities(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
     """float32 (n,) inner products of the rows of a gathered (n, D) block with `query`.
 

@@ -30,7 +30,17 @@ import numpy as np
 from PIL import Image
 
 from indexer import faiss_index, storage
-from indexer.candidates import MIN_FETCH_K, check_counts, check_query, default_fetch_k, fetch_size, rows_of_ids, scored_hits
+from indexer.candidates import (
+    MIN_FETCH_K,
+    OVERFETCH_MAX,
+    check_counts,
+    check_query,
+    default_fetch_k,
+    fetch_size,
+    filtered_plan,
+    rows_of_ids,
+    scored_hits,
+)
 from indexer.filters import FilterColumns, FilterError, UnknownFilterError
 from indexer.fused_scan import FusedScan, exact_top_k, row_dots
 from indexer.layout import IndexLayout, VersionLease
@@ -52,6 +62,9 @@ class ProductIndex(LexicalSearch, IndexVersionFacts):
 
     # Filtered sets up to this many products are scored exactly (numpy) instead of through Faiss.
     brute_force_max_rows: int = 4096
+    # Approximate indexes score a filtered set exactly when over-fetching would need more than this
+    # many results per index (`indexer.candidates.filtered_plan`).
+    overfetch_max: int = OVERFETCH_MAX
     # Exact indexes up to this many products answer unfiltered queries at the index's own α with one
     # scan of blended vectors (indexer.fused_scan), holding one (n, D) float32 matrix per such α.
     fused_scan_max_rows: int = faiss_index.AUTO_FLAT_MAX
@@ -266,12 +279,15 @@ class ProductIndex(LexicalSearch, IndexVersionFacts):
                 allowed = np.flatnonzero(mask)
                 if allowed.size == 0:
                     return []
-                if allowed.size <= max(self.brute_force_max_rows, fetch):
+                plan, first = filtered_plan(n, int(allowed.size), fetch, exact_index=self._spec.exact,
+                                            brute_force_max_rows=self.brute_force_max_rows,
+                                            overfetch_max=self.overfetch_max)  # fmt: skip
+                if plan == "exact":
                     rows = allowed
-                elif self._spec.exact:
+                elif plan == "selector":
                     rows = self._candidates(query, fetch, allowed_labels=self._labels[allowed])
                 else:
-                    rows = self._overfetch(query, fetch, mask, allowed)
+                    rows = self._overfetch(query, fetch, mask, allowed, first)
         with stage("fill_in"):
             return exact_top_k(self._text, self._image, self._ids, rows, query, int(k), alpha)
 
@@ -302,8 +318,9 @@ class ProductIndex(LexicalSearch, IndexVersionFacts):
         ]
         return self._rows(np.union1d(*found))
 
-    def _overfetch(self, query: np.ndarray, fetch: int, mask: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-        """Approximate index + filter: fetch more until `fetch` matches survive per index.
+    def _overfetch(self, query: np.ndarray, fetch: int, mask: np.ndarray, allowed: np.ndarray, first: int) -> np.ndarray:
+        """Approximate index + filter: fetch `first` (about fetch / selectivity), doubling until `fetch`
+        matches survive per index.
 
         With IVF the probed lists can hold too few matches for a selective filter, and the loop ends
         in an exact scan of the filtered set: correct, but O(filtered set). Probing more lists instead
@@ -311,7 +328,7 @@ class ProductIndex(LexicalSearch, IndexVersionFacts):
         """
         n = len(self)
         wanted = min(fetch, allowed.size)
-        f = fetch
+        f = first
         while f < n:
             per_index = []
             for index in (self._text_index, self._image_index):
