@@ -11,9 +11,13 @@ modality, never zero), fuses, and sorts by score, ties broken by id. The fill-in
 numpy over the vectors in memory (`indexer.fused_scan.exact_top_k`).
 
 Exact (flat) indexes answer unfiltered queries at the index's own α without the two scans:
-one pass over blended vectors α·title + (1−α)·image finds the exact fused top `fetch_k`
+one pass over int8 codes of the blended vectors α·title + (1−α)·image, re-scored exactly and
+refetched while its error bound leaves any doubt, gives the exact fused top-k
 (`indexer.fused_scan.FusedScan`), which the union approximates. An explicit `fetch_k` or
 another α keeps the union semantics.
+
+Filtered searches on approximate indexes plan from the filter's selectivity
+(`indexer.candidates.filtered_plan`).
 
 Filters never lose recall: small filtered sets are scored exactly in numpy; exact (flat)
 indexes search only the matching labels through a Faiss IDSelector; approximate
@@ -68,6 +72,8 @@ class ProductIndex(LexicalSearch, IndexVersionFacts):
     # Exact indexes up to this many products answer unfiltered queries at the index's own α with one
     # scan of blended vectors (indexer.fused_scan), holding one (n, D) float32 matrix per such α.
     fused_scan_max_rows: int = faiss_index.AUTO_FLAT_MAX
+    # "int8": the fused scan reads n·D bytes per α (exact answers by its error bound); "float32": 4·n·D.
+    fused_scan_codec: str = "int8"
 
     def __init__(
         self,
@@ -113,7 +119,8 @@ class ProductIndex(LexicalSearch, IndexVersionFacts):
         self._ids = np.array([record.id for _, record in scanned], dtype=str) if n else np.zeros(0, dtype="<U1")
         self._columns = FilterColumns.from_records(record for _, record in scanned)
         alphas = self.alphas
-        self._fused = FusedScan(text_vectors, image_vectors, {alphas.alpha, alphas.for_kind("text"), alphas.for_kind("image")})
+        self._fused = FusedScan(text_vectors, image_vectors, {alphas.alpha, alphas.for_kind("text"), alphas.for_kind("image")},
+                                codec=self.fused_scan_codec)  # fmt: skip
         # Filters with include_predicted read backfilled values where the catalog has none.
         has_predicted = any(record.predicted for _, record in scanned)
         self._columns_with_predicted = (
@@ -266,15 +273,14 @@ class ProductIndex(LexicalSearch, IndexVersionFacts):
         if n == 0:
             return []
         fetch = fetch_size(n, k, fetch_k)
+        # An explicit fetch_k below MIN_FETCH_K asks for the union of two short lists (the backends'
+        # parity tests); any deeper request gets the exact fused top-k from one scan.
+        deep = fetch_k is None or fetch_k >= MIN_FETCH_K
+        if mask is None and deep and self._spec.exact and n <= self.fused_scan_max_rows and self._fused.supports(alpha):
+            return self._fused.search(query, self._ids, int(k), fetch, alpha)
         with stage("scan"):
             if mask is None:
-                # An explicit fetch_k below MIN_FETCH_K asks for the union of two short lists (the
-                # backends' parity tests); any deeper request gets the exact fused top-`fetch`, one pass.
-                deep = fetch_k is None or fetch_k >= MIN_FETCH_K
-                if deep and self._spec.exact and n <= self.fused_scan_max_rows and self._fused.supports(alpha):
-                    rows = self._fused.top_rows(query, fetch, alpha)
-                else:
-                    rows = self._candidates(query, fetch)
+                rows = self._candidates(query, fetch)
             else:
                 allowed = np.flatnonzero(mask)
                 if allowed.size == 0:

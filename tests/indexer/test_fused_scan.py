@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from indexer import ProductIndex
-from indexer.fused_scan import ROW_CHUNK, FusedScan, exact_top_k, row_dots
+from indexer.fused_scan import ROW_CHUNK, SCAN_CODECS, FusedScan, Int8Scan, exact_top_k, row_dots
 from tests.support.indexes import FIXTURE_ALPHA, IndexFixture, build_fixture_index
 from vitrine.timing import recording
 
@@ -59,18 +59,50 @@ def test_exact_fill_in_equals_the_float64_reference(vectors, alpha: float) -> No
         assert_same(exact_top_k(title, image, ids, rows, query, 12, alpha), expected)
 
 
+@pytest.mark.parametrize("codec", SCAN_CODECS)
 @pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
-def test_fused_scan_finds_the_exact_fused_top_k_over_everything(vectors, alpha: float) -> None:
+def test_fused_scan_finds_the_exact_fused_top_k_over_everything(vectors, alpha: float, codec: str) -> None:
     title, image, ids = vectors
-    scan = FusedScan(title, image, {alpha})
+    scan = FusedScan(title, image, {alpha}, codec=codec)
     everything = np.arange(N)
     queries = list(unit_rows(20, DIM, 7)) + [title[9] * 0.6 + image[9] * 0.4]  # one that ranks the duplicates first
     for query in queries:
         query = (query / np.linalg.norm(query)).astype(np.float32)
-        rows = scan.top_rows(query, 30, alpha)
-        assert rows.size == 30
+        rows, ceiling = scan.top_rows(query, 30, alpha)
+        assert rows.size == 30 and np.isfinite(ceiling)
         expected = reference(title, image, ids, everything, query, 10, alpha)
-        assert_same(exact_top_k(title, image, ids, rows, query, 10, alpha), expected)
+        assert_same(scan.search(query, ids, 10, 30, alpha), expected)
+        # The ceiling holds: no product left out of the scan scores above it.
+        left_out = np.setdiff1d(everything, rows)
+        assert max(e[1] for e in reference(title, image, ids, left_out, query, 1, alpha)) <= ceiling
+
+
+def test_int8_scan_stays_within_its_error_bound() -> None:
+    matrix = unit_rows(500, 64, 11) * np.random.default_rng(12).uniform(0.1, 1.0, (500, 1)).astype(np.float32)
+    scan = Int8Scan(matrix)
+    for query in unit_rows(30, 64, 13):
+        rows, approx, bound = scan.search(query, 500)
+        exact = matrix[rows].astype(np.float64) @ query.astype(np.float64)
+        assert 0 < bound < 0.05 and np.abs(exact - approx).max() <= bound
+        assert np.all(np.diff(approx) <= 0)  # best first
+    rows, approx, bound = scan.search(np.zeros(64, dtype=np.float32), 7)  # a zero query: all tie at 0
+    assert rows.size == 7 and not approx.any() and bound == 0.0
+
+
+def test_an_uncertain_scan_fetches_more_until_the_answer_is_exact(vectors, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many products tied at the k-th place (copies of one product): the fetched rows cannot prove the
+    order, so the scan fetches 4x more (up to everything) and ties still fall to the smallest ids."""
+    title, image, ids = vectors
+    title, image = title.copy(), image.copy()
+    title[100:200], image[100:200] = title[9], image[9]  # 100 copies of product 9
+    scan = FusedScan(title, image, {0.6})
+    query = title[9] * 0.6 + image[9] * 0.4
+    query = (query / np.linalg.norm(query)).astype(np.float32)
+    fetches: list[int] = []
+    real = scan.top_rows
+    monkeypatch.setattr(scan, "top_rows", lambda q, f, a: fetches.append(f) or real(q, f, a))
+    assert_same(scan.search(query, ids, 10, 20, 0.6), reference(title, image, ids, np.arange(N), query, 10, 0.6))
+    assert fetches[:2] == [20, 80] and fetches[-1] <= N
 
 
 def test_fused_scan_keeps_one_matrix_per_alpha_and_only_its_own(vectors) -> None:
@@ -103,4 +135,5 @@ def test_product_index_fused_path_equals_the_union_path_and_reports_its_stages(f
             assert facts[0] == facts[1]
         assert index._fused.supports(FIXTURE_ALPHA) and not index._fused.supports(0.123)
         index.search(unit_rows(1, index.embed_dim, 9)[0], k=3, alpha=0.123)  # another α: the union path, no new matrix
-        assert set(index._fused._blended) <= index._fused.alphas
+        assert set(index._fused._blended) | set(index._fused._int8) <= index._fused.alphas
+        assert not index._fused._blended  # the int8 scan keeps no float32 copy
