@@ -48,6 +48,8 @@ UNLOCK = ["--image-summary", "conv_head", "--image-unlocked-groups", "2", "--tex
 for _x, (_ilr, _tlr) in {"3": ("3e-4", "1e-4"), "10": ("1e-3", "3e-4")}.items():
     ROWS[f"unlock-lr{_x}"] = (f"unlock, tower lr x{_x} (image {_ilr}, text {_tlr})",
                               [*APR, *UNLOCK, "--image-lr", _ilr, "--text-lr", _tlr])
+    ROWS[f"unlock-img{_x}"] = (f"unlock, image tower lr x{_x} ({_ilr}), text tower lr 3e-5",
+                               [*APR, *UNLOCK, "--image-lr", _ilr])
 # FashionKLIP CVA (item 4): weight w and warm-up epochs on top of `res`; w = 1 without warm-up is the paper's
 # ½(L_ITC + L_CVA) up to a constant factor, which AdamW's step normalisation removes.
 for _w in ("0.1", "0.3", "1"):

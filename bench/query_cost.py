@@ -52,15 +52,20 @@ def measure(variants: dict[str, Callable[[int], Any]], n: int) -> dict[str, dict
 
 
 def search_costs(index: Any, queries: np.ndarray, n: int) -> dict[str, dict[str, float]]:
-    from indexer.fused_scan import exact_top_k
+    from indexer.fused_scan import FusedScan, exact_top_k
 
     alpha = index.alphas.for_kind("text")
     unions = [index._candidates(q, 100) for q in queries]  # what the two-index path fills in
     text, image = np.array(index._text), np.array(index._image)
+    float32 = FusedScan(index._text, index._image, {alpha}, codec="float32")
+    exact = sum(float32.search(q, index._ids, 10, 100, alpha) == index.search(q, k=10, kind="text") for q in queries)
+    print(f"int8 and float32 fused scans: identical top-10 hits for {exact}/{len(queries)} queries", flush=True)
     return measure({
         "two Faiss scans + union + fill-in (fetch_k=100)": lambda i: index.search(queries[i], k=10, kind="text", fetch_k=100),
-        "fused scan + fill-in (the service's path)": lambda i: index.search(queries[i], k=10, kind="text"),
-        "fused scan alone": lambda i: index._fused.top_rows(queries[i], 100, alpha),
+        "fused scan + fill-in (the service's path; int8 scan)": lambda i: index.search(queries[i], k=10, kind="text"),
+        "fused scan + fill-in, float32 scan": lambda i: float32.search(queries[i], index._ids, 10, 100, alpha),
+        "fused scan alone (int8)": lambda i: index._fused.top_rows(queries[i], 100, alpha),
+        "fused scan alone (float32)": lambda i: float32.top_rows(queries[i], 100, alpha),
         "fill-in alone (union of ~150 rows)": lambda i: exact_top_k(index._text, index._image, index._ids, unions[i], queries[i], 10, alpha),
         "fill-in alone, vectors copied to RAM (not mapped)": lambda i: exact_top_k(text, image, index._ids, unions[i], queries[i], 10, alpha),
     }, n)  # fmt: skip
