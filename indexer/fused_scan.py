@@ -154,7 +154,8 @@ class FusedScan:
             return found
         with self._lock:
             if alpha not in self._int8:
-                self._int8[alpha] = Int8Scan(self._blended.get(alpha, self._blend(alpha)))
+                blended = self._blended.get(alpha)
+                self._int8[alpha] = Int8Scan(blended if blended is not None else self._blend(alpha))
             return self._int8[alpha]
 
     def top_rows(self, query: np.ndarray, fetch: int, alpha: float) -> tuple[np.ndarray, float]:
