@@ -40,6 +40,15 @@ SCAN_CODECS = ("int8", "float32")
 # Slack for float rounding between a scan's score and the fill-in's (float32 dots fused in float64).
 SCORE_SLACK = 1e-4
 REFETCH_FACTOR = 4
+# The first scan fetches 3k rows (at least 30): the exact answer never depends on it (an uncertain scan
+# fetches more), only the time does; 30 rows were enough for 97 % of 600 test titles at k 10, and the
+# fill-in of 30 rows costs a third of 100's.
+FIRST_FETCH_PER_RESULT = 3
+FIRST_FETCH_MIN = 30
+
+
+def first_fetch(k: int) -> int:
+    return max(FIRST_FETCH_PER_RESULT * int(k), FIRST_FETCH_MIN)
 
 
 def row_dots(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> np.ndarray:

@@ -46,7 +46,7 @@ from indexer.candidates import (
     scored_hits,
 )
 from indexer.filters import FilterColumns, FilterError, UnknownFilterError
-from indexer.fused_scan import FusedScan, exact_top_k, row_dots
+from indexer.fused_scan import FusedScan, exact_top_k, first_fetch, row_dots
 from indexer.layout import IndexLayout, VersionLease
 from indexer.lexical import LexicalSearch
 from indexer.manifest import IndexManifest, IndexVersionFacts, read_manifest
@@ -277,7 +277,7 @@ class ProductIndex(LexicalSearch, IndexVersionFacts):
         # parity tests); any deeper request gets the exact fused top-k from one scan.
         deep = fetch_k is None or fetch_k >= MIN_FETCH_K
         if mask is None and deep and self._spec.exact and n <= self.fused_scan_max_rows and self._fused.supports(alpha):
-            return self._fused.search(query, self._ids, int(k), fetch, alpha)
+            return self._fused.search(query, self._ids, int(k), min(n, first_fetch(k)), alpha)
         with stage("scan"):
             if mask is None:
                 rows = self._candidates(query, fetch)
