@@ -53,14 +53,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=256,
                    help="the global batch: under torchrun each of the N processes trains on 1/N of it")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="lr of projection heads and logit scale")
-    p.add_argument("--text-lr", type=positive_float, default=3e-5, help="lr of unlocked text-tower layers")
+    p.add_argument("--text-lr", type=positive_float, default=None,
+                   help="lr of unlocked text-tower layers (default: the model config's recipe_cfg, else 3e-5)")
     p.add_argument("--text-unlocked-layers", type=layer_count, default=None,
                    help="0 freezes the text tower, -1 trains all layers (default: the model config's recipe_cfg, else 0)")
     p.add_argument("--image-unlocked-groups", type=non_negative_int, default=None,
                    help="train the image tower's last N timm groups (1: the conv head, 2: + the last block stage, ...); "
                         "the attention-head recipe caches below them, the pooled recipe runs without a feature cache "
                         "(default: the model config's recipe_cfg, else 0)")
-    p.add_argument("--image-lr", type=positive_float, default=1e-4, help="attention-head recipe: lr of unlocked image groups")
+    p.add_argument("--image-lr", type=positive_float, default=None,
+                   help="attention-head recipe: lr of unlocked image groups (default: the model config's recipe_cfg, else 1e-4)")
     p.add_argument("--image-summary", choices=("blocks", "conv_head"), default=None,
                    help="attention-head recipe: what the image head's residual path reads: the mean of the block map "
                         "(the config's default) or the pooled conv-head features")
@@ -121,6 +123,19 @@ def resolve_unlocking(model: str, text_layers: int | None, image_groups: int | N
     )
 
 
+def resolve_tower_lrs(model: str, text_lr: float | None, image_lr: float | None) -> tuple[float, float]:
+    """(text lr, image lr) of the unlocked tower parts: flags win over the model config's `recipe_cfg`,
+    then TrainConfig's defaults."""
+    from trainer.factory import recipe_defaults
+    from trainer.train import TrainConfig
+
+    defaults = recipe_defaults(model)
+    return (
+        float(defaults.get("text_lr", TrainConfig.text_lr)) if text_lr is None else text_lr,
+        float(defaults.get("image_lr", TrainConfig.image_lr)) if image_lr is None else image_lr,
+    )
+
+
 def run_train(args: argparse.Namespace) -> int:
     from trainer.distributed import Distributed
     from trainer.factory import has_token_heads
@@ -132,9 +147,10 @@ def run_train(args: argparse.Namespace) -> int:
 
     epochs = args.epochs or (TOKEN_HEAD_EPOCHS if has_token_heads(args.model) else 5)
     text_unlocked, image_unlocked = resolve_unlocking(args.model, args.text_unlocked_layers, args.image_unlocked_groups)
+    text_lr, image_lr = resolve_tower_lrs(args.model, args.text_lr, args.image_lr)
     config = TrainConfig(
         catalog=args.catalog, out=args.out, model=args.model, pretrained=args.pretrained, epochs=epochs,
-        batch_size=args.batch_size, lr=args.lr, text_lr=args.text_lr, image_lr=args.image_lr,
+        batch_size=args.batch_size, lr=args.lr, text_lr=text_lr, image_lr=image_lr,
         text_unlocked_layers=text_unlocked,
         model_overrides={"heads_cfg": {"image_summary": args.image_summary}} if args.image_summary else {},
         image_unlocked_groups=image_unlocked, cva=args.cva, cva_topk=args.cva_topk,
