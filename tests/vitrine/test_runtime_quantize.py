@@ -77,3 +77,15 @@ def test_command(tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert exit_info.value.code == 2 and "text,audio" in capsys.readouterr().err
     assert main(["bundle", "quantize", "--bundle", str(tiny_bundle), "--out", str(out), "--min-cosine", "0.5"]) != 0
     assert "exists" in capsys.readouterr().err
+
+
+def test_the_image_graph_can_be_quantized_too(tiny_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "img8"
+    records = quantize_bundle(tiny_bundle, out, graphs=("image",), min_cosine=0.0)
+    manifest = read_manifest(out)
+    assert set(records) == {"image"} and records["image"]["checks"] >= 1
+    assert sha256_file(out / manifest.text_encoder.file) == sha256_file(tiny_bundle / manifest.text_encoder.file)
+    from PIL import Image
+
+    photo = Image.new("RGB", (40, 30), (200, 30, 30))
+    assert load_bundle(out).encode_images([photo]).shape == (1, manifest.embed_dim)
