@@ -64,6 +64,8 @@ def test_refusals_leave_nothing_behind(tiny_bundle: Path, tmp_path: Path) -> Non
     with pytest.raises(UserError, match="exists"):
         quantize_bundle(tiny_bundle, tmp_path / "b", check_texts=TEXTS, min_cosine=0.5)
     quantize_bundle(tiny_bundle, tmp_path / "b", check_texts=TEXTS, min_cosine=0.5, overwrite=True)
+    with pytest.raises(UserError, match="already int8"):
+        quantize_bundle(tmp_path / "b", tmp_path / "c", check_texts=TEXTS, min_cosine=0.5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "notes"]
 
 

@@ -89,6 +89,9 @@ def quantize_bundle(
         raise UserError("--out must differ from --bundle: the float bundle is the reference and stays")
     manifest = read_manifest(src)
     verify_files(src, manifest)
+    again = sorted(set(graphs) & set(manifest.quantization))
+    if again:
+        raise UserError(f"the {', '.join(again)} graph of {src} is already int8; quantize its float original")
     if dst.exists():
         if not overwrite:
             raise UserError(f"{dst} exists (pass --overwrite to replace it)")
@@ -126,10 +129,15 @@ def quantize_bundle(
         fields["files"] = hash_bundle_files(staged)
         write_manifest(staged, type(manifest).model_validate(fields))
         staged.chmod(0o755)
+        old = tmp / "old"
         if dst.exists():
-            old = tmp / "old"
             dst.rename(old)
-        staged.rename(dst)
+        try:
+            staged.rename(dst)
+        except OSError:
+            if old.exists():  # put the previous bundle back
+                old.rename(dst)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return records
