@@ -15,7 +15,6 @@ import logging
 import shutil
 import tempfile
 import time
-import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,11 +29,11 @@ from torch import nn
 
 from vitrine.errors import UserError
 from vitrine.runtime.bundle import load_bundle
+from vitrine.runtime.bundle_dir import check_bundle_destination, swap_bundle_into_place
 from vitrine.runtime.manifest import (
     BUNDLE_FORMAT,
     FORMAT_VERSION,
     IMAGE_ENCODER_FILE,
-    MANIFEST_FILE,
     RESERVED_KEYS,
     TEXT_ENCODER_FILE,
     TOKENIZER_DIR,
@@ -269,29 +268,6 @@ def _check_caller_manifest(extra: dict | None) -> dict:
     return _json_safe(extra)
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise ExportError(f"{out_dir} exists and is not a directory")
-    is_bundle = (out_dir / MANIFEST_FILE).is_file()
-    if not is_bundle and any(out_dir.iterdir()):
-        raise ExportError(f"{out_dir} exists and is not a model bundle: refusing to replace it")
-    if is_bundle and not overwrite:
-        raise ExportError(f"{out_dir} already holds a bundle (pass overwrite=True to replace it)")
-
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished bundle into place; an old bundle is moved aside first and then removed."""
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out_dir)
-
-
 @torch.no_grad()
 def measure_parity(
     bundle_dir: Path,
@@ -394,7 +370,7 @@ def export_bundle(
     texts = list(DEFAULT_CHECK_TEXTS) if check_texts is None else list(check_texts)
     images = default_check_images() if check_images is None else list(check_images)
     with_patches = _wants_patches(model, patches)
-    _prepare_out_dir(out_dir, overwrite)
+    check_bundle_destination(out_dir, overwrite, error=ExportError)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -462,7 +438,7 @@ def export_bundle(
                 f"image {parity.image_max_abs_diff}, pixels {parity.preprocess_max_abs_diff} (tolerance {tolerance}){patch_note}"
             )
         tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
-        _swap_into_place(tmp, out_dir)
+        swap_bundle_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

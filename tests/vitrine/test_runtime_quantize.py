@@ -58,10 +58,12 @@ def test_refusals_leave_nothing_behind(tiny_bundle: Path, tmp_path: Path) -> Non
         quantize_bundle(tiny_bundle, tmp_path / "strict", check_texts=TEXTS, min_cosine=1.0)
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "notes").mkdir()
-    with pytest.raises(UserError, match="not a bundle"):
+    (tmp_path / "notes" / "keep.txt").write_text("mine")  # a folder with someone's files is never replaced
+    with pytest.raises(UserError, match="not a model bundle"):
         quantize_bundle(tiny_bundle, tmp_path / "notes", overwrite=True)
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
     quantize_bundle(tiny_bundle, tmp_path / "b", check_texts=TEXTS, min_cosine=0.5)
-    with pytest.raises(UserError, match="exists"):
+    with pytest.raises(UserError, match="already holds a bundle"):
         quantize_bundle(tiny_bundle, tmp_path / "b", check_texts=TEXTS, min_cosine=0.5)
     quantize_bundle(tiny_bundle, tmp_path / "b", check_texts=TEXTS, min_cosine=0.5, overwrite=True)
     with pytest.raises(UserError, match="already int8"):
@@ -78,7 +80,7 @@ def test_command(tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
         main(["bundle", "quantize", "--bundle", str(tiny_bundle), "--out", str(out), "--graphs", "text,audio"])
     assert exit_info.value.code == 2 and "text,audio" in capsys.readouterr().err
     assert main(["bundle", "quantize", "--bundle", str(tiny_bundle), "--out", str(out), "--min-cosine", "0.5"]) != 0
-    assert "exists" in capsys.readouterr().err
+    assert "already holds a bundle" in capsys.readouterr().err
 
 
 def test_the_image_graph_can_be_quantized_too(tiny_bundle: Path, tmp_path: Path) -> None:

@@ -20,7 +20,8 @@ import numpy as np
 from pydantic import BaseModel
 
 from vitrine.errors import UserError
-from vitrine.runtime.manifest import BundleError, bundle_fingerprint, hash_bundle_files, read_manifest, verify_files, write_manifest
+from vitrine.runtime.bundle_dir import check_bundle_destination, swap_bundle_into_place
+from vitrine.runtime.manifest import bundle_fingerprint, hash_bundle_files, read_manifest, verify_files, write_manifest
 
 GRAPHS = ("text", "image")
 FLOAT_TENSOR = 1  # onnx.TensorProto.FLOAT
@@ -92,13 +93,7 @@ def quantize_bundle(
     again = sorted(set(graphs) & set(manifest.quantization))
     if again:
         raise UserError(f"the {', '.join(again)} graph of {src} is already int8; quantize its float original")
-    if dst.exists():
-        if not overwrite:
-            raise UserError(f"{dst} exists (pass --overwrite to replace it)")
-        try:
-            read_manifest(dst)
-        except BundleError:
-            raise UserError(f"{dst} exists and is not a bundle; refusing to replace it") from None
+    check_bundle_destination(dst, overwrite, overwrite_hint="--overwrite")
     texts = list(check_texts) if check_texts else list(DEFAULT_CHECK_TEXTS)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
@@ -129,15 +124,7 @@ def quantize_bundle(
         fields["files"] = hash_bundle_files(staged)
         write_manifest(staged, type(manifest).model_validate(fields))
         staged.chmod(0o755)
-        old = tmp / "old"
-        if dst.exists():
-            dst.rename(old)
-        try:
-            staged.rename(dst)
-        except OSError:
-            if old.exists():  # put the previous bundle back
-                old.rename(dst)
-            raise
+        swap_bundle_into_place(staged, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return records
