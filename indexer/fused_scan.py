@@ -30,8 +30,8 @@ from collections.abc import Iterable
 import faiss
 import numpy as np
 
-from indexer.faiss_index import single_threaded
 from indexer.candidates import exact_similarities, rank_union
+from indexer.faiss_index import single_threaded
 from vitrine.scoring import Hit, blend_product_vectors
 from vitrine.timing import stage
 
@@ -84,14 +84,19 @@ class Int8Scan:
 
     def __init__(self, matrix: np.ndarray) -> None:
         assert matrix.ndim == 2 and matrix.shape[1] >= 1, matrix.shape
-        peak = float(np.abs(matrix).max()) if matrix.size else 0.0
+        # Block by block (the peak and the largest row L1 norm, then the codes): temporaries stay one block.
+        blocks = [slice(start, start + ROW_CHUNK) for start in range(0, matrix.shape[0], ROW_CHUNK)]
+        peak, self.row_l1_max = 0.0, 0.0
+        for block in blocks:
+            magnitudes = np.abs(np.asarray(matrix[block], dtype=np.float32))
+            peak = max(peak, float(magnitudes.max()))
+            self.row_l1_max = max(self.row_l1_max, float(magnitudes.sum(axis=1).max()))
         self.scale = 127.0 / peak if peak > 0 else 1.0
-        self.row_l1_max = float(np.abs(matrix).sum(axis=1).max()) if matrix.size else 0.0
         self.index = faiss.IndexScalarQuantizer(matrix.shape[1], faiss.ScalarQuantizer.QT_8bit_direct_signed,
                                                 faiss.METRIC_INNER_PRODUCT)  # fmt: skip
         self.index.train(np.zeros((1, matrix.shape[1]), dtype=np.float32))  # direct codes: nothing to learn
-        for start in range(0, matrix.shape[0], ROW_CHUNK):  # rounded block by block: no full float copy
-            self.index.add(np.rint(np.asarray(matrix[start : start + ROW_CHUNK], dtype=np.float32) * self.scale))
+        for block in blocks:
+            self.index.add(np.rint(np.asarray(matrix[block], dtype=np.float32) * self.scale))
 
     def error_bound(self, query_codes: np.ndarray, query_scale: float) -> float:
         return 0.5 / query_scale * self.row_l1_max + float(np.abs(query_codes).sum()) / query_scale * 0.5 / self.scale

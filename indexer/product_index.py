@@ -16,13 +16,11 @@ refetched while its error bound leaves any doubt, gives the exact fused top-k
 (`indexer.fused_scan.FusedScan`), which the union approximates. An explicit `fetch_k` or
 another α keeps the union semantics.
 
-Filtered searches on approximate indexes plan from the filter's selectivity
-(`indexer.candidates.filtered_plan`).
-
-Filters never lose recall: small filtered sets are scored exactly in numpy; exact (flat)
-indexes search only the matching labels through a Faiss IDSelector; approximate
-indexes over-fetch, doubling until `fetch_k` matching candidates survive per index (or
-everything was fetched, and the filtered set is scored exactly).
+Filters never lose recall (`indexer.candidates.filtered_plan`): small filtered sets are scored
+exactly in numpy; exact (flat) indexes search only the matching labels through a Faiss IDSelector;
+approximate indexes over-fetch from about fetch_k / selectivity, doubling until `fetch_k` matching
+candidates survive per index, or score the filtered set exactly when that would take more than
+`overfetch_max` results per index (or everything was fetched).
 """
 from __future__ import annotations
 
@@ -70,7 +68,7 @@ class ProductIndex(LexicalSearch, IndexVersionFacts):
     # many results per index (`indexer.candidates.filtered_plan`).
     overfetch_max: int = OVERFETCH_MAX
     # Exact indexes up to this many products answer unfiltered queries at the index's own α with one
-    # scan of blended vectors (indexer.fused_scan), holding one (n, D) float32 matrix per such α.
+    # scan of blended vectors (indexer.fused_scan), holding one (n, D) matrix of codes per such α.
     fused_scan_max_rows: int = faiss_index.AUTO_FLAT_MAX
     # "int8": the fused scan reads n·D bytes per α (exact answers by its error bound); "float32": 4·n·D.
     fused_scan_codec: str = "int8"
