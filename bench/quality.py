@@ -50,6 +50,11 @@ for _x, (_ilr, _tlr) in {"3": ("3e-4", "1e-4"), "10": ("1e-3", "3e-4")}.items():
                               [*APR, *UNLOCK, "--image-lr", _ilr, "--text-lr", _tlr])
     ROWS[f"unlock-img{_x}"] = (f"unlock, image tower lr x{_x} ({_ilr}), text tower lr 3e-5",
                                [*APR, *UNLOCK, "--image-lr", _ilr])
+# Shopper queries spelled from each training product's attributes, scored against the batch's matching products
+# (trainer.shopper_queries), on top of unlock-lr10 (the fashion-lite-apu default), weight w.
+for _w in ("0.1", "0.3", "1"):
+    ROWS[f"lr10-q{_w}"] = (f"unlock-lr10 + shopper-query loss, weight {_w}",
+                           [*APR, *UNLOCK, "--image-lr", "1e-3", "--text-lr", "3e-4", "--query-weight", _w])
 # FashionKLIP CVA (item 4): weight w and warm-up epochs on top of `res`; w = 1 without warm-up is the paper's
 # ½(L_ITC + L_CVA) up to a constant factor, which AdamW's step normalisation removes.
 for _w in ("0.1", "0.3", "1"):

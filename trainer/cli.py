@@ -86,6 +86,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="attention-head recipe: weight of the attribute heads (baseColour, articleType, gender, usage, season)")
     p.add_argument("--hard-negatives", type=unit_interval, default=0.0,
                    help="attention-head recipe: share of each batch drawn in same-article-type groups")
+    p.add_argument("--query-weight", type=non_negative_float, default=None,
+                   help="attention-head recipe: weight of the shopper-query loss, queries spelled from each training "
+                        "product's attributes (default: the model config's recipe_cfg, else 0: off)")
     p.add_argument("--val-every", type=positive_int, default=5, help="attention-head recipe: epochs between validations")
     p.add_argument("--image-views", type=positive_int, default=1,
                    help="attention-head recipe: cached views per training photo (more: augmented re-shoots, cached once)")
@@ -136,6 +139,13 @@ def resolve_tower_lrs(model: str, text_lr: float | None, image_lr: float | None)
     )
 
 
+def resolve_query_weight(model: str, weight: float | None) -> float:
+    """The shopper-query loss weight: the flag, else the model config's `recipe_cfg`, else 0 (off)."""
+    from trainer.factory import recipe_defaults
+
+    return float(recipe_defaults(model).get("query_weight", 0.0)) if weight is None else weight
+
+
 def run_train(args: argparse.Namespace) -> int:
     from trainer.distributed import Distributed
     from trainer.factory import has_token_heads
@@ -148,6 +158,7 @@ def run_train(args: argparse.Namespace) -> int:
     epochs = args.epochs or (TOKEN_HEAD_EPOCHS if has_token_heads(args.model) else 5)
     text_unlocked, image_unlocked = resolve_unlocking(args.model, args.text_unlocked_layers, args.image_unlocked_groups)
     text_lr, image_lr = resolve_tower_lrs(args.model, args.text_lr, args.image_lr)
+    query_weight = resolve_query_weight(args.model, args.query_weight)
     config = TrainConfig(
         catalog=args.catalog, out=args.out, model=args.model, pretrained=args.pretrained, epochs=epochs,
         batch_size=args.batch_size, lr=args.lr, text_lr=text_lr, image_lr=image_lr,
@@ -160,7 +171,7 @@ def run_train(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device, limit=args.limit,
         max_steps_per_epoch=args.max_steps_per_epoch, cache_dir=args.cache_dir, resume=not args.no_resume,
         multi_positive=not args.no_multi_positive, attr_weight=args.attr_weight, hard_negatives=args.hard_negatives,
-        val_every=args.val_every, image_views=args.image_views,
+        val_every=args.val_every, image_views=args.image_views, query_weight=query_weight,
         progress=not args.no_progress,
     )
     summary = train(config)

@@ -18,6 +18,7 @@ __all__ = [
     "concept_image_embeddings",
     "multi_positive_info_nce",
     "pruning_loss",
+    "query_product_loss",
 ]
 
 
@@ -142,6 +143,26 @@ def multi_positive_info_nce(image: Tensor, text: Tensor, groups: Tensor, logit_s
     i2t = -((logit_scale * image @ all_text.t()).log_softmax(dim=1).masked_fill(~positive, float("-inf")).logsumexp(dim=1))
     t2i = -((logit_scale * text @ all_image.t()).log_softmax(dim=1).masked_fill(~positive, float("-inf")).logsumexp(dim=1))
     return (i2t.mean() + t2i.mean()) / 2
+
+
+def query_product_loss(queries: Tensor, titles: Tensor, images: Tensor, positive: Tensor, logit_scale: Tensor,
+                       reduction: str = "mean") -> Tensor:  # fmt: skip
+    """Shopper queries against the batch's products: each query's -log of the softmax mass on the products
+    that match every attribute it names, scored once against their titles and once against their photos
+    (the two averaged).
+
+    queries [q, D], titles and images [n, D], all L2-normalised; positive [q, n] bool, >= 1 per row.
+    reduction "none" gives the [q] per-query losses (a data-parallel run normalises by the global count).
+    """
+    if titles.shape != images.shape or queries.shape[1:] != titles.shape[1:] or positive.shape != (queries.shape[0], titles.shape[0]):
+        raise ValueError(f"queries {tuple(queries.shape)}, titles {tuple(titles.shape)}, images {tuple(images.shape)}, "
+                         f"positive {tuple(positive.shape)} do not match")
+    if not bool(positive.any(dim=1).all()):
+        raise ValueError("every query needs at least one matching product")
+    losses = [-((logit_scale * queries @ side.t()).log_softmax(dim=1).masked_fill(~positive, float("-inf")).logsumexp(dim=1))
+              for side in (titles, images)]  # fmt: skip
+    per_query = (losses[0] + losses[1]) / 2
+    return per_query.mean() if reduction == "mean" else per_query
 
 
 def attribute_loss(logits: dict[str, Tensor], targets: dict[str, Tensor]) -> Tensor:

@@ -8,8 +8,9 @@ Built for two CPU cores. The towers are frozen, so their token states never chan
    augmented views of each training photo (seeded re-shoots: crop, flip, colour, JPEG);
 2. train the heads (`trainer.heads.AttentionPoolHead` on both sides) for `epochs` epochs over the
    cache: multi-positive InfoNCE (identical titles are positives), optional attribute heads on both
-   embeddings and attribute-aware hard negatives in the batch; photos are augmented in feature space
-   (a horizontal flip of the block map);
+   embeddings and attribute-aware hard negatives in the batch, optional shopper queries spelled from
+   each product's attributes ("women red handbags") scored against the batch's matching products;
+   photos are augmented in feature space (a horizontal flip of the block map);
 3. keep the best epoch on val (the same evaluators `vitrine eval` runs), tune α per query kind on
    val, write best.pt in the checkpoint format `vitrine export` reads.
 
@@ -41,9 +42,10 @@ from trainer.encoder import ModelEncoder
 from trainer.factory import create_model_and_transforms, get_tokenizer
 from trainer.features import cached_image_features, products_fingerprint
 from trainer.heads import AttributeHeads
-from trainer.loss import ClipLoss, attribute_loss, multi_positive_info_nce, pruning_loss
+from trainer.loss import ClipLoss, attribute_loss, multi_positive_info_nce, pruning_loss, query_product_loss
 from trainer.pruning import calibrate_thresholds, pruned_token_report
 from trainer.selection import ValidationEvaluators, pick_alphas, resume_state, save_checkpoint, validation_metrics
+from trainer.shopper_queries import ShopperQuerySampler
 from trainer.train import TrainConfig, load_splits, seed_everything
 from vitrine.catalog.product import Product
 from vitrine.errors import UserError
@@ -125,6 +127,14 @@ def attribute_targets(products: list[Product], vocab: dict[str, list[str]]) -> d
         lookup = {v: i for i, v in enumerate(values)}
         out[name] = np.array([lookup.get(p.attribute(name).strip().lower(), -1) for p in products], dtype=np.int64)
     return out
+
+
+def concat_padded(*parts: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Token states [b_i, L_i, H] and masks [b_i, L_i] stacked along the batch, zero-padded to the longest L."""
+    length = max(states.shape[1] for states, _ in parts)
+    pad = [(torch.nn.functional.pad(s, (0, 0, 0, length - s.shape[1])), torch.nn.functional.pad(m, (0, length - m.shape[1])))
+           for s, m in parts]  # fmt: skip
+    return torch.cat([s for s, _ in pad]), torch.cat([m for _, m in pad])
 
 
 class TokenForward(nn.Module):
@@ -252,6 +262,11 @@ class TokenRecipeTrainer:
                                         prototypes=config.cva_prototypes, mmr_lambda=config.cva_mmr_lambda)  # fmt: skip
             self.prompt_text = cached_text_states(self.model, self.tokenizer, self.cva.prompts, Path(config.cache_dir),
                                                   f"{text_key}|text", self.device, self.progress)  # fmt: skip
+        self.queries = None
+        if config.query_weight > 0:  # shopper queries are texts too, cached the same way
+            self.queries = ShopperQuerySampler(self.splits["train"])
+            self.query_text = cached_text_states(self.model, self.tokenizer, self.queries.texts, Path(config.cache_dir),
+                                                 f"{text_key}|text", self.device, self.progress)  # fmt: skip
         self.stage_seconds["cache_texts"] = time.perf_counter() - started
 
     def _unlock_towers(self) -> dict[str, list[torch.nn.Module]]:
@@ -332,6 +347,7 @@ class TokenRecipeTrainer:
         rng = np.random.default_rng([self.config.seed, self.epoch, 13])
         n = len(self.splits["train"])
         self.epoch_views, self.epoch_flips = rng.integers(len(self.train_views), size=n), rng.random(n) < 0.5
+        self.epoch_queries = rng.integers(1 << 30, size=n)  # which of its shopper queries each product spells
 
     def _image_tokens(self, split: str, rows: np.ndarray, augment: bool) -> torch.Tensor:
         if augment and len(self.train_views) > 1:  # each photo in one of its cached views
@@ -389,9 +405,16 @@ class TokenRecipeTrainer:
         and DistributedDataParallel's average of the gradients is its gradient.
         """
         states, text_mask = self._text_tokens(self.train_text_rows[rows].numpy())
+        query_codes = None
+        if self.queries is not None:  # the queries ride in the same text forward as the titles
+            _, text_ids, query_codes = self.queries.draw(rows, self.epoch_queries[rows])
+            if len(text_ids):
+                states, text_mask = concat_padded((states, text_mask), self._text_tokens(text_ids, self.query_text))
         image, text, scale = self.forward_step(self._image_tokens("train", rows, augment=True), states, text_mask)
+        text, query = text[: len(rows)], text[len(rows) :]
         # read the gates' masks of this forward before any other text forward (CVA's) replaces them
-        prune = pruning_loss([g.last_mask for g in self.prune_gates], text_mask) if self.prune_gates else None
+        prune = (pruning_loss([g.last_mask[: len(rows)] for g in self.prune_gates], text_mask[: len(rows)])
+                 if self.prune_gates else None)  # fmt: skip
         all_rows = self.dist.gather_labels(torch.from_numpy(rows).to(self.device)).cpu()
         all_image, all_text = self.dist.gather(image), self.dist.gather(text)
         if self.config.multi_positive:
@@ -404,11 +427,20 @@ class TokenRecipeTrainer:
             targets = {k: v[all_rows].to(self.device) for k, v in self.attr_targets.items() if k in self.image_attributes.names}
             losses["attr"] = (attribute_loss(self.image_attributes(all_image), targets)
                               + attribute_loss(self.text_attributes(all_text), targets)) / 2  # fmt: skip
+        if query_codes is not None:
+            # processes may draw different numbers of queries: each sums its own and divides by the global mean
+            # count, so the mean over processes is the whole batch's mean (and so is the averaged gradient)
+            total = int(self.dist.gather_labels(torch.tensor([len(query_codes)], device=self.device)).sum())
+            if len(query_codes):
+                positive = torch.from_numpy(self.queries.positives(query_codes, all_rows.numpy())).to(self.device)
+                per_query = query_product_loss(query, all_text, all_image, positive, scale, reduction="none")
+                losses["query"] = per_query.sum() * self.dist.world_size / total
         if cva:
             losses["cva"] = self.cva.loss(rows, image, self._encode_prompts, scale, rng)
         if prune is not None:
             losses["prune"] = prune
         losses["total"] = (losses["itc"] + self.config.attr_weight * losses.get("attr", 0.0)
+                           + self.config.query_weight * losses.get("query", 0.0)
                            + (self.config.cva_weight * losses["cva"] if cva else 0.0)
                            + (self.config.prune_weight * prune if prune is not None else 0.0))  # fmt: skip
         return losses
@@ -533,6 +565,8 @@ class TokenRecipeTrainer:
                    "stage_seconds": {k: round(v, 1) for k, v in self.stage_seconds.items()},
                    "attribute_classes": {k: len(v) for k, v in self.vocab.items()},
                    "concepts": self.cva.stats() if self.cva is not None else None, "pruning": pruning,
+                   "shopper_queries": {"texts": len(self.queries.texts), "products_with_one": int(sum(map(bool, self.queries.choices)))}
+                   if self.queries is not None else None,
                    "unlocked": {"image_stages": self.model.image_top_stages, "text_layers": self.model.text_top_layers,
                                 "conv_head": any(m is self.model.clip.visual.trunk.conv_head for m in self.tower_groups["image"])}}  # fmt: skip
         extra = {"val": best["val"], "alpha": alpha["alpha"], "alpha_t2p": alpha["alpha_t2p"],

@@ -73,6 +73,7 @@ class TrainConfig:
     multi_positive: bool = True  # identical titles are positives of each other
     attr_weight: float = 0.0  # weight of the attribute heads' loss (0: off)
     hard_negatives: float = 0.0  # share of each batch drawn in same-article-type groups
+    query_weight: float = 0.0  # weight of the shopper-query loss (trainer.shopper_queries; 0: off)
     val_every: int = 5  # epochs between validations
     image_views: int = 1  # cached views of each training photo (1: the photo itself; more: augmented re-shoots)
     limit: int | None = None  # products per split (tests, smoke runs)

@@ -39,9 +39,9 @@ def catalog(tmp_path_factory):
 
 
 def config(catalog, out: Path, **kw) -> TrainConfig:
-    # attribute heads, an unlocked text layer with MML-TP gates, two cached views: every gathered and averaged part
+    # attribute heads, shopper queries, an unlocked text layer with MML-TP gates, two cached views: every gathered part
     base = dict(catalog=str(catalog), out=str(out), model="tiny-ap", pretrained="none", epochs=2, batch_size=16,
-                val_queries=12, val_every=1, lr=3e-3, attr_weight=0.5, text_unlocked_layers=1, prune=True,
+                val_queries=12, val_every=1, lr=3e-3, attr_weight=0.5, query_weight=0.5, text_unlocked_layers=1, prune=True,
                 image_views=2, cache_dir=str(out.parent / "cache"), progress=False)  # fmt: skip
     base.update(kw)
     return TrainConfig(**base)
