@@ -139,7 +139,7 @@ def train_step_check(model_name: str, device: str, autocast_dtype, batch: int = 
 
     def step(where: str, dtype) -> tuple[float, dict]:
         model.load_state_dict(state)
-        model.to(where).train()
+        model.to(where).eval()  # no dropout: both sides compute the same function
         model.zero_grad(set_to_none=True)
         with torch.autocast(device_type=where.split(":")[0], dtype=dtype, enabled=dtype is not None):
             out = model(pixels.to(where), ids.to(where))
@@ -212,6 +212,19 @@ def sample_inputs(catalog: Path | None, n_texts: int, n_images: int, seed: int) 
     return texts, images
 
 
+def details(check: dict, prefix: str = "") -> str:
+    """One check's numbers as "name value" pairs, nested dicts flattened (text.max_abs_diff 0.0003)."""
+    parts = []
+    for key, value in check.items():
+        if key in ("ok", "providers"):
+            continue
+        if isinstance(value, dict):
+            parts.append(details(value, f"{prefix}{key}."))
+        else:
+            parts.append(f"{prefix}{key} {value:.4g}" if isinstance(value, float) else f"{prefix}{key} {value}")
+    return ", ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, default=None, help="a model bundle for the onnxruntime check")
@@ -221,11 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queries", type=int, default=1_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("bench/out/gpu"))
+    ap.add_argument("--cpu-dry-run", action="store_true",
+                    help="run every check with the CPU as the 'device' side: shows the script runs through, proves nothing about a GPU")
     args = ap.parse_args(argv)
 
     seen = gpu_present()
-    meta = {"date": date.today().isoformat(), "gpu_reachable_from": seen}
-    if not any(seen.values()):
+    meta = {"date": date.today().isoformat(), "gpu_reachable_from": seen, "cpu_dry_run": args.cpu_dry_run}
+    if not any(seen.values()) and not args.cpu_dry_run:
         print("gpu_check: no GPU here (torch sees no CUDA device, faiss has no GPU, onnxruntime has no "
               "CUDAExecutionProvider): nothing was checked. Run it on a GPU machine.")  # fmt: skip
         write_json(args.out / "gpu_check.json", {"meta": meta, "ran": False, "environment": environment()})
@@ -239,6 +254,15 @@ def main(argv: list[str] | None = None) -> int:
         "onnxruntime_cuda": lambda: onnx_cuda_check(args.bundle, texts, images),
         "cuda_train_step": lambda: cuda_train_check(args.model),
     }
+    if args.cpu_dry_run:
+        import faiss
+        import torch
+
+        runs = {
+            "faiss_gpu": lambda: faiss_check(unit_rows(rng, args.vectors, 256), unit_rows(rng, args.queries, 256), faiss.clone_index),
+            "onnxruntime_cuda": lambda: onnx_check(args.bundle, "cpu", texts, images) if args.bundle else {"skipped": "no --bundle given"},
+            "cuda_train_step": lambda: train_step_check(args.model, "cpu", torch.bfloat16),
+        }
     for name, run in runs.items():
         started = time.perf_counter()
         try:
@@ -249,9 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         print(name, checks[name], flush=True)
     write_json(args.out / "gpu_check.json", {"meta": meta, "ran": True, "checks": checks, "environment": environment()})
     rows = [[name, "skipped" if "skipped" in c else ("ok" if c.get("ok") else "FAILED"),
-             c.get("skipped") or c.get("error") or ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                             for k, v in c.items() if k not in ("ok", "providers"))]
-            for name, c in checks.items()]  # fmt: skip
+             c.get("skipped") or c.get("error") or details(c)] for name, c in checks.items()]  # fmt: skip
     write_markdown_table(args.out / "gpu_check.md", ["check", "result", "details"], rows,
                          title="GPU paths against the CPU path", notes=[f"{k}: {v}" for k, v in meta.items()])
     failed = [name for name, c in checks.items() if "skipped" not in c and not c.get("ok")]

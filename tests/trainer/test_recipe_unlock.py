@@ -93,10 +93,14 @@ def test_default_config_reads_the_pooled_conv_head_in_the_image_residual():
 
 
 def test_default_config_unlocks_the_last_stage_and_top_two_text_layers_unless_flags_say_otherwise():
-    from trainer.cli import DEFAULT_MODEL, resolve_tower_lrs, resolve_unlocking
+    from trainer.cli import DEFAULT_MODEL, resolve_query_weight, resolve_tower_lrs, resolve_unlocking
     from trainer.factory import recipe_defaults
 
-    assert recipe_defaults(DEFAULT_MODEL) == {"image_unlocked_groups": 2, "text_unlocked_layers": 2, "image_lr": 1e-3, "text_lr": 3e-4}
+    assert recipe_defaults(DEFAULT_MODEL) == {"image_unlocked_groups": 2, "text_unlocked_layers": 2, "image_lr": 1e-3,
+                                              "text_lr": 3e-4, "query_weight": 0.1}  # fmt: skip
+    # The shopper-query loss: on at the config's weight (chosen on val), off elsewhere, a flag wins.
+    assert resolve_query_weight(DEFAULT_MODEL, None) == 0.1 and resolve_query_weight(DEFAULT_MODEL, 0.0) == 0.0
+    assert resolve_query_weight("fashion-lite-apr", None) == 0.0
     # Tower learning rates: the config's (10x the built-in ones, chosen on val), unless a flag says otherwise.
     assert resolve_tower_lrs(DEFAULT_MODEL, None, None) == (3e-4, 1e-3)
     assert resolve_tower_lrs(DEFAULT_MODEL, 5e-5, None) == (5e-5, 1e-3)
