@@ -55,6 +55,8 @@ for _x, (_ilr, _tlr) in {"3": ("3e-4", "1e-4"), "10": ("1e-3", "3e-4")}.items():
 for _w in ("0.1", "0.3", "1"):
     ROWS[f"lr10-q{_w}"] = (f"unlock-lr10 + shopper-query loss, weight {_w}",
                            [*APR, *UNLOCK, "--image-lr", "1e-3", "--text-lr", "3e-4", "--query-weight", _w])
+# The same loss for the demo's quick model (fashion-lite-apr, towers frozen: only the heads learn from it).
+ROWS["apr-q0.1"] = ("res (the demo's quick model) + shopper-query loss, weight 0.1", [*APR, "--query-weight", "0.1"])
 # FashionKLIP CVA (item 4): weight w and warm-up epochs on top of `res`; w = 1 without warm-up is the paper's
 # ½(L_ITC + L_CVA) up to a constant factor, which AdamW's step normalisation removes.
 for _w in ("0.1", "0.3", "1"):
