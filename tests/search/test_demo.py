@@ -48,6 +48,7 @@ def test_demo_trains_the_attention_recipe_on_a_catalog_without_splits(tmp_path, 
     assert "no split label" in out and "hashed product id" in out and "ready in" in out
     summary = json.loads((tmp_path / "demo" / "run" / "summary.json").read_text())
     assert summary["recipe"] == "cached-token"
+    assert summary["config"]["query_weight"] == 0.1 and all(r["loss_query"] > 0 for r in summary["history"])
     with ProductIndex.open(tmp_path / "demo" / "index") as index:
         assert len(index) == 60
 
