@@ -1,6 +1,8 @@
-"""Training objectives: image-text contrast (ITC), concept-visual alignment (CVA), token-pruning sparsity.
+"""Training objectives: image-text contrast (ITC), concept-visual alignment (CVA), token-pruning sparsity,
+attribute heads, and shopper queries against the products they name.
 
-The trainer combines them as  L = ½(L_ITC + L_CVA) + λ·L_prune  (λ = 0.1).
+The pooled trainer combines them as  L = ½(L_ITC + L_CVA) + λ·L_prune  (λ = 0.1); the cached-token recipe
+(`trainer.recipe`) as  L_ITC + w_attr·L_attr + w_query·L_query + w_cva·L_CVA + λ·L_prune.
 """
 from __future__ import annotations
 
