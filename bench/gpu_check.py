@@ -121,20 +121,20 @@ def onnx_cuda_check(bundle: Path | None, texts: list[str], images: list) -> dict
     return result
 
 
-def train_step_check(model_name: str, device: str, autocast_dtype, batch: int = 16, seed: int = 0) -> dict:
+def train_step_check(model_name: str, device: str, autocast_dtype, batch: int = 16, seed: int = 0,
+                     texts: list[str] | None = None) -> dict:  # fmt: skip
     """One ClipLoss step from the same weights and batch: float32 on the CPU, autocast on `device`.
-    Reports both losses and the relative difference of the logit scale's and the heads' gradients."""
+    Reports both losses and the relative difference of the trainable parameters' gradients."""
     import torch
     from open_clip.loss import ClipLoss
 
-    from trainer.factory import create_model
+    from trainer.factory import create_model, get_tokenizer
 
     torch.manual_seed(seed)
     model = create_model(model_name, pretrained="none")
     pixels = torch.randn(batch, 3, model.image_size, model.image_size)
-    vocab = model.clip.text.config.vocab_size if hasattr(model.clip.text, "config") else 1000
-    ids = torch.randint(1000, max(1001, vocab), (batch, 16))
-    ids[:, 0] = 101  # [CLS]-like first token; BERT-style towers read it
+    texts = texts or sample_inputs(None, batch, 0, seed)[0]
+    ids = get_tokenizer(model_name)(texts[:batch])
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
     def step(where: str, dtype) -> tuple[float, dict]:
@@ -164,12 +164,12 @@ def train_step_check(model_name: str, device: str, autocast_dtype, batch: int = 
             "cpu_step_s": cpu_s, "device_step_s": dev_s, "ok": rel <= LOSS_RTOL}  # fmt: skip
 
 
-def cuda_train_check(model_name: str) -> dict:
+def cuda_train_check(model_name: str, texts: list[str]) -> dict:
     import torch
 
     if not torch.cuda.is_available():
         return {"skipped": "torch sees no CUDA device"}
-    return train_step_check(model_name, "cuda", torch.bfloat16)
+    return train_step_check(model_name, "cuda", torch.bfloat16, texts=texts)
 
 
 def gpu_present() -> dict[str, bool]:
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {
         "faiss_gpu": lambda: faiss_gpu_check(unit_rows(rng, args.vectors, 256), unit_rows(rng, args.queries, 256)),
         "onnxruntime_cuda": lambda: onnx_cuda_check(args.bundle, texts, images),
-        "cuda_train_step": lambda: cuda_train_check(args.model),
+        "cuda_train_step": lambda: cuda_train_check(args.model, texts),
     }
     if args.cpu_dry_run:
         import faiss
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = {
             "faiss_gpu": lambda: faiss_check(unit_rows(rng, args.vectors, 256), unit_rows(rng, args.queries, 256), faiss.clone_index),
             "onnxruntime_cuda": lambda: onnx_check(args.bundle, "cpu", texts, images) if args.bundle else {"skipped": "no --bundle given"},
-            "cuda_train_step": lambda: train_step_check(args.model, "cpu", torch.bfloat16),
+            "cuda_train_step": lambda: train_step_check(args.model, "cpu", torch.bfloat16, texts=texts),
         }
     for name, run in runs.items():
         started = time.perf_counter()

@@ -25,31 +25,29 @@ from hybrid import K, metrics, p10_ceiling, query_sets  # noqa: E402
 SETS = ("t2p", "brand", "title", "paraphrase")
 
 
-def rank_products(query_embs: np.ndarray, products: np.ndarray, ids: np.ndarray, k: int = K) -> list[list[str]]:
-    """Each query's top-k product ids by inner product with the blended product vectors (ties: lower row first)."""
-    assert query_embs.ndim == 2 and products.ndim == 2 and query_embs.shape[1] == products.shape[1], (query_embs.shape, products.shape)
-    scores = query_embs @ products.T
+def rank_products(scores: np.ndarray, ids: np.ndarray, k: int = K) -> list[list[str]]:
+    """Each query's top-k product ids by score (ties: lower row first)."""
+    assert scores.ndim == 2 and scores.shape[1] == len(ids), (scores.shape, len(ids))
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return [ids[row].tolist() for row in top]
 
 
 def evaluate_bundle(bundle_dir: Path, products: list, sets: dict[str, list[tuple[str, set[str]]]]) -> dict:
+    from vitrine.evaluation.encoder import encode_images, encode_texts
     from vitrine.runtime import load_bundle
-    from vitrine.scoring import Alphas, blend_product_vectors
+    from vitrine.scoring import Alphas, fused_scores
 
     bundle = load_bundle(bundle_dir)
     alpha = Alphas.of(bundle.manifest).for_kind("text")
     started = time.perf_counter()
-    titles = bundle.encode_texts([p.title for p in products])
-    images = np.concatenate([bundle.encode_images([p.image.open() for p in products[i : i + 64]])
-                             for i in range(0, len(products), 64)])  # fmt: skip
-    embed_s = time.perf_counter() - started
-    blended = blend_product_vectors(titles, images, alpha)
+    titles = encode_texts(bundle, [p.title for p in products], progress=False)
+    images = encode_images(bundle, [p.image for p in products], progress=False)
+    out: dict = {"bundle": str(bundle_dir), "alpha_t2p": alpha, "embed_seconds": round(time.perf_counter() - started, 1)}
     ids = np.array([p.id for p in products])
-    out: dict = {"bundle": str(bundle_dir), "alpha_t2p": alpha, "embed_seconds": round(embed_s, 1)}
     for name in SETS:
         queries = sets[name]
-        out[name] = metrics(rank_products(bundle.encode_texts([q for q, _ in queries]), blended, ids), queries)
+        query_embs = encode_texts(bundle, [q for q, _ in queries], progress=False)
+        out[name] = metrics(rank_products(fused_scores(query_embs, titles, images, alpha), ids), queries)
     return out
 
 

@@ -16,11 +16,12 @@ refetched while its error bound leaves any doubt, gives the exact fused top-k
 (`indexer.fused_scan.FusedScan`), which the union approximates. An explicit `fetch_k` or
 another α keeps the union semantics.
 
-Filters never lose recall (`indexer.candidates.filtered_plan`): small filtered sets are scored
-exactly in numpy; exact (flat) indexes search only the matching labels through a Faiss IDSelector;
-approximate indexes over-fetch from about fetch_k / selectivity, doubling until `fetch_k` matching
-candidates survive per index, or score the filtered set exactly when that would take more than
-`overfetch_max` results per index (or everything was fetched).
+Filtered searches (`indexer.candidates.filtered_plan`): small filtered sets are scored exactly in
+numpy; exact (flat) indexes search only the matching labels through a Faiss IDSelector (no recall
+lost); approximate indexes over-fetch from about fetch_k / selectivity, doubling until `fetch_k`
+matching candidates survive per index, or score the filtered set exactly when that would take more
+than `overfetch_max` results per index (or everything was fetched). A broad filter on IVF-PQ can
+still miss a few of its top k in unprobed lists (docs/RESULTS.md, scale at 1M).
 """
 from __future__ import annotations
 

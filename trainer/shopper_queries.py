@@ -58,9 +58,6 @@ class ShopperQuerySampler:
             self.choices.append(mine)
         self.texts = list(texts)
 
-    def __len__(self) -> int:
-        return len(self.choices)
-
     def draw(self, rows: np.ndarray, picks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One query for each product in `rows` that has one, the `picks[i]`-th (mod its count): (the rows
         that have one, their text ids, their query codes [b, A]). Picks drawn per product, not per batch,

@@ -53,7 +53,7 @@ def test_without_a_gpu_nothing_is_checked_and_it_exits_0(tmp_path, monkeypatch, 
 def test_missing_gpu_builds_are_skipped_with_the_reason(tmp_path, monkeypatch):
     # as on a GPU machine where only torch sees the GPU: faiss-cpu and CPU onnxruntime are reported, not failed
     monkeypatch.setattr(gpu_check, "gpu_present", lambda: {"torch": True, "faiss": False, "onnxruntime": False})
-    monkeypatch.setattr(gpu_check, "cuda_train_check", lambda model: {"skipped": "stubbed for the test"})
+    monkeypatch.setattr(gpu_check, "cuda_train_check", lambda model, texts: {"skipped": "stubbed for the test"})
     assert gpu_check.main(["--out", str(tmp_path), "--vectors", "500", "--queries", "5", "--catalog", str(tmp_path / "none")]) == 0
     checks = json.loads((tmp_path / "gpu_check.json").read_text())["checks"]
     assert "faiss-gpu" in checks["faiss_gpu"]["skipped"] and "onnxruntime-gpu" in checks["onnxruntime_cuda"]["skipped"]
