@@ -94,6 +94,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="attention-head recipe: cached views per training photo (more: augmented re-shoots, cached once)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
+                   help="attention-head recipe: bf16 autocast (auto: on CUDA only)")
     p.add_argument("--limit", type=positive_int, default=None, help="use only the first N products of each split")
     p.add_argument("--max-steps-per-epoch", type=positive_int, default=None)
     p.add_argument("--cache-dir", default="runs/cache")
@@ -168,7 +170,7 @@ def run_train(args: argparse.Namespace) -> int:
         cva_prototypes=args.cva_prototypes, cva_weight=args.cva_weight, cva_warmup=args.cva_warmup,
         concept_min_count=args.concept_min_count, prune=args.prune,
         prune_weight=args.prune_weight, prune_temperature=args.prune_temperature, prune_quantile=args.prune_quantile,
-        seed=args.seed, device=args.device, limit=args.limit,
+        seed=args.seed, device=args.device, amp=args.amp, limit=args.limit,
         max_steps_per_epoch=args.max_steps_per_epoch, cache_dir=args.cache_dir, resume=not args.no_resume,
         multi_positive=not args.no_multi_positive, attr_weight=args.attr_weight, hard_negatives=args.hard_negatives,
         val_every=args.val_every, image_views=args.image_views, query_weight=query_weight,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,9 @@ from vitrine.catalog.product import Product
 
 log = logging.getLogger(__name__)
 
-PREFETCH = 4  # batches decoded ahead of the forward pass
+# decoding threads: two on a small machine, more where cores would otherwise idle behind a GPU
+DECODE_WORKERS = max(2, min(8, os.cpu_count() or 2))
+PREFETCH = DECODE_WORKERS + 2  # batches decoded ahead of the forward pass
 PARITY_TOLERANCE = 1e-3  # trunk features are O(1); ORT vs torch differ ~1e-5
 
 
@@ -107,7 +110,7 @@ def compute_image_features(
     batches = [products[i : i + batch_size] for i in range(0, len(products), batch_size)]
     # PIL decoding releases the GIL, so threads overlap loading with the forward pass;
     # only PREFETCH batches are in flight, so memory stays bounded.
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=DECODE_WORKERS) as pool:
         pending = deque(pool.submit(load, b) for b in batches[:PREFETCH])
         for i in tqdm(range(len(batches)), desc=desc, disable=not progress):
             pixels = pending.popleft().result()

@@ -7,7 +7,6 @@ keeping q of them, so near-duplicate product shots do not crowd out other looks 
 """
 from __future__ import annotations
 
-import faiss
 import numpy as np
 
 
@@ -48,6 +47,8 @@ def select_prototypes(
     n_concepts, n_images = concepts.shape[0], images.shape[0]
     k = min(max(k, q), n_images)
     q_eff = min(q, k)
+
+    import faiss  # only CVA needs it: a training run without CVA does not load Faiss
 
     index = faiss.IndexFlatIP(images.shape[1])
     index.add(images)

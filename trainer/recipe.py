@@ -105,6 +105,15 @@ def cached_text_states(model, tokenizer, texts: list[str], cache_dir: Path, key:
     return out
 
 
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The training forward's autocast dtype: bf16 on CUDA under "auto" (no loss scaling needed), none on the CPU."""
+    if amp not in ("auto", "bf16", "off"):
+        raise UserError(f"amp must be auto, bf16 or off, not {amp!r}")
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 def view_rng(product_id: str, view: int) -> np.random.Generator:
     """The generator of one training photo's augmented view: fixed per (product, view)."""
     digest = hashlib.sha256(f"{product_id}|{view}".encode()).digest()
@@ -168,6 +177,7 @@ class TokenRecipeTrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         seed_everything(config.seed)
         self.device = self.dist.setup(config.device)
+        self.autocast_dtype = autocast_dtype(config.amp, self.device)
         self.progress = config.progress and self.dist.is_main
         self.stage_seconds: dict[str, float] = {}
         started = time.perf_counter()
@@ -410,7 +420,9 @@ class TokenRecipeTrainer:
             _, text_ids, query_codes = self.queries.draw(rows, self.epoch_queries[rows])
             if len(text_ids):
                 states, text_mask = concat_padded((states, text_mask), self._text_tokens(text_ids, self.query_text))
-        image, text, scale = self.forward_step(self._image_tokens("train", rows, augment=True), states, text_mask)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+            image, text, scale = self.forward_step(self._image_tokens("train", rows, augment=True), states, text_mask)
+        image, text, scale = image.float(), text.float(), scale.float()  # losses and gathers in float32
         text, query = text[: len(rows)], text[len(rows) :]
         # read the gates' masks of this forward before any other text forward (CVA's) replaces them
         prune = (pruning_loss([g.last_mask[: len(rows)] for g in self.prune_gates], text_mask[: len(rows)])

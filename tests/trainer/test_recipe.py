@@ -116,3 +116,47 @@ def test_residual_head_adds_a_linear_path_from_the_masked_token_mean():
     expected = plain.eval()(tokens, mask) + head.skip(tokens[:, :3].mean(dim=1))
     assert torch.allclose(head(tokens, mask), expected, atol=1e-6)
     assert create_model("fashion-lite-apr", pretrained="none").text_head.skip is not None
+
+
+def test_amp_is_bf16_on_cuda_under_auto_and_off_on_the_cpu():
+    from trainer.recipe import autocast_dtype
+    from vitrine.errors import UserError
+
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert autocast_dtype("off", torch.device("cuda")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    with pytest.raises(UserError):
+        autocast_dtype("fp8", torch.device("cpu"))
+
+
+def test_recipe_trains_under_bf16_autocast(catalog, tmp_path, monkeypatch):
+    from trainer.recipe import TokenForward
+
+    seen: list[torch.dtype] = []
+    forward = TokenForward.forward
+    monkeypatch.setattr(TokenForward, "forward", lambda self, *a: [seen.append(o.dtype) or o for o in forward(self, *a)])
+    summary = train(config(catalog, tmp_path / "run", epochs=2, amp="bf16"))
+    assert seen and seen[0] == torch.bfloat16  # the heads ran under autocast
+    losses = [r["loss_itc"] for r in summary["history"]]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_a_checkpoint_delta_carries_only_trained_tensors_and_restores_the_checkpoint(catalog, tmp_path):
+    from trainer.checkpoint_delta import restore, write_delta
+
+    run = tmp_path / "run"
+    train(config(catalog, run, epochs=1, text_unlocked_layers=1))
+    full = torch.load(run / "best.pt", weights_only=False)
+    parts = write_delta(run / "best.pt", tmp_path / "delta", max_bytes=64 << 10)
+    assert len(parts) > 1  # split to fit the size cap
+    deltas = [torch.load(p, weights_only=False)["tensors"] for p in parts]
+    carried = {k for d in deltas for k in d}
+    assert any(k.startswith("image_head.") for k in carried) and not any(k.startswith("clip.visual.trunk.") for k in carried)
+    assert sum(p.stat().st_size for p in parts) < (run / "best.pt").stat().st_size
+    back = torch.load(restore(list(reversed(parts)), tmp_path / "restored.pt"), weights_only=False)
+    assert set(back["state_dict"]) == set(full["state_dict"])
+    assert all(torch.equal(back["state_dict"][k], v) for k, v in full["state_dict"].items())
+    assert back["val"] == full["val"] and "optimizer" not in back
+    with pytest.raises(ValueError):
+        restore(parts[1:], tmp_path / "partial.pt")
