@@ -55,6 +55,12 @@ for _x, (_ilr, _tlr) in {"3": ("3e-4", "1e-4"), "10": ("1e-3", "3e-4")}.items():
 for _w in ("0.1", "0.3", "1"):
     ROWS[f"lr10-q{_w}"] = (f"unlock-lr10 + shopper-query loss, weight {_w}",
                            [*APR, *UNLOCK, "--image-lr", "1e-3", "--text-lr", "3e-4", "--query-weight", _w])
+# Augmented views (issue 11, item 1): v - 1 cached re-shoots (crop, flip, colour, JPEG) of each training photo on top
+# of lr10-q0.1 (the default); each epoch reads every photo in one of its v views.
+for _v in ("2", "3"):
+    ROWS[f"lr10-q0.1-v{_v}"] = (f"lr10-q0.1 + {int(_v) - 1} augmented view(s) per training photo",
+                                [*APR, *UNLOCK, "--image-lr", "1e-3", "--text-lr", "3e-4", "--query-weight", "0.1",
+                                 "--image-views", _v])
 # The same loss for the demo's quick model (fashion-lite-apr, towers frozen: only the heads learn from it).
 ROWS["apr-q0.1"] = ("res (the demo's quick model) + shopper-query loss, weight 0.1", [*APR, "--query-weight", "0.1"])
 # FashionKLIP CVA (item 4): weight w and warm-up epochs on top of `res`; w = 1 without warm-up is the paper's
