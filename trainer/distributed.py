@@ -21,7 +21,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed._functional_collectives import all_gather_single
+
+try:  # torch >= 2.15
+    from torch.distributed._functional_collectives import all_gather_single
+except ImportError:  # older torch: the autograd-aware gather open_clip uses (same gradient: the sum over processes)
+    from torch.distributed.nn.functional import all_gather as _all_gather_list
+
+    def all_gather_single(tensor: Tensor, gather_dim: int, group) -> Tensor:
+        return torch.cat(_all_gather_list(tensor, group=group), dim=gather_dim)
 
 log = logging.getLogger(__name__)
 
