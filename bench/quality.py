@@ -61,6 +61,10 @@ for _v in ("2", "3"):
     ROWS[f"lr10-q0.1-v{_v}"] = (f"lr10-q0.1 + {int(_v) - 1} augmented view(s) per training photo",
                                 [*APR, *UNLOCK, "--image-lr", "1e-3", "--text-lr", "3e-4", "--query-weight", "0.1",
                                  "--image-views", _v])
+# Longer runs (the GPU sweep's rows, bench/gpu_sweep.py; on this CPU each takes over an hour): 30 epochs, alone and
+# with the 3-view row's augmentation.
+ROWS["lr10-q0.1-e30"] = ("lr10-q0.1, 30 epochs", [*ROWS["lr10-q0.1"][1], "--epochs", "30"])
+ROWS["lr10-q0.1-v3-e30"] = ("lr10-q0.1-v3, 30 epochs", [*ROWS["lr10-q0.1-v3"][1], "--epochs", "30"])
 # The same loss for the demo's quick model (fashion-lite-apr, towers frozen: only the heads learn from it).
 ROWS["apr-q0.1"] = ("res (the demo's quick model) + shopper-query loss, weight 0.1", [*APR, "--query-weight", "0.1"])
 # FashionKLIP CVA (item 4): weight w and warm-up epochs on top of `res`; w = 1 without warm-up is the paper's
