@@ -65,6 +65,9 @@ for _v in ("2", "3"):
 # with the 3-view row's augmentation.
 ROWS["lr10-q0.1-e30"] = ("lr10-q0.1, 30 epochs", [*ROWS["lr10-q0.1"][1], "--epochs", "30"])
 ROWS["lr10-q0.1-v3-e30"] = ("lr10-q0.1-v3, 30 epochs", [*ROWS["lr10-q0.1-v3"][1], "--epochs", "30"])
+# The default as `vitrine train` runs it with no flags (fashion-lite-apu's recipe_cfg: 15 epochs, one augmented view,
+# bf16 autocast where the CPU runs it natively); its caches are its own, so seed 0 times a run from scratch.
+ROWS["apu"] = ("the default, no flags (fashion-lite-apu: lr10-q0.1 + 1 augmented view, 15 epochs, bf16)", [])
 # The same loss for the demo's quick model (fashion-lite-apr, towers frozen: only the heads learn from it).
 ROWS["apr-q0.1"] = ("res (the demo's quick model) + shopper-query loss, weight 0.1", [*APR, "--query-weight", "0.1"])
 # FashionKLIP CVA (item 4): weight w and warm-up epochs on top of `res`; w = 1 without warm-up is the paper's

@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "CVA/MML-TP/unlocking; tiny, tiny-ap) or an open_clip model name")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag, or 'none' for random init")
     p.add_argument("--epochs", type=positive_int, default=None,
-                   help=f"epochs (default: {TOKEN_HEAD_EPOCHS} for attention-head models, whose towers are cached; else 5)")
+                   help=f"epochs (default: the model config's recipe_cfg, else {TOKEN_HEAD_EPOCHS} for attention-head models, "
+                        "whose towers are cached, else 5)")
     p.add_argument("--batch-size", type=positive_int, default=256,
                    help="the global batch: under torchrun each of the N processes trains on 1/N of it")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="lr of projection heads and logit scale")
@@ -90,12 +91,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="attention-head recipe: weight of the shopper-query loss, queries spelled from each training "
                         "product's attributes (default: the model config's recipe_cfg, else 0: off)")
     p.add_argument("--val-every", type=positive_int, default=5, help="attention-head recipe: epochs between validations")
-    p.add_argument("--image-views", type=positive_int, default=1,
-                   help="attention-head recipe: cached views per training photo (more: augmented re-shoots, cached once)")
+    p.add_argument("--image-views", type=positive_int, default=None,
+                   help="attention-head recipe: cached views per training photo (more: augmented re-shoots, cached once; "
+                        "default: the model config's recipe_cfg, else 1)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
-                   help="attention-head recipe: bf16 autocast (auto: on CUDA only)")
+    p.add_argument("--amp", choices=["auto", "cuda", "bf16", "off"], default=None,
+                   help="attention-head recipe: bf16 autocast. auto: on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX); "
+                        "cuda: on CUDA only; default: the model config's recipe_cfg, else cuda")
     p.add_argument("--limit", type=positive_int, default=None, help="use only the first N products of each split")
     p.add_argument("--max-steps-per-epoch", type=positive_int, default=None)
     p.add_argument("--cache-dir", default="runs/cache")
@@ -148,16 +151,26 @@ def resolve_query_weight(model: str, weight: float | None) -> float:
     return float(recipe_defaults(model).get("query_weight", 0.0)) if weight is None else weight
 
 
+def resolve_recipe_options(model: str, epochs: int | None, image_views: int | None, amp: str | None) -> tuple[int, int, str]:
+    """Epochs, cached views per photo and autocast mode: each flag, else the model config's `recipe_cfg`, else the
+    recipe's fallback (10 epochs for attention-head models, else 5; 1 view; bf16 on CUDA only)."""
+    from trainer.factory import has_token_heads, recipe_defaults
+
+    cfg = recipe_defaults(model)
+    fallback_epochs = TOKEN_HEAD_EPOCHS if has_token_heads(model) else 5
+    return (epochs or int(cfg.get("epochs", fallback_epochs)), image_views or int(cfg.get("image_views", 1)),
+            amp or str(cfg.get("amp", "cuda")))  # fmt: skip
+
+
 def run_train(args: argparse.Namespace) -> int:
     from trainer.distributed import Distributed
-    from trainer.factory import has_token_heads
     from trainer.train import TrainConfig, train
 
     if not Distributed.from_env().is_main:  # under torchrun, rank 0 speaks for the run
         for name in ("trainer", "vitrine"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
-    epochs = args.epochs or (TOKEN_HEAD_EPOCHS if has_token_heads(args.model) else 5)
+    epochs, image_views, amp = resolve_recipe_options(args.model, args.epochs, args.image_views, args.amp)
     text_unlocked, image_unlocked = resolve_unlocking(args.model, args.text_unlocked_layers, args.image_unlocked_groups)
     text_lr, image_lr = resolve_tower_lrs(args.model, args.text_lr, args.image_lr)
     query_weight = resolve_query_weight(args.model, args.query_weight)
@@ -170,10 +183,10 @@ def run_train(args: argparse.Namespace) -> int:
         cva_prototypes=args.cva_prototypes, cva_weight=args.cva_weight, cva_warmup=args.cva_warmup,
         concept_min_count=args.concept_min_count, prune=args.prune,
         prune_weight=args.prune_weight, prune_temperature=args.prune_temperature, prune_quantile=args.prune_quantile,
-        seed=args.seed, device=args.device, amp=args.amp, limit=args.limit,
+        seed=args.seed, device=args.device, amp=amp, limit=args.limit,
         max_steps_per_epoch=args.max_steps_per_epoch, cache_dir=args.cache_dir, resume=not args.no_resume,
         multi_positive=not args.no_multi_positive, attr_weight=args.attr_weight, hard_negatives=args.hard_negatives,
-        val_every=args.val_every, image_views=args.image_views, query_weight=query_weight,
+        val_every=args.val_every, image_views=image_views, query_weight=query_weight,
         progress=not args.no_progress,
     )
     summary = train(config)

@@ -105,11 +105,23 @@ def cached_text_states(model, tokenizer, texts: list[str], cache_dir: Path, key:
     return out
 
 
+def cpu_has_native_bf16() -> bool:
+    """oneDNN runs bf16 matmuls natively here (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than float32."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The training forward's autocast dtype: bf16 on CUDA under "auto" (no loss scaling needed), none on the CPU."""
-    if amp not in ("auto", "bf16", "off"):
-        raise UserError(f"amp must be auto, bf16 or off, not {amp!r}")
-    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+    """The training forward's autocast dtype (bf16 needs no loss scaling), or None for float32.
+
+    "cuda": bf16 on CUDA only; "auto": also on a CPU with native bf16; "bf16": anywhere; "off": never."""
+    if amp not in ("auto", "cuda", "bf16", "off"):
+        raise UserError(f"amp must be auto, cuda, bf16 or off, not {amp!r}")
+    if amp == "bf16" or (amp in ("auto", "cuda") and device.type == "cuda"):
+        return torch.bfloat16
+    if amp == "auto" and device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return None
 

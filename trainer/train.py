@@ -68,8 +68,8 @@ class TrainConfig:
     prune_quantile: float = 0.1  # cached-token recipe: τ starts at this quantile of each layer's token importance
     seed: int = 0
     device: str = "auto"
-    # cached-token recipe: "auto" = bf16 autocast on CUDA, float32 on the CPU; "bf16" anywhere; "off"
-    amp: str = "auto"
+    # cached-token recipe: bf16 autocast. "cuda": on CUDA only; "auto": also on CPUs with native bf16; "bf16"; "off"
+    amp: str = "cuda"
     val_queries: int = 1000
     # The cached-token recipe (models with attention heads, trainer.recipe):
     multi_positive: bool = True  # identical titles are positives of each other

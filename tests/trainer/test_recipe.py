@@ -118,12 +118,15 @@ def test_residual_head_adds_a_linear_path_from_the_masked_token_mean():
     assert create_model("fashion-lite-apr", pretrained="none").text_head.skip is not None
 
 
-def test_amp_is_bf16_on_cuda_under_auto_and_off_on_the_cpu():
-    from trainer.recipe import autocast_dtype
+def test_amp_modes_choose_bf16_by_device():
+    from trainer.recipe import autocast_dtype, cpu_has_native_bf16
     from vitrine.errors import UserError
 
-    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("cuda", torch.device("cpu")) is None
+    assert autocast_dtype("cuda", torch.device("cuda")) is torch.bfloat16
     assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    # a CPU gets bf16 under "auto" only where oneDNN runs it natively (emulated bf16 is slower than float32)
+    assert autocast_dtype("auto", torch.device("cpu")) is (torch.bfloat16 if cpu_has_native_bf16() else None)
     assert autocast_dtype("off", torch.device("cuda")) is None
     assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
     with pytest.raises(UserError):

@@ -93,11 +93,18 @@ def test_default_config_reads_the_pooled_conv_head_in_the_image_residual():
 
 
 def test_default_config_unlocks_the_last_stage_and_top_two_text_layers_unless_flags_say_otherwise():
-    from trainer.cli import DEFAULT_MODEL, resolve_query_weight, resolve_tower_lrs, resolve_unlocking
+    from trainer.cli import DEFAULT_MODEL, resolve_query_weight, resolve_recipe_options, resolve_tower_lrs, resolve_unlocking
     from trainer.factory import recipe_defaults
 
     assert recipe_defaults(DEFAULT_MODEL) == {"image_unlocked_groups": 2, "text_unlocked_layers": 2, "image_lr": 1e-3,
-                                              "text_lr": 3e-4, "query_weight": 0.1}  # fmt: skip
+                                              "text_lr": 3e-4, "query_weight": 0.1, "epochs": 15, "image_views": 2,
+                                              "amp": "auto"}  # fmt: skip
+    # Epochs, cached views and autocast: the config's (15 epochs, one augmented view, bf16 where native), flags win;
+    # other models keep the recipe's fallbacks (10 epochs with attention heads, 1 view, bf16 on CUDA only).
+    assert resolve_recipe_options(DEFAULT_MODEL, None, None, None) == (15, 2, "auto")
+    assert resolve_recipe_options(DEFAULT_MODEL, 3, 1, "off") == (3, 1, "off")
+    assert resolve_recipe_options("fashion-lite-apr", None, None, None) == (10, 1, "cuda")
+    assert resolve_recipe_options("fashion-lite", None, None, None) == (5, 1, "cuda")
     # The shopper-query loss: on at the config's weight (chosen on val), off elsewhere, a flag wins.
     assert resolve_query_weight(DEFAULT_MODEL, None) == 0.1 and resolve_query_weight(DEFAULT_MODEL, 0.0) == 0.0
     assert resolve_query_weight("fashion-lite-apr", None) == 0.0
