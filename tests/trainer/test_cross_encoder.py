@@ -449,3 +449,28 @@ def test_pretraining_match_rows_carry_no_masks():
     assert (batch.mlm_labels[:tia] == IGNORE_INDEX).all() and not batch.patch_mask[:tia].any()
     assert (batch.mlm_labels[tia:] != IGNORE_INDEX).any(1).all() and batch.patch_mask[tia:].any(1).all()
     assert set(batch.match[:tia].tolist()) == {0.0, 1.0}
+
+
+def test_reranker_export_caps_the_text_below_what_it_trained_with(tmp_path):
+    from tests.support.indexes import export_tiny_bundle
+    from trainer.cross_encoder.export import export_reranker_copy
+    from trainer.cross_encoder.factory import save_cross_encoder
+    from vitrine.runtime import read_manifest
+    from vitrine.runtime.reranker import load_reranker
+
+    bundle = export_tiny_bundle(tmp_path / "bundle")
+    torch.manual_seed(0)
+    model, encoder = create_cross_encoder("tiny", pretrained=False)
+    ckpt = save_cross_encoder(model, tmp_path / "ce.pt")
+    export_reranker_copy(ckpt, bundle, tmp_path / "full")
+    spec = export_reranker_copy(ckpt, bundle, tmp_path / "capped", max_query_tokens=2, max_title_tokens=3)
+    assert (spec.max_query_tokens, spec.max_title_tokens) == (2, 3) and spec.parity["max_abs_diff"] <= 1e-4
+    full, capped = (load_reranker(tmp_path / n, read_manifest(tmp_path / n), threads=1) for n in ("full", "capped"))
+    patches = np.random.default_rng(2).normal(size=(2, 1, 64)).astype(np.float32)
+    titles = ["Nike Red Summer Dress For Women", "Blue Black Running Shoes"]
+    # the capped reranker reads only the first 2 query and 3 title words (one token each here)
+    np.testing.assert_allclose(capped.score("red floral dress", titles, patches),
+                               full.score("red floral", ["Nike Red Summer", "Blue Black Running"], patches), atol=1e-5)
+    assert not np.allclose(capped.score("red floral dress", titles, patches), full.score("red floral dress", titles, patches))
+    with pytest.raises(ValueError, match="exceed"):
+        export_reranker_copy(ckpt, bundle, tmp_path / "wider", max_title_tokens=encoder.max_title_tokens + 1)

@@ -81,10 +81,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from trainer.cross_encoder.export import export_reranker, export_reranker_copy
 
-    if args.out:
-        spec = export_reranker_copy(args.checkpoint, args.bundle, args.out, default_top_n=args.top_n, quantize=args.quantize)
-    else:
-        spec = export_reranker(args.checkpoint, args.bundle, default_top_n=args.top_n, quantize=args.quantize)
+    kw = dict(default_top_n=args.top_n, quantize=args.quantize, max_query_tokens=args.max_query_tokens,
+              max_title_tokens=args.max_title_tokens)  # fmt: skip
+    try:
+        if args.out:
+            spec = export_reranker_copy(args.checkpoint, args.bundle, args.out, **kw)
+        else:
+            spec = export_reranker(args.checkpoint, args.bundle, **kw)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
     print(json.dumps(spec.model_dump(mode="json"), indent=2))
     return 0
 
@@ -179,6 +184,8 @@ def register(subparsers) -> None:
     export.add_argument("--out", help="write a copy of the bundle with the reranker here instead of changing --bundle")
     export.add_argument("--top-n", type=positive_int, default=20, help="the service's default rerank depth")
     export.add_argument("--quantize", choices=("int8",), help="ship a dynamically quantized graph (faster on CPU)")
+    export.add_argument("--max-query-tokens", type=positive_int, help="cap the query's tokens a row (default: as trained)")
+    export.add_argument("--max-title-tokens", type=positive_int, help="cap the title's tokens a row (default: as trained)")
     export.set_defaults(func=cmd_export)
 
     ev = sub.add_parser("eval", help="sample-protocol T2I and T2P with and without reranking; TIA accuracy/AUC")

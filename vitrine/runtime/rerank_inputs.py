@@ -89,6 +89,10 @@ class PairEncoder:
     def save(self, path: str | Path) -> None:
         self._tokenizer.save(str(path))
 
+    def with_caps(self, max_query_tokens: int, max_title_tokens: int) -> PairEncoder:
+        """The same tokenizer with other text caps."""
+        return PairEncoder(self._tokenizer, max_query_tokens=max_query_tokens, max_title_tokens=max_title_tokens)
+
     @property
     def max_text_tokens(self) -> int:
         """Longest possible text row: [CLS] query [SEP] title [SEP]."""
