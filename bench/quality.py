@@ -39,6 +39,8 @@ ROWS = {
     "stage": ("res + the last block stage trained (image group 2)", [*APR, "--image-unlocked-groups", "2"]),
     "text2": ("res + the top 2 MiniLM layers trained", [*APR, "--text-unlocked-layers", "2"]),
     "textall": ("res + all 6 MiniLM layers trained", [*APR, "--text-unlocked-layers", "-1"]),
+    "textall-bf16": ("textall under bf16 autocast (this CPU's AMX; the fp32 run takes ~25 min of training)",
+                     [*APR, "--text-unlocked-layers", "-1", "--amp", "bf16"]),
     "unlock": ("res + conv head, last block stage and top 2 MiniLM layers trained",
                [*APR, "--image-summary", "conv_head", "--image-unlocked-groups", "2", "--text-unlocked-layers", "2"]),
 }
