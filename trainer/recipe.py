@@ -106,7 +106,15 @@ def cached_text_states(model, tokenizer, texts: list[str], cache_dir: Path, key:
 
 
 def cpu_has_native_bf16() -> bool:
-    """oneDNN runs bf16 matmuls natively here (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than float32."""
+    """This CPU has bf16 instructions (AVX512-BF16 or AMX), which oneDNN's bf16 kernels need to beat float32.
+
+    Read from /proc/cpuinfo's flags; where that file is missing, oneDNN's own (broader) bf16 check decides."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    if flags:
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
