@@ -93,3 +93,81 @@ def test_the_image_graph_can_be_quantized_too(tiny_bundle: Path, tmp_path: Path)
 
     photo = Image.new("RGB", (40, 30), (200, 30, 30))
     assert load_bundle(out).encode_images([photo]).shape == (1, manifest.embed_dim)
+
+
+def _photos(n: int, size: int = 40) -> list:
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    # Smooth colour fields with a little texture: closer to product photos than uniform noise.
+    base = rng.integers(0, 256, (n, 1, 1, 3))
+    texture = rng.integers(-20, 21, (n, size, size, 3))
+    pixels = np.clip(base + texture, 0, 255).astype(np.uint8)
+    return [Image.fromarray(p) for p in pixels]
+
+
+def test_trunk_nodes_stop_at_the_last_conv_and_its_activation() -> None:
+    import onnx
+    from onnx import helper
+
+    from vitrine.runtime.quantize import trunk_nodes
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="stem"),
+        helper.make_node("Clip", ["c1"], ["a1"], name="act1"),
+        helper.make_node("Conv", ["a1", "w2"], ["c2"], name="last"),
+        helper.make_node("Clip", ["c2"], ["a2"], name="act2"),
+        helper.make_node("ReduceMean", ["a2"], ["pooled"], name="pool"),
+        helper.make_node("Gemm", ["pooled", "w3"], ["y"], name="head"),
+        helper.make_node("Relu", ["a1"], ["side"], name="side_branch"),  # reads the trunk, feeds nothing in it
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])])  # fmt: skip
+    assert trunk_nodes(graph) == ["stem", "act1", "last", "act2"]
+    assert trunk_nodes(helper.make_graph(nodes[-2:-1], "h", [], [])) == []  # no Conv: nothing to quantize
+
+
+def test_the_image_graph_is_quantized_statically_when_photos_calibrate_it(tiny_bundle: Path, tmp_path: Path) -> None:
+    import onnx
+
+    out = tmp_path / "img8-static"
+    calibration, checks = _photos(24), _photos(6)
+    records = quantize_bundle(tiny_bundle, out, graphs=("image",), check_images=checks,
+                              calibration_images=calibration, min_image_cosine=0.0)  # fmt: skip
+    record = records["image"]
+    assert record["method"].startswith("onnxruntime static QDQ") and record["calibration_images"] == 24
+    assert record["checks"] == 6 and record["min_cosine"] <= record["mean_cosine"] <= 1.0
+    manifest = read_manifest(out)
+    graph = onnx.load(str(out / manifest.image_encoder.file)).graph
+    ops = [n.op_type for n in graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    # The trunk is int8; what follows it (pooling, projection, normalisation) stays float.
+    quantized_inputs = {i for n in graph.node if n.op_type == "DequantizeLinear" for i in n.output}
+    assert not any(set(n.input) & quantized_inputs for n in graph.node if n.op_type in ("Gemm", "MatMul"))
+    embeddings = load_bundle(out).encode_images(checks)
+    assert embeddings.shape == (6, manifest.embed_dim) and np.allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-4)
+    # The image floor is its own: a strict one refuses, and leaves nothing behind.
+    with pytest.raises(UserError, match="int8 image graph is too far"):
+        quantize_bundle(tiny_bundle, tmp_path / "strict", graphs=("image",), check_images=checks,
+                        calibration_images=calibration, min_cosine=0.0, min_image_cosine=1.0)  # fmt: skip
+    assert not (tmp_path / "strict").exists()
+
+
+def test_command_calibrates_the_image_graph_on_catalog_photos(tiny_bundle: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    catalog = tmp_path / "catalog"
+    (catalog / "images").mkdir(parents=True)
+    lines = []
+    for i, photo in enumerate(_photos(12)):
+        photo.save(catalog / "images" / f"{i}.jpg")
+        split = "train" if i < 8 else "val"
+        lines.append(json.dumps({"id": str(i), "split": split, "title": f"product {i}", "image": f"images/{i}.jpg"}))
+    (catalog / "images" / "broken.jpg").write_bytes(b"not a jpeg")
+    lines.append(json.dumps({"id": "b", "split": "train", "title": "broken", "image": "images/broken.jpg"}))
+    (catalog / "products.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "img8"
+    assert main(["bundle", "quantize", "--bundle", str(tiny_bundle), "--out", str(out), "--graphs", "image",
+                 "--catalog", str(catalog), "--min-image-cosine", "0", "--json"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    record = json.loads(printed)["quantization"]["image"]  # calibration progress does not pollute the JSON
+    assert record["calibration_images"] == 8 and record["checks"] == 4  # the broken photo is passed over
