@@ -96,7 +96,7 @@ def quantize_image_graph_int8(src: Path, dst: Path, calibration: np.ndarray, inp
         CalibrationMethod,
         QuantFormat,
         QuantType,
-        quantize_static,  # fmt: skip
+        quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
