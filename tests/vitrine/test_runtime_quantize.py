@@ -106,7 +106,7 @@ def _photos(n: int, size: int = 40) -> list:
     return [Image.fromarray(p) for p in pixels]
 
 
-def test_trunk_nodes_stop_at_the_last_conv_and_its_activation() -> None:
+def test_trunk_nodes_stop_at_the_last_conv_and_its_activation_and_leave_the_stem_float() -> None:
     import onnx
     from onnx import helper
 
@@ -123,7 +123,7 @@ def test_trunk_nodes_stop_at_the_last_conv_and_its_activation() -> None:
     ]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])])  # fmt: skip
-    assert trunk_nodes(graph) == ["stem", "act1", "last", "act2"]
+    assert trunk_nodes(graph) == ["act1", "last", "act2"]
     assert trunk_nodes(helper.make_graph(nodes[-2:-1], "h", [], [])) == []  # no Conv: nothing to quantize
 
 

@@ -66,10 +66,11 @@ ACTIVATIONS = ("Clip", "Relu")  # a Conv's activation is quantized with it, so t
 
 
 def trunk_nodes(graph) -> list[str]:
-    """Names of the convolutional trunk's nodes: everything the last Conv depends on, and its activation.
+    """Names of the convolutional trunk's nodes to quantize: what the last Conv depends on, and its activation.
 
     What follows the trunk (pooling, attention head, projection, normalisation) is small and precision
-    sensitive, so it stays float.
+    sensitive, so it stays float; so does the stem, the first Conv (measured on EfficientNet-Lite0: mean
+    cosine to float 0.986 with it quantized, 0.989 without, at the same speed).
     """
     nodes = list(graph.node)  # ONNX keeps nodes in topological order
     convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
@@ -85,6 +86,7 @@ def trunk_nodes(graph) -> list[str]:
         keep[node.name] = node
         stack.extend(producer[i] for i in node.input if i in producer)
     keep.update({n.name: n for n in nodes if n.op_type in ACTIVATIONS and last.output[0] in n.input})
+    keep.pop(nodes[convs[0]].name, None)
     return [n.name for n in nodes if n.name in keep]
 
 
