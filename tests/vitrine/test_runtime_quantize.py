@@ -106,24 +106,29 @@ def _photos(n: int, size: int = 40) -> list:
     return [Image.fromarray(p) for p in pixels]
 
 
-def test_trunk_nodes_stop_at_the_last_conv_and_its_activation_and_leave_the_stem_float() -> None:
+def test_trunk_nodes_stop_at_the_last_conv_and_leave_the_fine_layers_float() -> None:
     import onnx
     from onnx import helper
 
     from vitrine.runtime.quantize import trunk_nodes
 
     nodes = [
-        helper.make_node("Conv", ["x", "w1"], ["c1"], name="stem"),
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="stem"),  # stride 2: 32 -> 16
         helper.make_node("Clip", ["c1"], ["a1"], name="act1"),
-        helper.make_node("Conv", ["a1", "w2"], ["c2"], name="last"),
+        helper.make_node("Conv", ["a1", "w2"], ["c2"], name="down"),  # stride 8: 4 x 4
         helper.make_node("Clip", ["c2"], ["a2"], name="act2"),
-        helper.make_node("ReduceMean", ["a2"], ["pooled"], name="pool"),
-        helper.make_node("Gemm", ["pooled", "w3"], ["y"], name="head"),
-        helper.make_node("Relu", ["a1"], ["side"], name="side_branch"),  # reads the trunk, feeds nothing in it
+        helper.make_node("Conv", ["a2", "w3"], ["c3"], name="last"),
+        helper.make_node("Clip", ["c3"], ["a3"], name="act3"),
+        helper.make_node("ReduceMean", ["a3"], ["pooled"], name="pool"),
+        helper.make_node("Gemm", ["pooled", "w4"], ["y"], name="head"),
+        helper.make_node("Relu", ["a2"], ["side"], name="side_branch"),  # reads the trunk, feeds nothing in it
     ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])])  # fmt: skip
-    assert trunk_nodes(graph) == ["act1", "last", "act2"]
+    shape = {"c1": 16, "a1": 16, "c2": 4, "a2": 4, "c3": 4, "a3": 4, "side": 4}
+    value_info = [helper.make_tensor_value_info(k, onnx.TensorProto.FLOAT, ["n", 8, v, v]) for k, v in shape.items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, 32, 32])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4])], value_info=value_info)  # fmt: skip
+    assert trunk_nodes(graph) == ["down", "act2", "last", "act3"]
+    assert trunk_nodes(graph, min_stride=1) == ["stem", "act1", "down", "act2", "last", "act3"]
     assert trunk_nodes(helper.make_graph(nodes[-2:-1], "h", [], [])) == []  # no Conv: nothing to quantize
 
 

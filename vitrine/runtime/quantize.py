@@ -65,12 +65,27 @@ STATIC_METHOD = "onnxruntime static QDQ of the convolutional trunk, uint8 activa
 ACTIVATIONS = ("Clip", "Relu")  # a Conv's activation is quantized with it, so the int8 kernels fuse
 
 
-def trunk_nodes(graph) -> list[str]:
+MIN_STRIDE = 8  # layers at a finer resolution stay float (see trunk_nodes)
+
+
+def _spatial_size(graph) -> dict[str, int]:
+    """Height of every rank-4 tensor whose shape ONNX shape inference fixed."""
+    sizes = {}
+    for info in [*graph.input, *graph.value_info, *graph.output]:
+        dims = info.type.tensor_type.shape.dim
+        if len(dims) == 4 and dims[2].HasField("dim_value"):
+            sizes[info.name] = dims[2].dim_value
+    return sizes
+
+
+def trunk_nodes(graph, min_stride: int = MIN_STRIDE) -> list[str]:
     """Names of the convolutional trunk's nodes to quantize: what the last Conv depends on, and its activation.
 
     What follows the trunk (pooling, attention head, projection, normalisation) is small and precision
-    sensitive, so it stays float; so does the stem, the first Conv (measured on EfficientNet-Lite0: mean
-    cosine to float 0.986 with it quantized, 0.989 without, at the same speed).
+    sensitive, so it stays float. So do the layers whose output is finer than 1/`min_stride` of the input:
+    the stem and the first block stages have few channels with very different ranges, which one uint8
+    range per tensor serves badly (EfficientNet-Lite0: mean cosine to float 0.989 with them int8, 0.997
+    without, for about 10 % of the speed-up).
     """
     nodes = list(graph.node)  # ONNX keeps nodes in topological order
     convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
@@ -86,7 +101,11 @@ def trunk_nodes(graph) -> list[str]:
         keep[node.name] = node
         stack.extend(producer[i] for i in node.input if i in producer)
     keep.update({n.name: n for n in nodes if n.op_type in ACTIVATIONS and last.output[0] in n.input})
-    keep.pop(nodes[convs[0]].name, None)
+    sizes = _spatial_size(graph)
+    pixels = sizes.get(graph.input[0].name) if graph.input else None
+    if pixels:
+        fine = {name for name, node in keep.items() if sizes.get(node.output[0], 0) * min_stride > pixels}
+        keep = {name: node for name, node in keep.items() if name not in fine}
     return [n.name for n in nodes if n.name in keep]
 
 
