@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import environment, latency_stats, time_interleaved, write_json, write_markdown_table  # noqa: E402
+from bench.common import environment, latency_stats, time_interleaved, write_json, write_markdown_table
 
 DEFAULT_CATALOG = REPO.parent / "shared" / "data" / "fashion-products"
 BUILD_TARGET = 100.0  # products/s (issue 12)
