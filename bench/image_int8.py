@@ -103,8 +103,8 @@ def main() -> int:
                          ["image graph", "batch 1 p50 ms", "batch 64 p50 ms / image", "build products/s (mean)",
                           "per round", f">= {BUILD_TARGET:.0f}"], rows,
                          title="int8 image trunk against the float graph (side by side)",
-                         notes=[f"build speed-up {result['build_speedup']:.2f}x; {args.limit} products a build, "
-                                f"{args.rounds} rounds; {args.threads} threads"])  # fmt: skip
+                         notes=[(f"build speed-up {result['build_speedup']:.2f}x; {args.limit} products a build, "
+                                 f"{args.rounds} rounds; {args.threads} threads")])  # fmt: skip
     print((args.out / "image_int8.md").read_text())
     return 0
 
