@@ -14,8 +14,6 @@ if TYPE_CHECKING:
     from vitrine.catalog.product import Product
 
 GRAPH_CHOICES = ("text", "image")  # kept here so --help needs no onnxruntime import
-# Static int8 moves a few real photos' embeddings further than dynamic int8 moves titles (mean cosine ~0.98).
-MIN_IMAGE_COSINE = 0.85
 
 
 def _graphs(value: str) -> list[str]:
@@ -63,8 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="photos that fix the image graph's activation ranges (spread over the split)")  # fmt: skip
     quantize.add_argument("--min-cosine", type=_cosine, default=0.95,
                           help="refuse a text graph whose int8 embedding of any check input is below this cosine")  # fmt: skip
-    quantize.add_argument("--min-image-cosine", type=_cosine, default=MIN_IMAGE_COSINE,
-                          help="the same floor for the image graph's check photos")  # fmt: skip
+    quantize.add_argument("--min-image-cosine", type=_cosine,
+                          help="the floor for the image graph's check photos (default: --min-cosine)")  # fmt: skip
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     quantize.add_argument("--json", action="store_true", help="print the record as JSON")
     quantize.set_defaults(func=main_quantize)
