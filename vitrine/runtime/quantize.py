@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -30,6 +31,9 @@ from vitrine.errors import UserError
 from vitrine.runtime.bundle_dir import check_bundle_destination, swap_bundle_into_place
 from vitrine.runtime.manifest import bundle_fingerprint, hash_bundle_files, read_manifest, verify_files, write_manifest
 from vitrine.runtime.preprocess import preprocess_images
+
+if TYPE_CHECKING:
+    import onnx
 
 GRAPHS = ("text", "image")
 FLOAT_TENSOR = 1  # onnx.TensorProto.FLOAT
@@ -63,12 +67,10 @@ def quantize_graph_int8(src: Path, dst: Path) -> None:
 
 STATIC_METHOD = "onnxruntime static QDQ of the convolutional trunk, uint8 activations, int8 weights per channel"
 ACTIVATIONS = ("Clip", "Relu")  # a Conv's activation is quantized with it, so the int8 kernels fuse
-
-
 MIN_STRIDE = 8  # layers at a finer resolution stay float (see trunk_nodes)
 
 
-def _spatial_size(graph) -> dict[str, int]:
+def _spatial_size(graph: onnx.GraphProto) -> dict[str, int]:
     """Height of every rank-4 tensor whose shape ONNX shape inference fixed."""
     sizes = {}
     for info in [*graph.input, *graph.value_info, *graph.output]:
@@ -78,7 +80,7 @@ def _spatial_size(graph) -> dict[str, int]:
     return sizes
 
 
-def trunk_nodes(graph, min_stride: int = MIN_STRIDE) -> list[str]:
+def trunk_nodes(graph: onnx.GraphProto, min_stride: int = MIN_STRIDE) -> list[str]:
     """Names of the convolutional trunk's nodes to quantize: what the last Conv depends on, and its activation.
 
     What follows the trunk (pooling, attention head, projection, normalisation) is small and precision
@@ -139,7 +141,8 @@ def quantize_image_graph_int8(src: Path, dst: Path, calibration: np.ndarray, inp
         quant_pre_process(str(src), str(prepared))
         nodes = trunk_nodes(onnx.load(str(prepared)).graph)
         if not nodes:
-            raise UserError("the image graph has no convolutional trunk to quantize statically")
+            raise UserError(f"the image graph has no convolutional layers at 1/{MIN_STRIDE} of the input's "
+                            "resolution or coarser to quantize statically")
         # Percentile ranges ignore the rare extreme activation that would coarsen every other step.
         with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints its calibration progress
             quantize_static(str(prepared), str(dst), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
