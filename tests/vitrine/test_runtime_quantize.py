@@ -176,3 +176,13 @@ def test_command_calibrates_the_image_graph_on_catalog_photos(tiny_bundle: Path,
     printed = capsys.readouterr().out
     record = json.loads(printed)["quantization"]["image"]  # calibration progress does not pollute the JSON
     assert record["calibration_images"] == 8 and record["checks"] == 4  # the broken photo is passed over
+
+
+def test_without_the_onnx_package_the_refusal_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from vitrine.runtime import quantize
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # what a serving-only install looks like
+    with pytest.raises(UserError, match="pip install onnx"):
+        quantize.quantize_graph_int8(Path("in.onnx"), Path("out.onnx"))

@@ -56,8 +56,17 @@ class GraphQuantization(BaseModel):
     seconds: float
 
 
+def _require_onnx() -> None:
+    """onnxruntime's quantization tools read and write graphs with the `onnx` package, which serving lacks."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise UserError("quantizing needs the onnx package: pip install onnx (or the train extra)") from None
+
+
 def quantize_graph_int8(src: Path, dst: Path) -> None:
     """Write the dynamically quantized (int8 per-channel weights) copy of the ONNX graph `src` to `dst`."""
+    _require_onnx()
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # Fused graphs (com.microsoft Attention, SkipLayerNorm) defeat ONNX shape inference; their tensors are float.
@@ -113,6 +122,7 @@ def trunk_nodes(graph: onnx.GraphProto, min_stride: int = MIN_STRIDE) -> list[st
 
 def quantize_image_graph_int8(src: Path, dst: Path, calibration: np.ndarray, input_name: str) -> None:
     """Write the statically quantized copy of the image graph `src`, calibrated on `calibration` pixels."""
+    _require_onnx()
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
