@@ -1,9 +1,10 @@
 """Long runs of the default training recipe on a lent GPU machine, under a deadline (issue 11).
 
 The CPU budget (30 minutes a run) caps the default at 15 epochs with one augmented view; on a GPU the same
-recipe runs 30 epochs with more views in minutes. This script runs `vitrine train`'s own code path (same flags, same defaults; bf16 autocast on CUDA) for
-each row in order while the deadline allows, then keeps the best rows' trained tensors in files small
-enough to travel (`trainer.checkpoint_delta`), so they are exported and evaluated on the CPU at home.
+recipe runs 30 epochs with more views in minutes. This script runs `vitrine train`'s own code path (same
+flags, same defaults; bf16 autocast on CUDA) for each row in order while the deadline allows, then keeps
+the best rows' trained tensors in files small enough to travel (`trainer.checkpoint_delta`), so they are
+exported and evaluated on the CPU at home.
 
     python3 bench/gpu_sweep.py --catalog DATA --runs /tmp/runs --out OUT --deadline-s 420 \\
         --rows e30 e30-v3 e20-v3 --keep 2

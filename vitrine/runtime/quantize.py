@@ -242,11 +242,9 @@ def quantize_bundle(
             cos, diff = float(cosines.min()), float(np.abs(ref - new).max())
             if cos < floor:
                 raise UserError(f"int8 {graph} graph is too far from the float one: cosine {cos:.4f} < {floor}")
-            record = GraphQuantization(checks=checks, min_cosine=round(cos, 6), mean_cosine=round(float(cosines.mean()), 6),
-                                       max_abs_diff=round(diff, 6), seconds=round(seconds, 2))  # fmt: skip
-            if static:
-                record.method, record.calibration_images = STATIC_METHOD, len(calibration_images)
-            records[graph] = record.model_dump()
+            how = {"method": STATIC_METHOD, "calibration_images": len(calibration_images)} if static else {}
+            records[graph] = GraphQuantization(checks=checks, min_cosine=round(cos, 6), mean_cosine=round(float(cosines.mean()), 6),
+                                               max_abs_diff=round(diff, 6), seconds=round(seconds, 2), **how).model_dump()  # fmt: skip
         fields = manifest.model_dump(mode="json")
         fields["quantization"] = records
         fields["embeds_like"] = manifest.embeds_like or bundle_fingerprint(src)
