@@ -308,3 +308,64 @@ def test_rerank_evaluator_i2p_reads_the_photo_in_the_query_slot():
     assert i2p["dual_encoder"]["R@1"] == expected["R@1"] and i2p["queries"] == 10
     assert i2p["reranked"]["R@1"] == 1.0  # image against image finds each photo's product in its top 10
     assert any(np.allclose(a[:, 0], photos[0]) for a in scorer.seen)
+
+
+def test_protocol_groups_rank_title_queries_on_images_and_shopper_queries_on_titled_products():
+    from tests.trainer.test_cross_encoder import SCHEMA, _products
+    from trainer.cross_encoder.data import QueryMaker
+    from trainer.cross_encoder.mining import PROTOCOL_KINDS, mine_groups
+
+    products = _products()
+    rng = np.random.default_rng(0)
+    t, v = _unit(rng, 40, 32), _unit(rng, 40, 32)
+    maker = QueryMaker(frozenset({"brand0", "brand1"}), frozenset({"red", "blue", "navy", "black"}))
+    encode = lambda qs: _unit(rng, len(qs), 32)  # noqa: E731
+    groups = mine_groups(products, t, v, encode, maker, SCHEMA, count=40, alpha_t2p=0.9, negatives=3, pool=10,
+                         progress=False, protocol=True)
+    assert PROTOCOL_KINDS == ("title", "shopper")
+    titles = {p.title for p in products}
+    untitled = [g for g in groups if not g.with_titles]
+    assert untitled and all(g.query in titles for g in untitled)  # title queries, against images alone
+    titled = [g for g in groups if g.with_titles]
+    assert titled and all(g.query not in titles for g in titled)  # shopper queries, against titled products
+    for g in untitled:  # ranked by the image side: negatives come from the query's image neighbours
+        sims = g.query_embedding @ v.T
+        assert g.first_stage == pytest.approx(tuple(float(sims[j]) for j in (g.positive, *g.negatives)), abs=1e-5)
+
+
+def test_residual_head_starts_fine_tuning_at_the_first_stages_order_and_head_lr_sets_its_rate(tmp_path):
+    """With --residual-head the [CLS] term is 0 at the start, so the rerank score is the similarity
+    head's plus the prior: the first stage's order. --head-lr gives the match head its own rate."""
+    from tests.trainer.test_cross_encoder import SCHEMA, _products
+    from trainer.cross_encoder.data import DualEmbeddings, QueryMaker, rows_for_groups
+    from trainer.cross_encoder.factory import save_cross_encoder
+    from trainer.cross_encoder.mining import mine_groups
+    from trainer.cross_encoder.model import AlignedEmbedding
+    from trainer.cross_encoder.train import RerankerTrainConfig, RerankerTrainer, _optimizer
+
+    products = _products()
+    rng = np.random.default_rng(1)
+    t, v = _unit(rng, 40, 32), _unit(rng, 40, 32)
+    dual = DualEmbeddings(t, v, lambda qs: _unit(rng, len(qs), 32))
+    patches = rng.normal(size=(40, 1, 64)).astype(np.float16)
+    torch.manual_seed(0)
+    model, _ = create_cross_encoder("tiny-aligned", pretrained=False)
+    init = save_cross_encoder(model, tmp_path / "init.pt")
+    maker = QueryMaker(frozenset({"brand0", "brand1"}), frozenset({"red", "blue", "navy", "black"}))
+    groups = mine_groups(products, t, v, dual.encode_texts, maker, SCHEMA, count=4, alpha_t2p=0.9, negatives=3, pool=10, progress=False)
+    cfg = dict(stage="finetune", init=str(init), steps=1, groups_per_step=4, negatives=3)
+    residual = RerankerTrainer(RerankerTrainConfig(out_dir=str(tmp_path / "r"), residual_head=True, head_lr=1e-5, **cfg),
+                               products, patches, groups=groups, dual=dual, progress=False)
+    plain = RerankerTrainer(RerankerTrainConfig(out_dir=str(tmp_path / "p"), **cfg), products, patches, groups=groups, dual=dual, progress=False)
+    batch, _ = rows_for_groups(groups, products, residual.patches, residual.encoder, dual)
+    with torch.no_grad():
+        expected = residual.model.similarity_head(AlignedEmbedding.similarities(batch.aligned)).squeeze(-1)
+        np.testing.assert_allclose(residual.model.eval().score(**batch.inputs()).numpy(), expected.numpy(), atol=1e-6)
+        assert not torch.allclose(plain.model.eval().score(**batch.inputs()), expected)
+    head = {id(p) for p in residual.model.match_head.parameters()}
+    opt, _ = _optimizer(residual.model, residual.cfg)
+    (group,) = [g for g in opt.param_groups if {id(p) for p in g["params"]} == head]
+    assert group["lr"] == pytest.approx(0.0)  # warm-up starts at 0 ...
+    assert group["initial_lr"] == 1e-5  # ... towards the head's own rate
+    opt, _ = _optimizer(plain.model, plain.cfg)
+    assert not any({id(p) for p in g["params"]} == head for g in opt.param_groups)  # the head shares the new parts' rate

@@ -45,6 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, groups_per_step=args.groups_per_step, negatives=args.negatives,
         negative_pool=args.negative_pool,
         student_layers=args.student_layers, hidden_distill=args.hidden_distill, lr=args.lr, seed=args.seed, threads=args.threads, prior_init=args.prior_init,
+        head_lr=args.head_lr, residual_head=args.residual_head, protocol_groups=args.protocol_groups,
     )
     (products,) = _splits(args.catalog, "train")
     feats = _features(args.bundle, products, args.cache)
@@ -63,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         groups = mine_groups(
             products, feats.text, feats.image, bundle.encode_texts, maker, schema,
             count=cfg.steps * cfg.groups_per_step, alpha_t2p=bundle.alphas.for_kind("text"), negatives=cfg.negatives,
-            pool=cfg.negative_pool, title_drop=cfg.title_drop, knowledge=cfg.knowledge, seed=cfg.seed,
+            pool=cfg.negative_pool, title_drop=cfg.title_drop, knowledge=cfg.knowledge, seed=cfg.seed, protocol=cfg.protocol_groups,
         )
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(cfg.out_dir) / "groups.jsonl", "w") as fh:
@@ -173,6 +174,13 @@ def register(subparsers) -> None:
     train.add_argument("--lr", type=positive_float, default=5e-5)
     train.add_argument("--prior-init", type=float, default=20.0,
                        help="finetune: starting weight of the first-stage score added to the match logit (0 with --prior-lr 0: cross-encoder alone)")
+    train.add_argument("--head-lr", type=positive_float,
+                       help="finetune: learning rate of the [CLS] match head (default: that of the other new parts, 5e-4)")
+    train.add_argument("--residual-head", action="store_true",
+                       help="finetune: zero the match head's output layer so training starts at the first stage's ranking")
+    train.add_argument("--protocol-groups", action="store_true",
+                       help="finetune/distill: title queries against images alone and shopper queries against titled products, "
+                            "as the sample T2I and T2P protocols draw them (default: title, visual and shopper queries, titles dropped at random)")
     train.add_argument("--seed", type=non_negative_int, default=0)
     train.add_argument("--threads", type=positive_int)
     train.add_argument("--cache", default="runs/cache")

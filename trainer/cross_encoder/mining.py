@@ -13,6 +13,8 @@ from vitrine.catalog.product import Product
 from vitrine.scoring import blend_product_vectors
 
 BLOCK = 1024
+# Protocol-drawn groups: title queries rank images alone (as sample T2I does), shopper queries rank titled products (T2P).
+PROTOCOL_KINDS = ("title", "shopper")
 
 
 def mine_groups(
@@ -31,18 +33,22 @@ def mine_groups(
     knowledge: bool = True,
     seed: int = 0,
     progress: bool = True,
+    protocol: bool = False,
 ) -> list[RerankGroup]:
     """`count` groups over random (product, query kind) pairs. Groups without titles rank candidates
-    by image similarity (text-to-image reranking); groups with titles by the α-fused product score."""
+    by image similarity (text-to-image reranking); groups with titles by the α-fused product score.
+    With `protocol`, groups are drawn as the evaluation's protocols are: title queries against images
+    alone (sample T2I) and shopper queries against titled products (T2P), half each."""
     n = len(products)
     assert text_embs.shape == image_embs.shape and text_embs.shape[0] == n
     if n < negatives + 2:
         raise ValueError(f"need more than {negatives + 1} products to mine {negatives} negatives")
     rng = np.random.default_rng([seed, 23])
     picks = rng.integers(n, size=count)
-    kinds = [QUERY_KINDS[int(k)] for k in rng.integers(len(QUERY_KINDS), size=count)]
+    drawn = PROTOCOL_KINDS if protocol else QUERY_KINDS
+    kinds = [drawn[int(k)] for k in rng.integers(len(drawn), size=count)]
     made = [maker.make(products[int(i)], kind, rng) for i, kind in zip(picks, kinds)]
-    with_titles = rng.random(count) >= title_drop
+    with_titles = np.asarray([k == "shopper" for k in kinds]) if protocol else rng.random(count) >= title_drop
     queries = [q for q, _ in made]
     q_embs = np.concatenate([encode_texts(queries[s : s + 256]) for s in range(0, count, 256)])
     assert q_embs.shape == (count, text_embs.shape[1])

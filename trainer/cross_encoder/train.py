@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -55,6 +56,9 @@ class RerankerTrainConfig:
     new_params_lr: float = 5e-4  # patch embedding, segments and heads start from scratch
     prior_init: float | None = 20.0  # finetune: the first-stage score's weight to start from (None: keep the checkpoint's)
     prior_lr: float = 0.05  # the weight is one scalar of order 10: it needs its own, larger rate
+    head_lr: float | None = None  # finetune: the [CLS] match head's rate (None: new_params_lr, as a fresh part)
+    residual_head: bool = False  # finetune: zero the match head's output layer, so training starts at the first stage's ranking
+    protocol_groups: bool = False  # finetune/distill: groups drawn as the protocols are (mining.PROTOCOL_KINDS)
     warmup: float = 0.1
     weight_decay: float = 0.01
     seed: int = 0
@@ -77,17 +81,21 @@ PRIOR_PARAM_PREFIXES = ("prior_weight", "similarity_head.")
 
 def _optimizer(model: CrossEncoder, cfg: RerankerTrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     fresh = cfg.stage != "distill"  # after a short pretraining the new parts still need the larger rate
-    groups: dict[str, list] = {"backbone": [], "new": [], "prior": []}
+    own_head = cfg.head_lr is not None and cfg.stage == "finetune"
+    groups: dict[str, list] = {"backbone": [], "new": [], "prior": [], "head": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if name.startswith(PRIOR_PARAM_PREFIXES):
             groups["prior"].append(p)
+        elif own_head and name.startswith("match_head."):
+            groups["head"].append(p)
         else:
             groups["new" if fresh and name.startswith(NEW_PARAM_PREFIXES) else "backbone"].append(p)
     opt = torch.optim.AdamW(
         [{"params": groups["backbone"], "lr": cfg.lr}, {"params": groups["new"], "lr": cfg.new_params_lr},
-         {"params": groups["prior"], "lr": cfg.prior_lr, "weight_decay": 0.0}],
+         {"params": groups["prior"], "lr": cfg.prior_lr, "weight_decay": 0.0},
+         {"params": groups["head"], "lr": cfg.head_lr or cfg.lr}],
         weight_decay=cfg.weight_decay,
     )
     return opt, get_cosine_schedule_with_warmup(opt, max(1, int(cfg.warmup * cfg.steps)), cfg.steps)
@@ -198,9 +206,12 @@ class RerankerTrainer:
                     p.requires_grad_(True)
             else:
                 self.model = model
-                if cfg.prior_init is not None:
-                    with torch.no_grad():
+                with torch.no_grad():
+                    if cfg.prior_init is not None:
                         model.prior_weight.fill_(cfg.prior_init)
+                    if cfg.residual_head:  # the [CLS] term starts at 0: a correction learned from the first stage's order
+                        nn.init.zeros_(model.match_head[-1].weight)
+                        nn.init.zeros_(model.match_head[-1].bias)
         if self.model.aligned and self.dual is None:
             raise ValueError("an aligned cross-encoder trains on the dual encoder's embeddings: pass dual=")
         if not self.model.aligned:
