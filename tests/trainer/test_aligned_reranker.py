@@ -319,7 +319,9 @@ def test_protocol_groups_rank_title_queries_on_images_and_shopper_queries_on_tit
     rng = np.random.default_rng(0)
     t, v = _unit(rng, 40, 32), _unit(rng, 40, 32)
     maker = QueryMaker(frozenset({"brand0", "brand1"}), frozenset({"red", "blue", "navy", "black"}))
-    encode = lambda qs: _unit(rng, len(qs), 32)  # noqa: E731
+    def encode(qs):
+        return _unit(rng, len(qs), 32)
+
     groups = mine_groups(products, t, v, encode, maker, SCHEMA, count=40, alpha_t2p=0.9, negatives=3, pool=10,
                          progress=False, protocol=True)
     assert PROTOCOL_KINDS == ("title", "shopper")
@@ -353,7 +355,7 @@ def test_residual_head_starts_fine_tuning_at_the_first_stages_order_and_head_lr_
     init = save_cross_encoder(model, tmp_path / "init.pt")
     maker = QueryMaker(frozenset({"brand0", "brand1"}), frozenset({"red", "blue", "navy", "black"}))
     groups = mine_groups(products, t, v, dual.encode_texts, maker, SCHEMA, count=4, alpha_t2p=0.9, negatives=3, pool=10, progress=False)
-    cfg = dict(stage="finetune", init=str(init), steps=1, groups_per_step=4, negatives=3)
+    cfg = {"stage": "finetune", "init": str(init), "steps": 1, "groups_per_step": 4, "negatives": 3}
     residual = RerankerTrainer(RerankerTrainConfig(out_dir=str(tmp_path / "r"), residual_head=True, head_lr=1e-5, **cfg),
                                products, patches, groups=groups, dual=dual, progress=False)
     plain = RerankerTrainer(RerankerTrainConfig(out_dir=str(tmp_path / "p"), **cfg), products, patches, groups=groups, dual=dual, progress=False)
