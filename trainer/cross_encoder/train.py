@@ -59,6 +59,7 @@ class RerankerTrainConfig:
     head_lr: float | None = None  # finetune: the [CLS] match head's rate (None: new_params_lr, as a fresh part)
     residual_head: bool = False  # finetune: zero the match head's output layer, so training starts at the first stage's ranking
     protocol_groups: bool = False  # finetune/distill: groups drawn as the protocols are (mining.PROTOCOL_KINDS)
+    project_patches: bool = False  # pretrain: patches enter through the dual encoder's frozen image head (pass project_patches_with=)
     warmup: float = 0.1
     weight_decay: float = 0.01
     seed: int = 0
@@ -177,6 +178,7 @@ class RerankerTrainer:
         dual: DualEmbeddings | None = None,
         hard: tuple[np.ndarray, np.ndarray] | None = None,
         source_grid: tuple[int, int] | None = None,
+        project_patches_with: nn.Module | None = None,
         progress: bool = True,
     ) -> None:
         self.cfg, self.products, self.patches, self.progress = cfg, list(products), patches, progress
@@ -194,7 +196,10 @@ class RerankerTrainer:
         if cfg.stage == "pretrain":
             # an aligned config reads embeddings of the dual encoder's size, whatever its JSON says
             aligned_dim = int(dual.titles.shape[1]) if dual is not None and get_cross_encoder_config(cfg.model).aligned_dim else None
-            self.model, self.encoder = create_cross_encoder(cfg.model, pretrained=cfg.pretrained_backbone, aligned_dim=aligned_dim)
+            if cfg.project_patches and project_patches_with is None:
+                raise ValueError("project_patches needs the trained dual encoder: pass project_patches_with=")
+            self.model, self.encoder = create_cross_encoder(cfg.model, pretrained=cfg.pretrained_backbone, aligned_dim=aligned_dim,
+                                                            project_patches_with=project_patches_with if cfg.project_patches else None)
         else:
             model, self.encoder, _ = load_cross_encoder(cfg.init)
             if cfg.stage == "distill":
@@ -204,6 +209,8 @@ class RerankerTrainer:
                 self.model = model.truncated(cfg.student_layers)
                 for p in self.model.parameters():
                     p.requires_grad_(True)
+                if self.model.patch_projection is not None:  # the dual encoder's head stays as trained
+                    self.model.patch_projection.requires_grad_(False)
             else:
                 self.model = model
                 with torch.no_grad():
