@@ -46,9 +46,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         negative_pool=args.negative_pool,
         student_layers=args.student_layers, hidden_distill=args.hidden_distill, lr=args.lr, seed=args.seed, threads=args.threads, prior_init=args.prior_init,
         head_lr=args.head_lr, residual_head=args.residual_head, protocol_groups=args.protocol_groups,
-        project_patches=args.project_patches,
     )
-    if cfg.project_patches and cfg.stage != "pretrain":
+    if args.project_patches and cfg.stage != "pretrain":
         raise UserError("--project-patches builds a new cross-encoder: use it with --stage pretrain")
     (products,) = _splits(args.catalog, "train")
     feats = _features(args.bundle, products, args.cache)
@@ -76,7 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                      "with_titles": g.with_titles, "swapped_query": g.swapped_query}) + "\n")
     source_grid = bundle.patch_spec.grid if bundle.patch_spec is not None else None
     dual_model = None
-    if cfg.project_patches:
+    if args.project_patches:
         from trainer.cross_encoder.factory import dual_encoder_of_bundle
 
         try:

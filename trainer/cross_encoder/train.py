@@ -59,7 +59,6 @@ class RerankerTrainConfig:
     head_lr: float | None = None  # finetune: the [CLS] match head's rate (None: new_params_lr, as a fresh part)
     residual_head: bool = False  # finetune: zero the match head's output layer, so training starts at the first stage's ranking
     protocol_groups: bool = False  # finetune/distill: groups drawn as the protocols are (mining.PROTOCOL_KINDS)
-    project_patches: bool = False  # pretrain: patches enter through the dual encoder's frozen image head (pass project_patches_with=)
     warmup: float = 0.1
     weight_decay: float = 0.01
     seed: int = 0
@@ -93,12 +92,11 @@ def _optimizer(model: CrossEncoder, cfg: RerankerTrainConfig) -> tuple[torch.opt
             groups["head"].append(p)
         else:
             groups["new" if fresh and name.startswith(NEW_PARAM_PREFIXES) else "backbone"].append(p)
-    opt = torch.optim.AdamW(
-        [{"params": groups["backbone"], "lr": cfg.lr}, {"params": groups["new"], "lr": cfg.new_params_lr},
-         {"params": groups["prior"], "lr": cfg.prior_lr, "weight_decay": 0.0},
-         {"params": groups["head"], "lr": cfg.head_lr or cfg.lr}],
-        weight_decay=cfg.weight_decay,
-    )
+    param_groups = [{"params": groups["backbone"], "lr": cfg.lr}, {"params": groups["new"], "lr": cfg.new_params_lr},
+                    {"params": groups["prior"], "lr": cfg.prior_lr, "weight_decay": 0.0}]
+    if own_head:
+        param_groups.append({"params": groups["head"], "lr": cfg.head_lr})
+    opt = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
     return opt, get_cosine_schedule_with_warmup(opt, max(1, int(cfg.warmup * cfg.steps)), cfg.steps)
 
 
@@ -178,7 +176,7 @@ class RerankerTrainer:
         dual: DualEmbeddings | None = None,
         hard: tuple[np.ndarray, np.ndarray] | None = None,
         source_grid: tuple[int, int] | None = None,
-        project_patches_with: nn.Module | None = None,
+        project_patches_with: nn.Module | None = None,  # pretrain: patches through this dual encoder's frozen image head
         progress: bool = True,
     ) -> None:
         self.cfg, self.products, self.patches, self.progress = cfg, list(products), patches, progress
@@ -196,11 +194,11 @@ class RerankerTrainer:
         if cfg.stage == "pretrain":
             # an aligned config reads embeddings of the dual encoder's size, whatever its JSON says
             aligned_dim = int(dual.titles.shape[1]) if dual is not None and get_cross_encoder_config(cfg.model).aligned_dim else None
-            if cfg.project_patches and project_patches_with is None:
-                raise ValueError("project_patches needs the trained dual encoder: pass project_patches_with=")
             self.model, self.encoder = create_cross_encoder(cfg.model, pretrained=cfg.pretrained_backbone, aligned_dim=aligned_dim,
-                                                            project_patches_with=project_patches_with if cfg.project_patches else None)
+                                                            project_patches_with=project_patches_with)
         else:
+            if project_patches_with is not None:
+                raise ValueError("project_patches_with builds a new cross-encoder: it belongs to the pretrain stage")
             model, self.encoder, _ = load_cross_encoder(cfg.init)
             if cfg.stage == "distill":
                 self.teacher = model.eval()
