@@ -373,6 +373,41 @@ def test_residual_head_starts_fine_tuning_at_the_first_stages_order_and_head_lr_
     assert not any({id(p) for p in g["params"]} == head for g in opt.param_groups)  # the head shares the new parts' rate
 
 
+
+def test_bf16_autocast_fine_tunes_to_the_float32_losses_and_keeps_float32_weights(tmp_path):
+    """--amp bf16 runs the forward in bfloat16 (AMX on this CPU): the first step's losses stay near
+    float32's, the saved weights stay float32 and the summary says which autocast ran."""
+    from tests.trainer.test_cross_encoder import SCHEMA, _products
+    from trainer.cross_encoder.data import DualEmbeddings, QueryMaker
+    from trainer.cross_encoder.factory import load_cross_encoder, save_cross_encoder
+    from trainer.cross_encoder.mining import mine_groups
+    from trainer.cross_encoder.train import RerankerTrainConfig, RerankerTrainer
+
+    products = _products()
+    rng = np.random.default_rng(1)
+    t, v = _unit(rng, 40, 32), _unit(rng, 40, 32)
+    dual = DualEmbeddings(t, v, lambda qs: _unit(rng, len(qs), 32))
+    patches = rng.normal(size=(40, 1, 64)).astype(np.float16)
+    torch.manual_seed(0)
+    model, _ = create_cross_encoder("tiny-aligned", pretrained=False)
+    init = save_cross_encoder(model, tmp_path / "init.pt")
+    maker = QueryMaker(frozenset({"brand0", "brand1"}), frozenset({"red", "blue", "navy", "black"}))
+    groups = mine_groups(products, t, v, dual.encode_texts, maker, SCHEMA, count=4, alpha_t2p=0.9, negatives=3, pool=10, progress=False)
+    runs = {}
+    for amp in ("off", "bf16"):
+        cfg = RerankerTrainConfig(stage="finetune", init=str(init), out_dir=str(tmp_path / amp), steps=1, groups_per_step=4,
+                                  negatives=3, amp=amp)  # fmt: skip
+        runs[amp] = RerankerTrainer(cfg, products, patches, groups=groups, dual=dual, progress=False).run()
+    assert runs["off"]["autocast"] == "None" and runs["bf16"]["autocast"] == "torch.bfloat16"
+    full, half = runs["off"]["final_losses"], runs["bf16"]["final_losses"]
+    assert full.keys() == half.keys()
+    for key in full:
+        assert np.isfinite(half[key]) and half[key] == pytest.approx(full[key], rel=0.05, abs=0.05)
+    assert any(half[k] != full[k] for k in full)  # the forward did run in bfloat16
+    trained, _, _ = load_cross_encoder(tmp_path / "bf16" / "model.pt")
+    assert all(p.dtype == torch.float32 for p in trained.parameters())
+
+
 def _tiny_dual(image_size: int = 64):
     """A tiny dual encoder with attention heads and the conv-head residual, its head and batch norm randomised."""
     from trainer.factory import create_model

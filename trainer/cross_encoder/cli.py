@@ -45,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, groups_per_step=args.groups_per_step, negatives=args.negatives,
         negative_pool=args.negative_pool,
         student_layers=args.student_layers, hidden_distill=args.hidden_distill, lr=args.lr, seed=args.seed, threads=args.threads, prior_init=args.prior_init,
-        head_lr=args.head_lr, residual_head=args.residual_head, protocol_groups=args.protocol_groups,
+        head_lr=args.head_lr, residual_head=args.residual_head, protocol_groups=args.protocol_groups, amp=args.amp,
     )
     if args.project_patches and cfg.stage != "pretrain":
         raise UserError("--project-patches builds a new cross-encoder: use it with --stage pretrain")
@@ -194,6 +194,9 @@ def register(subparsers) -> None:
     train.add_argument("--protocol-groups", action="store_true",
                        help="finetune/distill: title queries against images alone and shopper queries against titled products, "
                             "as the sample T2I and T2P protocols draw them (default: title, visual and shopper queries, titles dropped at random)")
+    train.add_argument("--amp", choices=("auto", "cuda", "bf16", "off"), default="cuda",
+                       help="bf16 autocast of the forward. auto: on CPUs with native bf16 (AVX512-BF16/AMX); "
+                            "cuda (default): never here, the reranker trains on the CPU; bf16: always")
     train.add_argument("--seed", type=non_negative_int, default=0)
     train.add_argument("--threads", type=positive_int)
     train.add_argument("--cache", default="runs/cache")

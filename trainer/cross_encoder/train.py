@@ -29,6 +29,7 @@ from trainer.cross_encoder.knowledge import AttributeSchema
 from trainer.cross_encoder.loss import AdaptiveLoss, distillation_loss, listwise_rerank_loss, masked_patch_kl
 from trainer.cross_encoder.masking import IGNORE_INDEX
 from trainer.cross_encoder.model import CrossEncoder
+from trainer.recipe import autocast_dtype
 from vitrine.catalog.product import Product
 from vitrine.runtime.patch_grid import pool_patches
 
@@ -59,6 +60,7 @@ class RerankerTrainConfig:
     head_lr: float | None = None  # finetune: the [CLS] match head's rate (None: new_params_lr, as a fresh part)
     residual_head: bool = False  # finetune: zero the match head's output layer, so training starts at the first stage's ranking
     protocol_groups: bool = False  # finetune/distill: groups drawn as the protocols are (mining.PROTOCOL_KINDS)
+    amp: str = "cuda"  # bf16 autocast of the forward, as the dual encoder's recipe: auto, cuda (here: never, CPU only), bf16, off
     warmup: float = 0.1
     weight_decay: float = 0.01
     seed: int = 0
@@ -244,25 +246,31 @@ class RerankerTrainer:
             if cfg.stage == "pretrain" else None
         )
         history: list[dict[str, Any]] = []
+        dtype = autocast_dtype(cfg.amp, torch.device("cpu"))
         started = time.perf_counter()
         with open(out / "log.jsonl", "w") as logf:
             for step in tqdm(range(cfg.steps), desc=f"reranker {cfg.stage}", disable=not self.progress):
                 t0 = time.perf_counter()
                 record: dict[str, Any] = {"step": step + 1}
                 if sampler is not None:
-                    losses = pretrain_losses(model, sampler.batch(cfg.batch_size))
-                    total, weights, sq = adaptive(losses)
+                    batch = sampler.batch(cfg.batch_size)
+                    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                        losses = pretrain_losses(model, batch)
+                    # Eq. 6 reads task gradients: in float32, whatever the forward ran in
+                    total, weights, sq = adaptive({k: v.float() for k, v in losses.items()})
                     record["weights"], record["grad_sq_norms"] = weights, sq
                 else:
                     groups = self.groups[step * cfg.groups_per_step : (step + 1) * cfg.groups_per_step]
                     batch, width = rows_for_groups(groups, self.products, self.patches, self.encoder, self.dual)
-                    if self.teacher is not None:
-                        losses, logits = distill_losses(model, self.teacher, batch, width, cfg.hidden_distill)
-                    else:
-                        logits, swaps = group_scores(model, batch, width)
-                        losses = rerank_loss(logits, swaps, _swap_positive_logits(logits, groups))
+                    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                        if self.teacher is not None:
+                            losses, logits = distill_losses(model, self.teacher, batch, width, cfg.hidden_distill)
+                        else:
+                            logits, swaps = group_scores(model, batch, width)
+                            logits, swaps = logits.float(), swaps.float()  # the losses in float32
+                            losses = rerank_loss(logits, swaps, _swap_positive_logits(logits, groups))
                     record["group_acc"] = float((logits.argmax(1) == 0).float().mean())
-                    total = sum(losses.values())
+                    total = sum(v.float() for v in losses.values())
                 opt.zero_grad(set_to_none=True)
                 total.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -294,6 +302,7 @@ class RerankerTrainer:
             "steps": len(history),
             "train_seconds": round(seconds, 1),
             "sec_per_step": round(seconds / max(1, len(history)), 3),
+            "autocast": str(autocast_dtype(self.cfg.amp, torch.device("cpu"))),
             "final_losses": mean("losses"),
         }
         if sampler is not None:
