@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One reranker arm of issue 12's val protocol: a 2-layer aligned cross-encoder from the MiniLM backbone
+# (no pretraining), fine-tuned on the dual encoder's top-20 groups, exported into a copy of the bundle,
+# then val with the prior weight tuned (300 T2I queries, 200 T2P queries).
+#
+#   bench/rerank_arm.sh NAME STEPS SEED [extra `vitrine rerank train` flags...]
+#
+# Environment: BUNDLE (the dual encoder's bundle, default bundles/apu/apu/seed0, from `bench/quality.py --rows apu`), DATA (the catalog),
+# WORK (default runs/r12/arms), CACHE (feature cache), THREADS (2).
+set -euo pipefail
+name=$1 steps=$2 seed=$3; shift 3
+BUNDLE=${BUNDLE:-bundles/apu/apu/seed0}
+DATA=${DATA:-${VITRINE_DATA:-../shared/data/fashion-products}}
+WORK=${WORK:-runs/r12/arms}
+CACHE=${CACHE:-runs/cache-r12}
+THREADS=${THREADS:-2}
+dual_dim=$(python3 -c "import json,sys; m=json.load(open(sys.argv[1]+'/manifest.json')); print(m['embed_dim'])" "$BUNDLE")
+
+mkdir -p "$WORK"
+if [ ! -f "$WORK/init.pt" ]; then
+    # The shared start of every arm, so that arms differ only in what they are given.
+    python3 - "$WORK/init.pt" "$dual_dim" <<'EOF'
+import sys
+from trainer.cross_encoder.factory import create_cross_encoder, save_cross_encoder
+model, _ = create_cross_encoder("minilm-l6-aligned", num_layers=2, aligned_dim=int(sys.argv[2]))
+save_cross_encoder(model, sys.argv[1])
+EOF
+fi
+
+run="$WORK/$name-s$seed"
+vitrine rerank train --stage finetune --bundle "$BUNDLE" --catalog "$DATA" --init "$WORK/init.pt" \
+    --out "$run" --steps "$steps" --seed "$seed" --lr 1e-4 --threads "$THREADS" --cache "$CACHE" "$@"
+vitrine rerank export --checkpoint "$run/model.pt" --bundle "$BUNDLE" --out "bundles/r12/arms/$name-s$seed"
+vitrine rerank eval --bundle "bundles/r12/arms/$name-s$seed" --features-bundle "$BUNDLE" --catalog "$DATA" \
+    --split val --num-queries 300 --t2p-queries 200 --tune-prior --threads "$THREADS" --cache "$CACHE" --out "$run/val"
