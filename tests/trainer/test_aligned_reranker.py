@@ -148,25 +148,14 @@ def test_aligned_stages_pool_patches_and_export_with_parity(tmp_path):
     """Fine-tuning and distillation of an aligned model on a finer patch grid than it reads (pooled once),
     then the ONNX export: VSL scores of the graph equal torch's on padded rows, from source-grid patches."""
     from tests.support.indexes import export_tiny_bundle
-    from tests.trainer.test_cross_encoder import SCHEMA, _products
-    from trainer.cross_encoder.data import DualEmbeddings, QueryMaker
     from trainer.cross_encoder.export import export_reranker_copy
-    from trainer.cross_encoder.factory import load_cross_encoder, save_cross_encoder
-    from trainer.cross_encoder.mining import mine_groups
+    from trainer.cross_encoder.factory import load_cross_encoder
     from trainer.cross_encoder.train import RerankerTrainConfig, RerankerTrainer
     from vitrine.runtime import read_manifest
     from vitrine.runtime.reranker import load_reranker
 
-    products = _products()
-    rng = np.random.default_rng(0)
-    t, v = _unit(rng, 40, 32), _unit(rng, 40, 32)
-    dual = DualEmbeddings(t, v, lambda qs: _unit(rng, len(qs), 32))
-    fine = rng.normal(size=(40, 4, 64)).astype(np.float16)  # a 2 x 2 grid; the model reads 1 x 1
-    torch.manual_seed(0)
-    model, _ = create_cross_encoder("tiny-aligned", pretrained=False)
-    init = save_cross_encoder(model, tmp_path / "init.pt")
-    maker = QueryMaker(frozenset({"brand0", "brand1"}), frozenset({"red", "blue", "navy", "black"}))
-    groups = mine_groups(products, t, v, dual.encode_texts, maker, SCHEMA, count=8, alpha_t2p=0.9, negatives=3, pool=10, progress=False)
+    # a 2 x 2 grid of patches; the model reads 1 x 1
+    products, fine, dual, groups, init = _finetune_inputs(tmp_path, seed=0, patch_cells=4, groups=8)
     assert all(g.query_embedding is not None and g.query_embedding.shape == (32,) for g in groups)
     assert all(g.swapped_embedding is not None for g in groups if g.swapped_query is not None)
     ft = RerankerTrainer(RerankerTrainConfig(stage="finetune", out_dir=str(tmp_path / "ft"), init=str(init), steps=2, groups_per_step=4, negatives=3),
@@ -184,6 +173,7 @@ def test_aligned_stages_pool_patches_and_export_with_parity(tmp_path):
     reranker = load_reranker(tmp_path / "with-reranker", read_manifest(tmp_path / "with-reranker"), threads=1)
     tuned, encoder, _ = load_cross_encoder(tmp_path / "ft" / "model.pt")
     queries, titles = ["red dress", "black shoes for men", "bag"], ["Nike Red Dress", "", "A much longer title of a bag"]
+    rng = np.random.default_rng(2)
     patches = rng.normal(size=(3, 1, 64)).astype(np.float32)
     a = aligned_rows(_unit(rng, 32), _unit(rng, 3, 32), _unit(rng, 3, 32))
     padded = encoder.batch(queries, titles, pad_to=encoder.max_text_tokens)
@@ -335,26 +325,35 @@ def test_protocol_groups_rank_title_queries_on_images_and_shopper_queries_on_tit
         assert g.first_stage == pytest.approx(tuple(float(sims[j]) for j in (g.positive, *g.negatives)), abs=1e-5)
 
 
-def test_residual_head_starts_fine_tuning_at_the_first_stages_order_and_head_lr_sets_its_rate(tmp_path):
-    """With --residual-head the [CLS] term is 0 at the start, so the rerank score is the similarity
-    head's plus the prior: the first stage's order. --head-lr gives the match head its own rate."""
+def _finetune_inputs(tmp_path, *, seed: int = 1, patch_cells: int = 1, groups: int = 4):
+    """What a tiny fine-tuning run needs: 40 products, their patches, random dual-encoder embeddings, mined
+    groups of 1 + 3, and an untrained tiny aligned cross-encoder saved as the run's init."""
     from tests.trainer.test_cross_encoder import SCHEMA, _products
-    from trainer.cross_encoder.data import DualEmbeddings, QueryMaker, rows_for_groups
+    from trainer.cross_encoder.data import DualEmbeddings, QueryMaker
     from trainer.cross_encoder.factory import save_cross_encoder
     from trainer.cross_encoder.mining import mine_groups
-    from trainer.cross_encoder.model import AlignedEmbedding
-    from trainer.cross_encoder.train import RerankerTrainConfig, RerankerTrainer, _optimizer
 
     products = _products()
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     t, v = _unit(rng, 40, 32), _unit(rng, 40, 32)
     dual = DualEmbeddings(t, v, lambda qs: _unit(rng, len(qs), 32))
-    patches = rng.normal(size=(40, 1, 64)).astype(np.float16)
+    patches = rng.normal(size=(40, patch_cells, 64)).astype(np.float16)
     torch.manual_seed(0)
     model, _ = create_cross_encoder("tiny-aligned", pretrained=False)
     init = save_cross_encoder(model, tmp_path / "init.pt")
     maker = QueryMaker(frozenset({"brand0", "brand1"}), frozenset({"red", "blue", "navy", "black"}))
-    groups = mine_groups(products, t, v, dual.encode_texts, maker, SCHEMA, count=4, alpha_t2p=0.9, negatives=3, pool=10, progress=False)
+    mined = mine_groups(products, t, v, dual.encode_texts, maker, SCHEMA, count=groups, alpha_t2p=0.9, negatives=3, pool=10, progress=False)
+    return products, patches, dual, mined, init
+
+
+def test_residual_head_starts_fine_tuning_at_the_first_stages_order_and_head_lr_sets_its_rate(tmp_path):
+    """With --residual-head the [CLS] term is 0 at the start, so the rerank score is the similarity
+    head's plus the prior: the first stage's order. --head-lr gives the match head its own rate."""
+    from trainer.cross_encoder.data import rows_for_groups
+    from trainer.cross_encoder.model import AlignedEmbedding
+    from trainer.cross_encoder.train import RerankerTrainConfig, RerankerTrainer, _optimizer
+
+    products, patches, dual, groups, init = _finetune_inputs(tmp_path)
     cfg = {"stage": "finetune", "init": str(init), "steps": 1, "groups_per_step": 4, "negatives": 3}
     residual = RerankerTrainer(RerankerTrainConfig(out_dir=str(tmp_path / "r"), residual_head=True, head_lr=1e-5, **cfg),
                                products, patches, groups=groups, dual=dual, progress=False)
@@ -373,26 +372,13 @@ def test_residual_head_starts_fine_tuning_at_the_first_stages_order_and_head_lr_
     assert not any({id(p) for p in g["params"]} == head for g in opt.param_groups)  # the head shares the new parts' rate
 
 
-
 def test_bf16_autocast_fine_tunes_to_the_float32_losses_and_keeps_float32_weights(tmp_path):
     """--amp bf16 runs the forward in bfloat16 (AMX on this CPU): the first step's losses stay near
     float32's, the saved weights stay float32 and the summary says which autocast ran."""
-    from tests.trainer.test_cross_encoder import SCHEMA, _products
-    from trainer.cross_encoder.data import DualEmbeddings, QueryMaker
-    from trainer.cross_encoder.factory import load_cross_encoder, save_cross_encoder
-    from trainer.cross_encoder.mining import mine_groups
+    from trainer.cross_encoder.factory import load_cross_encoder
     from trainer.cross_encoder.train import RerankerTrainConfig, RerankerTrainer
 
-    products = _products()
-    rng = np.random.default_rng(1)
-    t, v = _unit(rng, 40, 32), _unit(rng, 40, 32)
-    dual = DualEmbeddings(t, v, lambda qs: _unit(rng, len(qs), 32))
-    patches = rng.normal(size=(40, 1, 64)).astype(np.float16)
-    torch.manual_seed(0)
-    model, _ = create_cross_encoder("tiny-aligned", pretrained=False)
-    init = save_cross_encoder(model, tmp_path / "init.pt")
-    maker = QueryMaker(frozenset({"brand0", "brand1"}), frozenset({"red", "blue", "navy", "black"}))
-    groups = mine_groups(products, t, v, dual.encode_texts, maker, SCHEMA, count=4, alpha_t2p=0.9, negatives=3, pool=10, progress=False)
+    products, patches, dual, groups, init = _finetune_inputs(tmp_path)
     runs = {}
     for amp in ("off", "bf16"):
         cfg = RerankerTrainConfig(stage="finetune", init=str(init), out_dir=str(tmp_path / amp), steps=1, groups_per_step=4,
