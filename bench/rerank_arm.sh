@@ -17,18 +17,22 @@ THREADS=${THREADS:-2}
 dual_dim=$(python3 -c "import json,sys; m=json.load(open(sys.argv[1]+'/manifest.json')); print(m['embed_dim'])" "$BUNDLE")
 
 mkdir -p "$WORK"
-if [ ! -f "$WORK/init.pt" ]; then
-    # The shared start of every arm, so that arms differ only in what they are given.
-    python3 - "$WORK/init.pt" "$dual_dim" <<'EOF'
+init="$WORK/init-s$seed.pt"
+if [ ! -f "$init" ]; then
+    # One start per seed, shared by every arm: arms differ only in what they are given, and a seed draws
+    # both the new parts' initial weights and the groups.
+    python3 - "$init" "$dual_dim" "$seed" <<'EOF'
 import sys
+import torch
 from trainer.cross_encoder.factory import create_cross_encoder, save_cross_encoder
+torch.manual_seed(int(sys.argv[3]))
 model, _ = create_cross_encoder("minilm-l6-aligned", num_layers=2, aligned_dim=int(sys.argv[2]))
 save_cross_encoder(model, sys.argv[1])
 EOF
 fi
 
 run="$WORK/$name-s$seed"
-vitrine rerank train --stage finetune --bundle "$BUNDLE" --catalog "$DATA" --init "$WORK/init.pt" \
+vitrine rerank train --stage finetune --bundle "$BUNDLE" --catalog "$DATA" --init "$init" \
     --out "$run" --steps "$steps" --seed "$seed" --lr 1e-4 --threads "$THREADS" --cache "$CACHE" "$@"
 vitrine rerank export --checkpoint "$run/model.pt" --bundle "$BUNDLE" --out "bundles/r12/arms/$name-s$seed"
 vitrine rerank eval --bundle "bundles/r12/arms/$name-s$seed" --features-bundle "$BUNDLE" --catalog "$DATA" \
