@@ -171,3 +171,10 @@ def run_logged(cmd: list[str], log: Path) -> None:
 
 def pct(x: float) -> float:
     return round(100 * x, 2)
+
+
+def mean_std(values: Sequence[float], digits: int = 2) -> str:
+    """"mean ± std" over seeds (sample std), or the one value when there is one seed."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"

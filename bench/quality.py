@@ -20,7 +20,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, pct, run_logged, write_json, write_markdown_table  # noqa: E402
+from common import environment, mean_std, pct, run_logged, write_json, write_markdown_table  # noqa: E402
 
 MODEL = ["--model", "fashion-lite-ap"]
 APR = ["--model", "fashion-lite-apr"]
@@ -107,12 +107,6 @@ def metric(metrics: dict, path: tuple[str, ...]) -> float:
     for key in path:
         value = value[key]
     return pct(value)
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def write_tables(args: argparse.Namespace, raw: dict, val_table: list[dict], test_table: list[dict]) -> None:

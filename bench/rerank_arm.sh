@@ -14,19 +14,20 @@ DATA=${DATA:-${VITRINE_DATA:-../shared/data/fashion-products}}
 WORK=${WORK:-runs/r12/arms}
 CACHE=${CACHE:-runs/cache-r12}
 THREADS=${THREADS:-2}
-dual_dim=$(python3 -c "import json,sys; m=json.load(open(sys.argv[1]+'/manifest.json')); print(m['embed_dim'])" "$BUNDLE")
 
 mkdir -p "$WORK"
 init="$WORK/init-s$seed.pt"
 if [ ! -f "$init" ]; then
     # One start per seed, shared by every arm: arms differ only in what they are given, and a seed draws
     # both the new parts' initial weights and the groups.
-    python3 - "$init" "$dual_dim" "$seed" <<'EOF'
+    # aligned_dim: the bundle's embedding size
+    python3 - "$init" "$BUNDLE" "$seed" <<'EOF'
 import sys
 import torch
 from trainer.cross_encoder.factory import create_cross_encoder, save_cross_encoder
+from vitrine.runtime import read_manifest
 torch.manual_seed(int(sys.argv[3]))
-model, _ = create_cross_encoder("minilm-l6-aligned", num_layers=2, aligned_dim=int(sys.argv[2]))
+model, _ = create_cross_encoder("minilm-l6-aligned", num_layers=2, aligned_dim=read_manifest(sys.argv[2]).embed_dim)
 save_cross_encoder(model, sys.argv[1])
 EOF
 fi

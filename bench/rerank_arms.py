@@ -12,10 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_json, write_markdown_table  # noqa: E402
+from common import mean_std, write_json, write_markdown_table  # noqa: E402
 
 from vitrine.evaluation.rerank import best_prior_weight  # noqa: E402
 
@@ -55,12 +53,6 @@ def seed_row(run: Path, split: str) -> dict[str, float]:
     return row
 
 
-def fmt(values: list[float], digits: int) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("arms", nargs="+", help="arm names; each arm's seeds are WORK/NAME-s*")
@@ -71,20 +63,19 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, report = [], {"split": args.split, "fixed_w": FIXED_W, "arms": {}}
     for arm in args.arms:
-        runs = sorted(Path(args.work).glob(f"{arm}-s*"))
-        runs = [r for r in runs if (r / "val" / "rerank.json").is_file() and (args.split == "val" or (r / args.split / "rerank.json").is_file())]
+        runs = [r for r in sorted(Path(args.work).glob(f"{arm}-s*")) if all((r / split / "rerank.json").is_file() for split in ("val", args.split))]
         if not runs:
             raise SystemExit(f"no evaluated seeds of {arm!r} under {args.work}")
         seeds = [seed_row(r, args.split) for r in runs]
         report["arms"][arm] = {r.name: s for r, s in zip(runs, seeds)}
         col = {k: [s[k] for s in seeds if k in s] for k in seeds[0]}
-        pct = lambda k: fmt([100 * v for v in col[k]], 1)  # noqa: E731
+        percent = lambda k: mean_std([100 * v for v in col[k]], 1)  # noqa: E731
         rows.append([
             arm, str(len(seeds)), " / ".join(f"{w:g}" for w in col["w"]),
-            f"{pct('t2i_at_w')} ({pct('t2i_dual')})", f"{pct('t2p_at_w')} ({pct('t2p_dual')})",
-            f"{pct('t2i_fixed')} / {pct('t2p_fixed')}", f"{pct('t2i_cross')} / {pct('t2p_cross')}",
-            f"{fmt(col['tia_random'], 3)} / {fmt(col['tia_swap'], 3)} ({fmt(col['tia_random_dual'], 3)} / {fmt(col['tia_swap_dual'], 3)})",
-            f"{fmt(col['first_group_acc'], 3)} → {fmt(col['final_group_acc'], 3)}" if col.get("final_group_acc") else "-",
+            f"{percent('t2i_at_w')} ({percent('t2i_dual')})", f"{percent('t2p_at_w')} ({percent('t2p_dual')})",
+            f"{percent('t2i_fixed')} / {percent('t2p_fixed')}", f"{percent('t2i_cross')} / {percent('t2p_cross')}",
+            f"{mean_std(col['tia_random'], 3)} / {mean_std(col['tia_swap'], 3)} ({mean_std(col['tia_random_dual'], 3)} / {mean_std(col['tia_swap_dual'], 3)})",
+            f"{mean_std(col['first_group_acc'], 3)} → {mean_std(col['final_group_acc'], 3)}" if col.get("final_group_acc") else "-",
         ])
     headers = ["arm", "seeds", "w picked on val", "T2I R@1 at w (dual)", "T2P nDCG@10 at w (dual)",
                f"T2I / T2P at w = {FIXED_W:g}", "cross-only T2I / T2P", "TIA AUC random / swap (dual)",

@@ -7,10 +7,9 @@ from bench import rerank_arms
 
 
 def _report(t2i: list[float], t2p: list[float], tia_swap: float) -> dict:
-    both = lambda r1, ndcg: ({"R@1": r1}, {"nDCG@10": ndcg})  # noqa: E731
     return {
-        "t2i_sample": {"dual_encoder": both(0.4, 0)[0], "cross_only": both(0.3, 0)[0]},
-        "t2p": {"dual_encoder": both(0, 0.8)[1], "cross_only": both(0, 0.7)[1]},
+        "t2i_sample": {"dual_encoder": {"R@1": 0.4}, "cross_only": {"R@1": 0.3}},
+        "t2p": {"dual_encoder": {"nDCG@10": 0.8}, "cross_only": {"nDCG@10": 0.7}},
         "tia": {"random": {"auc": 0.99, "dual_encoder_auc": 0.98},
                 "attribute_swap": {"auc": tia_swap, "dual_encoder_auc": 0.8}},
         "prior_sweep": {"weights": [0.0, 15.0, 1e4], "t2i_R@1": t2i, "t2p_nDCG@10": t2p},
