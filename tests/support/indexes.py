@@ -147,9 +147,13 @@ def build_fixture_index(
 
 
 def export_tiny_bundle(out: Path) -> Path:
-    """A real ONNX bundle of the untrained 'tiny' model (32-d); needs torch and the trainer."""
+    """A real ONNX bundle of the untrained 'tiny' model (32-d), seeded: torch's initial seed is random on
+    some installs, and tests that read its rankings (a reranker reorders them) must see the same ones."""
+    import torch
+
     from trainer.export import export_bundle
     from trainer.factory import create_model, get_tokenizer
 
+    torch.manual_seed(0)
     model = create_model("tiny", pretrained="none")
     return export_bundle(model, get_tokenizer("tiny"), out)
